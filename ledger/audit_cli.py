@@ -1,0 +1,14 @@
+"""The `edge-audit` command (placeholder until the ledger issue lands)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    print("edge-audit: not yet built", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
