@@ -1,13 +1,173 @@
-"""The `edge-agent` command (placeholder until its issue lands)."""
+"""The `edge-agent` command: keygen, enroll, run, status.
+
+Why so few commands: a device operator makes a key, installs what the coordinator
+signed, and runs; `status` answers "is it working" from local files without the broker.
+Errors print one line (`edge-agent: <cause>: <fix>`) and exit 1.
+"""
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import json
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import AgentConfig, load_config
+from .errors import AgentError
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> AgentConfig:
+    return load_config(args.data_dir, overrides=overrides)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .identity import keygen
+
+    cfg = _config(args)
+    agent_id = args.id or cfg.agent_id
+    if not agent_id:
+        raise AgentError("keygen needs an agent id: `edge-agent keygen --id NAME`")
+    csr = keygen(cfg, agent_id, force=args.force)
+    print(f"key: {cfg.key_file} (0600)\ncsr: {csr}\nnext: have the coordinator sign it "
+          f"(`edge-coordinator enroll {csr}`), then `edge-agent enroll --bundle DIR`")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from .identity import enroll
+
+    cfg = _config(args)
+    if args.bundle is None and (args.cert is None or args.ca is None):
+        raise AgentError("enroll needs --cert FILE --ca FILE, or --bundle DIR")
+    cert = enroll(cfg, cert_path=args.cert, ca_path=args.ca, crl_path=args.crl, bundle=args.bundle,
+                  broker_url=args.broker_url)
+    print(f"enrolled {cfg.cert_file} (valid until {cert.not_valid_after_utc:%Y-%m-%d}); next: `edge-agent run`")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args, broker_url=args.broker_url, interval=args.interval, log_level=args.log_level)
+    cfg.validate_for_run()
+    from .app import create_app, start_worker
+
+    started = time.monotonic()
+    app = create_app(cfg)
+    if args.interval is not None:  # explicit beats the interval kept from a set_interval command
+        app.edge_runtime.set_interval(args.interval)
+
+    def ready(**_: Any) -> None:
+        print(f"edge-agent {cfg.agent_id} ready in {time.monotonic() - started:.2f}s: consuming {cfg.queue}",
+              file=sys.stderr, flush=True)
+
+    return start_worker(app, cfg, on_ready=ready)
+
+
+def _fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def collect_status(cfg: AgentConfig) -> dict[str, Any]:
+    """Local state only: config, certificate, outbox. Works with the broker down."""
+    from .identity import certificate_summary
+
+    out: dict[str, Any] = {
+        "agent_id": cfg.agent_id or None,
+        "data_dir": str(cfg.data_dir),
+        "broker_url": cfg.broker_url or None,
+        "key": cfg.key_file.exists(),
+        "certificate": certificate_summary(cfg),
+    }
+    if cfg.outbox_file.exists() and cfg.agent_id:
+        from .outbox import Outbox
+
+        box = Outbox(cfg.outbox_file, cfg.agent_id, cfg.outbox_max)
+        try:
+            out["outbox"] = box.stats()
+            stored = box.get_meta("interval")
+            out["interval"] = float(stored) if stored else cfg.interval
+        finally:
+            box.close()
+    else:
+        out["outbox"] = {"backlog": 0, "next_seq": 1, "sent": 0, "dropped": 0, "last_flush_at": None}
+        out["interval"] = cfg.interval
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    st = collect_status(cfg)
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    cert = st["certificate"]
+    box = st["outbox"]
+    print(f"agent id:     {st['agent_id'] or '(none: run `edge-agent keygen --id NAME`)'}")
+    print(f"data dir:     {st['data_dir']}")
+    print(f"broker:       {st['broker_url'] or '(not set)'}")
+    if cert.get("enrolled"):
+        print(f"certificate:  {cert['subject']} expires {cert['expires']} ({cert['days_left']} days left)")
+    else:
+        print("certificate:  (none: run `edge-agent enroll`)")
+    print(f"interval:     {st['interval']}s")
+    print(f"outbox:       {box['backlog']} waiting, {box['sent']} sent, {box['dropped']} dropped, next seq {box['next_seq']}")
+    print(f"last flush:   {_fmt_time(box['last_flush_at'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Edge device agent: samples sensors and sends signed Celery tasks over MQTT (mutual TLS).",
+    )
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="state directory (key, certificates, agent.toml, outbox); "
+                             "default $EDGE_AGENT_DATA_DIR or /var/lib/edge-agent")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("keygen", help="make this device's EC P-256 key and a CSR",
+                       description="Create the private key (0600) and a certificate signing request.")
+    p.add_argument("--id", help="agent id (certificate CN): letters, digits, - _ .")
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("enroll", help="install the certificate the coordinator signed",
+                       description="Install the signed certificate, the fleet CA (and CRL) into the data dir.")
+    p.add_argument("--cert", type=Path, help="this agent's certificate (PEM)")
+    p.add_argument("--ca", type=Path, help="the fleet CA certificate (PEM)")
+    p.add_argument("--crl", type=Path, help="the fleet CRL (PEM), optional")
+    p.add_argument("--bundle", type=Path, help="directory with ca.pem, <id>.pem, optional crl.pem and agent.toml")
+    p.add_argument("--broker-url", help="mqtts://host:port to store in agent.toml")
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("run", help="run the agent (Celery worker on agent.<id>, sampler, outbox)",
+                       description="Run the agent in the foreground until SIGTERM/SIGINT.")
+    p.add_argument("--broker-url", help="override broker_url (mqtts://host:port)")
+    p.add_argument("--interval", type=float, help="override the sampling interval (seconds)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default), ERROR")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="show local state (id, certificate, outbox) without the broker",
+                       description="Print the agent's local state from its files; needs no broker.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("edge-agent: not yet built", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

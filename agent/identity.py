@@ -1,0 +1,159 @@
+"""Key generation and enrollment on the device.
+
+Why here and not in the coordinator: the private key is made on the device and never
+leaves it; only the CSR travels. Enrollment installs what the coordinator signed,
+after checking it really belongs to this key and chains to the given CA.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from security import pki
+
+from .config import CONFIG_NAME, AgentConfig, read_toml, update_toml
+from .errors import AgentError
+
+
+def _pki(call, *args):
+    try:
+        return call(*args)
+    except pki.PKIError as exc:
+        raise AgentError(str(exc)) from exc
+
+
+def keygen(cfg: AgentConfig, agent_id: str, *, force: bool = False) -> Path:
+    """Create the EC P-256 key (0600) and a CSR for `agent_id`; returns the CSR path."""
+    _pki(pki.validate_identity, agent_id)
+    if cfg.key_file.exists() and not force:
+        raise AgentError(f"{cfg.key_file} already exists: pass --force to replace this device's key")
+    key = pki.generate_key()
+    pki.write_private_key(key, cfg.key_file)
+    csr = pki.make_csr(key, agent_id)
+    pki.write_pem(csr, cfg.csr_file)
+    update_toml(cfg.data_dir, agent_id=agent_id)
+    return cfg.csr_file
+
+
+def _public_der(obj) -> bytes:
+    return obj.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def check_certificate(cfg: AgentConfig, cert: x509.Certificate, ca: x509.Certificate) -> None:
+    """The cert is ours (same key, same id), signed by the CA, and currently valid."""
+    key = _pki(pki.load_private_key, cfg.key_file)
+    if _public_der(cert) != _public_der(key):
+        raise AgentError("certificate does not match this device's key: enroll the CSR made by `edge-agent keygen`")
+    cn = _pki(pki.common_name, cert)
+    if cfg.agent_id and cn != cfg.agent_id:
+        raise AgentError(f"certificate is for {cn!r} but this agent is {cfg.agent_id!r}: enroll the right certificate")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError) as exc:
+        raise AgentError(f"certificate is not signed by the given CA ({exc}): pass the fleet's ca.pem") from exc
+    now = dt.datetime.now(dt.timezone.utc)
+    if cert.not_valid_after_utc <= now:
+        raise AgentError(f"certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}: ask the coordinator for a new one")
+
+
+@dataclass
+class BundleFiles:
+    cert: Path
+    ca: Path
+    crl: Path | None
+    key: Path | None
+    settings: dict
+
+
+def read_bundle(bundle: Path, agent_id: str) -> BundleFiles:
+    """A coordinator bundle dir: ca.pem, <id>.pem, optional crl.pem, <id>.key, agent.toml."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise AgentError(f"bundle {bundle} is not a directory: pass the directory `edge-coordinator enroll` wrote")
+    settings = read_toml(bundle / CONFIG_NAME)
+    agent_id = agent_id or str(settings.get("agent_id") or "")
+    ca = bundle / "ca.pem"
+    candidates = [bundle / f"{agent_id}.pem", bundle / "agent.pem"] if agent_id else [bundle / "agent.pem"]
+    if not agent_id:
+        candidates += sorted(p for p in bundle.glob("*.pem") if p.name not in ("ca.pem", "crl.pem"))
+    cert = next((p for p in candidates if p.exists()), None)
+    if not ca.exists() or cert is None:
+        raise AgentError(f"bundle {bundle} needs ca.pem and {agent_id or '<agent id>'}.pem")
+    crl = bundle / "crl.pem"
+    key = bundle / f"{cert.stem}.key"
+    return BundleFiles(
+        cert=cert,
+        ca=ca,
+        crl=crl if crl.exists() else None,
+        key=key if key.exists() else None,
+        settings=settings,
+    )
+
+
+def enroll(
+    cfg: AgentConfig,
+    *,
+    cert_path: Path | None = None,
+    ca_path: Path | None = None,
+    crl_path: Path | None = None,
+    bundle: Path | None = None,
+    broker_url: str | None = None,
+) -> x509.Certificate:
+    """Install the signed certificate (+ CA, CRL, settings) into the data dir."""
+    settings: dict = {}
+    if bundle is not None:
+        files = read_bundle(bundle, cfg.agent_id)
+        cert_path, ca_path, crl_path = files.cert, files.ca, files.crl
+        settings = {k: v for k, v in files.settings.items()
+                    if k in ("broker_url", "sensors", "interval", "broker_heartbeat", "command_signers")}
+        if files.key is not None and not cfg.key_file.exists():
+            # Demo bundles may carry a key made by the coordinator; a real device keeps its own.
+            cfg.key_file.parent.mkdir(parents=True, exist_ok=True)
+            pki.write_private_key(_pki(pki.load_private_key, files.key), cfg.key_file)
+    if cert_path is None or ca_path is None:
+        raise AgentError("enroll needs --cert and --ca (or --bundle DIR)")
+    if not cfg.key_file.exists():
+        raise AgentError(f"no private key {cfg.key_file}: run `edge-agent keygen --id NAME` first")
+    cert = _pki(pki.load_certificate, Path(cert_path))
+    ca = _pki(pki.load_certificate, Path(ca_path))
+    check_certificate(cfg, cert, ca)
+    if crl_path is not None:
+        try:
+            crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise AgentError(f"CRL {crl_path} unreadable ({exc}): pass the fleet's crl.pem") from exc
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            raise AgentError("this certificate is revoked in the given CRL: ask the coordinator for a new one")
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    pki.write_pem(cert, cfg.cert_file)
+    shutil.copyfile(ca_path, cfg.ca_file)
+    if crl_path is not None:
+        shutil.copyfile(crl_path, cfg.crl_file)
+    if broker_url:
+        settings["broker_url"] = broker_url
+    update_toml(cfg.data_dir, agent_id=_pki(pki.common_name, cert), **settings)
+    return cert
+
+
+def certificate_summary(cfg: AgentConfig) -> dict:
+    """Subject, serial and expiry of the installed certificate (for `status`)."""
+    if not cfg.cert_file.exists():
+        return {"enrolled": False}
+    cert = _pki(pki.load_certificate, cfg.cert_file)
+    expires = cert.not_valid_after_utc
+    days = (expires - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
+    return {
+        "enrolled": True,
+        "subject": _pki(pki.common_name, cert),
+        "fingerprint": pki.fingerprint(cert),
+        "expires": expires.isoformat(),
+        "days_left": round(days, 1),
+    }

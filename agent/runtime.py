@@ -1,0 +1,220 @@
+"""What runs inside the agent's worker process besides Celery: sensors, outbox, forwarder.
+
+Why a separate object: the command tasks, the worker bootstep and `status` all need
+the same outbox/sensors/forwarder; keeping them here keeps app.py to Celery wiring.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import tracemalloc
+import uuid
+from typing import Any
+
+from .config import AgentConfig
+from .errors import AgentError
+from .forwarder import Backoff, Forwarder
+from .outbox import (
+    COMMAND_RESULT_TASK,
+    HEARTBEAT_TASK,
+    INGEST_TASK,
+    TASK_ID_NAMESPACE,
+    Outbox,
+    OutboxItem,
+    command_result_task_id,
+)
+from .sensors import load_sensors
+
+log = logging.getLogger("edge.agent")
+
+INGEST_QUEUE = "edge.ingest"
+MIN_INTERVAL = 0.05  # seconds; below this a device does nothing but sample
+
+
+def rss_bytes() -> int:
+    """Resident set size from /proc (no psutil on devices)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def agent_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgeledger")
+    except Exception:  # frozen binaries carry no package metadata
+        return "0.1.0"
+
+
+class AgentRuntime:
+    """Sensors + outbox + forwarder thread, bound to one Celery app."""
+
+    def __init__(self, app: Any, cfg: AgentConfig) -> None:
+        self.app = app
+        self.cfg = cfg
+        self.sensors = load_sensors(cfg.sensors, cfg.agent_id)
+        self._local = threading.local()
+        self._conn: Any = None
+        self._producer: Any = None
+        self.started_at = time.time()
+        stored = self.outbox().get_meta("interval")
+        self.interval = float(stored) if stored else cfg.interval
+        self.forwarder: Forwarder | None = None
+
+    def outbox(self) -> Outbox:
+        """This thread's outbox connection (sqlite3 connections are per thread)."""
+        box = getattr(self._local, "outbox", None)
+        if box is None:
+            box = self._local.outbox = Outbox(self.cfg.outbox_file, self.cfg.agent_id, self.cfg.outbox_max)
+        return box
+
+    # -- lifecycle ------------------------------------------------------
+    def start(self) -> None:
+        self.forwarder = Forwarder(
+            outbox_factory=lambda: Outbox(self.cfg.outbox_file, self.cfg.agent_id, self.cfg.outbox_max),
+            sensors=self.sensors,
+            interval=self.interval,
+            publish=self.publish,
+            reset_connection=self.reset_connection,
+            backoff=Backoff(self.cfg.backoff_min, self.cfg.backoff_max),
+            flush_batch=self.cfg.flush_batch,
+            idle_close_after=self.cfg.broker_heartbeat,
+            heartbeat=self.store_heartbeat if self.cfg.heartbeat_interval > 0 else None,
+            heartbeat_interval=self.cfg.heartbeat_interval,
+        )
+        self.forwarder.start()
+
+    def stop(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop()
+            self.forwarder = None
+
+    # -- publishing (forwarder thread only) ----------------------------
+    def publish(self, item: OutboxItem) -> None:
+        """Send one stored message; returns after the broker's PUBACK, raises otherwise.
+
+        A connection that sat idle may have been dropped by the broker (keepalive):
+        a failure on a reused connection is retried once on a fresh one.
+        """
+        for attempt in (0, 1):
+            fresh = self._producer is None
+            try:
+                if fresh:
+                    conn = self.app.connection_for_write()
+                    conn.ensure_connection(max_retries=1)
+                    self._conn = conn
+                    self._producer = conn.Producer()
+                self.app.send_task(
+                    item.task_name,
+                    kwargs=item.kwargs,
+                    task_id=item.task_id,
+                    queue=INGEST_QUEUE,
+                    producer=self._producer,
+                    retry=False,
+                    ignore_result=True,
+                    add_to_parent=False,
+                    declare=[],  # never declare edge.ingest: on MQTT a declared queue is a subscription
+                )
+                return
+            except Exception:
+                self.reset_connection()
+                if fresh or attempt:
+                    raise
+
+    def reset_connection(self) -> None:
+        conn, self._conn, self._producer = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as exc:  # a dead socket may fail to close; it is gone anyway
+                log.debug("closing producer connection: %s", exc)
+
+    # -- commands (worker thread) ---------------------------------------
+    def sample_now(self, sensor: str | None = None) -> list[dict]:
+        if sensor is not None and sensor not in {s.name for s in self.sensors}:
+            raise AgentError(f"no sensor {sensor!r} on this agent: it has {', '.join(s.name for s in self.sensors)}")
+        fwd = self.forwarder
+        if fwd is None:
+            raise AgentError("agent is not running: start it with `edge-agent run`")
+        readings = fwd.sample(self.outbox(), only=sensor)
+        fwd.kick()
+        return readings
+
+    def set_interval(self, seconds: float) -> dict:
+        seconds = float(seconds)
+        if not seconds >= MIN_INTERVAL:
+            raise AgentError(f"interval {seconds!r} too small: use at least {MIN_INTERVAL} seconds")
+        self.interval = seconds
+        self.outbox().set_meta("interval", repr(seconds))
+        if self.forwarder is not None:
+            self.forwarder.set_interval(seconds)
+        return {"interval": seconds}
+
+    def status(self, top: int = 10) -> dict:
+        stats = self.outbox().stats()
+        diag: dict[str, Any] = {
+            "agent_id": self.cfg.agent_id,
+            "version": agent_version(),
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started_at, 3),
+            "interval": self.interval,
+            "sensors": [s.name for s in self.sensors],
+            "outbox_backlog": stats["backlog"],
+            "outbox": stats,
+            "rss": rss_bytes(),
+            "threads": threading.active_count(),
+        }
+        if tracemalloc.is_tracing():
+            snapshot = tracemalloc.take_snapshot()
+            diag["tracemalloc_top"] = [
+                {"where": str(stat.traceback), "size": stat.size, "count": stat.count}
+                for stat in snapshot.statistics("lineno")[:top]
+            ]
+        else:
+            # Tracing costs memory on a small device: start it on demand; the next
+            # status call shows what was allocated since.
+            tracemalloc.start()
+            diag["tracemalloc_top"] = []
+            diag["tracemalloc"] = "started now; ask for status again to see top allocations"
+        return diag
+
+    def store_heartbeat(self, outbox: Outbox) -> None:
+        """Queue an `edge.heartbeat` (replacing an unsent older one)."""
+        now = time.time()
+        status = {
+            "agent_id": self.cfg.agent_id,
+            "outbox_backlog": outbox.backlog(),
+            "interval": self.interval,
+            "version": agent_version(),
+            "sent_at": now,
+        }
+        task_id = str(uuid.uuid5(TASK_ID_NAMESPACE, f"{self.cfg.agent_id}/heartbeat/{now!r}"))
+        outbox.replace_task(HEARTBEAT_TASK, task_id, {"status": status})
+
+    def report_command(self, command: str, command_task_id: str, status: str, result: Any) -> None:
+        """Queue an `edge.command_result` through the outbox (same PUBACK guarantee)."""
+        payload = {
+            "agent_id": self.cfg.agent_id,
+            "command_task_id": command_task_id,
+            "command": command,
+            "status": status,
+            "result": result,
+            "finished_at": time.time(),
+        }
+        self.outbox().add_task(
+            COMMAND_RESULT_TASK, command_result_task_id(self.cfg.agent_id, command_task_id), {"result": payload}
+        )
+        if self.forwarder is not None:
+            self.forwarder.kick()
+
+
+__all__ = ["AgentRuntime", "INGEST_QUEUE", "INGEST_TASK", "rss_bytes"]
