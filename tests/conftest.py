@@ -28,3 +28,18 @@ def fresh_mosquitto(tmp_path: Path, test_pki: FleetPKI):
     broker = MosquittoBroker(workdir=tmp_path / "mosquitto", pki=test_pki).start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def anvil(tmp_path_factory: pytest.TempPathFactory):
+    """A session-wide local chain (real anvil on a free loopback port).
+
+    Yields a ledger.anvil.ManagedAnvil: `.rpc_url`, `.private_keys`, `.addresses`,
+    `.dev_key`. Use your own key index per test module to avoid sharing a nonce; a key
+    reuses its contract (deterministic address), so a fresh journal that must audit clean
+    needs its own key or its own contract (ledger.deploy.deploy_contract -> contract_address).
+    """
+    from tests.support.anvil import start_anvil
+
+    with start_anvil(tmp_path_factory.mktemp("anvil")) as chain:
+        yield chain

@@ -1,0 +1,174 @@
+"""The committed ExecutionLedger artifact and the few encodings the writer and audit need.
+
+Why hand-rolled encoding: `recordBatch` is on the hot path; eth_abi on a fixed
+signature is several times cheaper than building a web3 contract call per batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from eth_abi import decode, encode
+from eth_utils import keccak, to_checksum_address
+
+ARTIFACT_PATH = Path(__file__).resolve().parent / "contracts" / "ExecutionLedger.json"
+
+RECORD_SIG = "record(bytes32,bytes32,bytes32,uint8,uint64)"
+RECORD_BATCH_SIG = "recordBatch(bytes32[],bytes32[],bytes32[],uint8[],uint64[])"
+DIGESTS_OF_SIG = "digestsOf(address,bytes32[])"
+EVENT_SIG = "ExecutionRecorded(bytes32,bytes32,address,bytes32,uint8,uint64)"
+EVENT_TOPIC = keccak(text=EVENT_SIG)
+
+
+@lru_cache(maxsize=1)
+def artifact() -> dict[str, Any]:
+    return json.loads(ARTIFACT_PATH.read_text())
+
+
+def abi() -> list[dict[str, Any]]:
+    return artifact()["abi"]
+
+
+def bytecode() -> str:
+    return artifact()["bytecode"]
+
+
+def deployed_bytecode() -> bytes:
+    return bytes.fromhex(artifact()["deployedBytecode"][2:])
+
+
+def _selector(sig: str) -> bytes:
+    return keccak(text=sig)[:4]
+
+
+def encode_record_batch_reference(task_keys: list[bytes], agent_keys: list[bytes], digests: list[bytes],
+                                  statuses: list[int], finished_ms: list[int]) -> bytes:
+    """The same encoding through eth_abi (tests compare the two)."""
+    return _selector(RECORD_BATCH_SIG) + encode(
+        ["bytes32[]", "bytes32[]", "bytes32[]", "uint8[]", "uint64[]"],
+        [task_keys, agent_keys, digests, statuses, finished_ms])
+
+
+def encode_record(task_key: bytes, agent_key: bytes, digest: bytes, status: int, finished_ms: int) -> bytes:
+    return _selector(RECORD_SIG) + encode(
+        ["bytes32", "bytes32", "bytes32", "uint8", "uint64"], [task_key, agent_key, digest, status, finished_ms])
+
+
+_RECORD_BATCH_SELECTOR = keccak(text=RECORD_BATCH_SIG)[:4]
+
+
+def encode_record_batch(task_keys: list[bytes], agent_keys: list[bytes], digests: list[bytes],
+                        statuses: list[int], finished_ms: list[int]) -> bytes:
+    """ABI-encode recordBatch by hand: five dynamic arrays of 32-byte words (eth_abi is 20x slower).
+
+    Equal lengths are required here; the contract also rejects unequal ones.
+    """
+    columns = (task_keys, agent_keys, digests, statuses, finished_ms)
+    n = len(task_keys)
+    if any(len(c) != n for c in columns):
+        return _selector(RECORD_BATCH_SIG) + encode(
+            ["bytes32[]", "bytes32[]", "bytes32[]", "uint8[]", "uint64[]"], list(columns))
+    for word in (*task_keys, *agent_keys, *digests):
+        if len(word) != 32:
+            raise ValueError("recordBatch keys and digests must be 32 bytes each")
+    for value in statuses:
+        if not 0 <= value < 256:
+            raise ValueError(f"status {value} does not fit uint8")
+    for value in finished_ms:
+        if not 0 <= value < 2**64:
+            raise ValueError(f"timestamp {value} does not fit uint64")
+    size = 32 * (1 + n)
+    parts = [_RECORD_BATCH_SELECTOR]
+    parts.extend((160 + k * size).to_bytes(32, "big") for k in range(5))
+    length = n.to_bytes(32, "big")
+    for column in (task_keys, agent_keys, digests):
+        parts.append(length)
+        parts.extend(column)
+    for column in (statuses, finished_ms):
+        parts.append(length)
+        parts.extend(v.to_bytes(32, "big") for v in column)
+    return b"".join(parts)
+
+
+def encode_digests_of(recorder: str, task_keys: list[bytes]) -> bytes:
+    return _selector(DIGESTS_OF_SIG) + encode(["address", "bytes32[]"], [recorder, task_keys])
+
+
+def decode_digests_of(data: bytes) -> list[bytes]:
+    (out,) = decode(["bytes32[]"], data)
+    return list(out)
+
+
+@dataclass(frozen=True)
+class ChainEvent:
+    """One ExecutionRecorded log, decoded."""
+
+    task_key: bytes
+    agent_key: bytes
+    recorder: str
+    digest: bytes
+    status: int
+    finished_ms: int
+    block_number: int
+    block_hash: str
+    tx_hash: str
+    log_index: int
+
+
+def as_int(value: Any) -> int:
+    """JSON-RPC quantities arrive as hex strings (HTTP) or ints (eth-tester)."""
+    return int(value, 16) if isinstance(value, str) else int(value)
+
+
+def _hex(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return "0x" + bytes(value).hex()
+    return str(value) if str(value).startswith("0x") else "0x" + str(value)
+
+
+def as_bytes(value: Any) -> bytes:
+    return _bytes(value)
+
+
+def _bytes(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    text = str(value)
+    return bytes.fromhex(text[2:] if text.startswith("0x") else text)
+
+
+@lru_cache(maxsize=1024)
+def _checksum(address: bytes) -> str:
+    return to_checksum_address(address)  # costly; recorders are few
+
+
+def decode_event(log: Any) -> ChainEvent | None:
+    """Decode a raw log (web3 AttributeDict or dict); None if it is not ExecutionRecorded."""
+    topics = [_bytes(t) for t in log["topics"]]
+    if len(topics) != 4 or topics[0] != EVENT_TOPIC:
+        return None
+    data = _bytes(log["data"])
+    if len(data) != 96:
+        return None
+    digest, status, finished = data[:32], int.from_bytes(data[32:64], "big"), int.from_bytes(data[64:96], "big")
+    block_number = log["blockNumber"]
+    return ChainEvent(
+        task_key=topics[1], agent_key=topics[2], recorder=_checksum(topics[3][12:]),
+        digest=digest, status=status, finished_ms=finished,
+        block_number=int(block_number, 16) if isinstance(block_number, str) else int(block_number),
+        block_hash=_hex(log["blockHash"]), tx_hash=_hex(log["transactionHash"]),
+        log_index=int(log["logIndex"], 16) if isinstance(log["logIndex"], str) else int(log["logIndex"]),
+    )
+
+
+def calldata_floor_gas(data: bytes) -> int:
+    """EIP-7623 floor: 21000 + 10 * tokens (zero byte = 1 token, non-zero = 4).
+
+    A transaction whose gas limit is below this is invalid on Prague chains.
+    """
+    zeros = data.count(0)
+    return 21_000 + 10 * (zeros + 4 * (len(data) - zeros))

@@ -1,0 +1,264 @@
+"""The execution journal: SQLite, the source of truth, written before anything goes on chain.
+
+Why SQLite in WAL with synchronous=FULL: a record the coordinator acked must survive a
+power cut; the chain is only a public commitment to what the journal already holds.
+Rows carry their anchoring state: `pending` -> `sent` (tx hash) -> `confirmed` (block).
+
+Exactly-once: `task_id` is unique; appending a task_id that is already journaled is a
+no-op returning False (first write wins), so a redelivered task is journaled once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from ledger.record import RECORD_FIELDS, ExecutionRecord
+
+PENDING, SENT, CONFIRMED = "pending", "sent", "confirmed"
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS executions (
+    id INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL UNIQUE,
+    task_name TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    signer_fingerprint TEXT,
+    args_digest TEXT,
+    result_digest TEXT,
+    status TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    envelope_digest TEXT,
+    digest TEXT NOT NULL,
+    envelope BLOB,
+    appended_at REAL NOT NULL,
+    anchor_state TEXT NOT NULL DEFAULT '{PENDING}',
+    tx_hash TEXT,
+    chain_id INTEGER,
+    contract TEXT,
+    block_number INTEGER,
+    block_hash TEXT,
+    anchored_at REAL
+);
+CREATE INDEX IF NOT EXISTS executions_anchor ON executions(anchor_state, id);
+CREATE INDEX IF NOT EXISTS executions_agent ON executions(agent_id, received_at);
+CREATE TABLE IF NOT EXISTS certificates (
+    fingerprint TEXT PRIMARY KEY,
+    pem TEXT NOT NULL,
+    added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger_config (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
+
+_INSERT = (
+    f"INSERT OR IGNORE INTO executions ({', '.join(RECORD_FIELDS)}, digest, envelope, appended_at) "
+    f"VALUES ({', '.join('?' * (len(RECORD_FIELDS) + 3))})"
+)
+
+
+class JournalError(RuntimeError):
+    """The journal cannot be used as asked."""
+
+
+def certificate_fingerprint(certificate_pem: str) -> str:
+    """SHA-256 hex of the certificate's DER encoding (as security.signing reports it)."""
+    cert = x509.load_pem_x509_certificate(certificate_pem.encode())
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+class Journal:
+    """Journal(path): one SQLite file; safe to share between threads (one connection each)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+
+    # -- connections and transactions -------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            self._local.db = sqlite_utils.Database(conn)
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """This thread's sqlite-utils Database (autocommit outside `transaction()`)."""
+        self._conn()
+        return self._local.db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """One SQLite transaction (BEGIN IMMEDIATE); nested calls become savepoints."""
+        conn = self._conn()
+        db = self._local.db
+        if conn.in_transaction:
+            with db.atomic():
+                yield db
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except sqlite3.ProgrammingError:
+                    pass  # closed from its own thread already
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- appending ------------------------------------------------------------------
+    def append(
+        self,
+        record: ExecutionRecord,
+        db: sqlite_utils.Database | None = None,
+        envelope: bytes | None = None,
+        certificate_pem: str | None = None,
+    ) -> bool:
+        """Journal `record` as pending. Returns False (and changes nothing) if its task_id exists.
+
+        Pass the `db` from `transaction()` to commit it together with other writes; the
+        signed envelope bytes and signer certificate are kept so audits can re-verify.
+        """
+        if certificate_pem is not None:
+            fingerprint = certificate_fingerprint(certificate_pem)
+            if record.signer_fingerprint and fingerprint != record.signer_fingerprint:
+                raise JournalError(
+                    f"certificate fingerprint {fingerprint[:16]}.. does not match the record's "
+                    f"signer_fingerprint {record.signer_fingerprint[:16]}..: pass the signer's certificate"
+                )
+        with self.transaction() if db is None else _nullcontext(db) as tx:
+            conn = tx.conn
+            values = [getattr(record, name) for name in RECORD_FIELDS]
+            cur = conn.execute(_INSERT, [*values, record.digest().hex(), envelope, time.time()])
+            inserted = cur.rowcount == 1
+            if inserted and certificate_pem is not None:
+                conn.execute(
+                    "INSERT OR IGNORE INTO certificates (fingerprint, pem, added_at) VALUES (?, ?, ?)",
+                    (fingerprint, certificate_pem, time.time()),
+                )
+            return inserted
+
+    # -- reading --------------------------------------------------------------------
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT * FROM executions WHERE task_id = ?", (task_id,))
+        return _one(row)
+
+    def certificate(self, fingerprint: str) -> str | None:
+        cur = self._conn().execute("SELECT pem FROM certificates WHERE fingerprint = ?", (fingerprint,))
+        found = cur.fetchone()
+        return found[0] if found else None
+
+    def rows(self, where: str = "1=1", params: Iterable[Any] = (), order: str = "id",
+             limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Rows as dicts. `where` is an SQL fragment with ? placeholders (internal use)."""
+        sql = f"SELECT * FROM executions WHERE {where} ORDER BY {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        cur = self._conn().execute(sql, list(params))
+        names = [d[0] for d in cur.description]
+        for values in cur:
+            yield dict(zip(names, values))
+
+    def pending(self, limit: int) -> list[dict[str, Any]]:
+        return list(self.rows("anchor_state = ?", (PENDING,), limit=limit))
+
+    def counts(self) -> dict[str, int]:
+        out = {PENDING: 0, SENT: 0, CONFIRMED: 0}
+        for state, n in self._conn().execute("SELECT anchor_state, COUNT(*) FROM executions GROUP BY 1"):
+            out[state] = n
+        return out
+
+    def max_confirmed_block(self) -> tuple[int, str] | None:
+        cur = self._conn().execute(
+            "SELECT block_number, block_hash FROM executions WHERE anchor_state = ? "
+            "ORDER BY block_number DESC LIMIT 1", (CONFIRMED,))
+        found = cur.fetchone()
+        return (int(found[0]), found[1]) if found else None
+
+    # -- anchoring state (the chain writer's) -----------------------------------------
+    def mark_sent(self, task_ids: list[str], tx_hash: str, chain_id: int, contract: str) -> None:
+        with self.transaction() as db:
+            db.conn.executemany(
+                "UPDATE executions SET anchor_state = ?, tx_hash = ?, chain_id = ?, contract = ?, "
+                "block_number = NULL, block_hash = NULL WHERE task_id = ?",
+                [(SENT, tx_hash, chain_id, contract, t) for t in task_ids])
+
+    def mark_confirmed(self, task_ids: list[str], block_number: int, block_hash: str,
+                       tx_hash: str | None = None) -> None:
+        self.mark_confirmed_many([(task_ids, block_number, block_hash, tx_hash)])
+
+    def mark_confirmed_many(self, groups: list[tuple[list[str], int, str, str | None]]) -> None:
+        """Several (task_ids, block_number, block_hash, tx_hash) confirmations in one commit."""
+        if not groups:
+            return
+        now = time.time()
+        with self.transaction() as db:
+            for task_ids, block_number, block_hash, tx_hash in groups:
+                db.conn.executemany(
+                    "UPDATE executions SET anchor_state = ?, block_number = ?, block_hash = ?, "
+                    "tx_hash = COALESCE(?, tx_hash), anchored_at = ? WHERE task_id = ?",
+                    [(CONFIRMED, block_number, block_hash, tx_hash, now, t) for t in task_ids])
+
+    def mark_pending(self, task_ids: list[str]) -> None:
+        with self.transaction() as db:
+            db.conn.executemany(
+                "UPDATE executions SET anchor_state = ?, tx_hash = NULL, block_number = NULL, "
+                "block_hash = NULL, anchored_at = NULL WHERE task_id = ?", [(PENDING, t) for t in task_ids])
+
+    # -- ledger config (rpc url, contract address, chain id, recorder) ------------------
+    def get_config(self) -> dict[str, str]:
+        return {k: v for k, v in self._conn().execute("SELECT key, value FROM ledger_config")}
+
+    def set_config(self, **values: Any) -> None:
+        with self.transaction() as db:
+            db.conn.executemany(
+                "INSERT INTO ledger_config (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [(k, None if v is None else str(v)) for k, v in values.items()])
+
+
+@contextmanager
+def _nullcontext(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    yield db
+
+
+def _one(cur: sqlite3.Cursor) -> dict[str, Any] | None:
+    values = cur.fetchone()
+    if values is None:
+        return None
+    return dict(zip([d[0] for d in cur.description], values))
