@@ -1,13 +1,252 @@
-"""The `edge-coordinator` command (placeholder until its issue lands)."""
+"""The `edge-coordinator` command: init, run, enroll, revoke, agents, send, demo.
+
+Why: one entry point for the fleet operator. Every failure the operator can fix is a
+`CoordinatorError` printed as one line (exit 1); usage errors exit 2 (argparse).
+Heavy imports (Celery, web3) happen inside the commands that need them so `--help`
+and `init` stay fast.
+"""
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import json
+import os
+import signal
 import sys
+from pathlib import Path
+
+from .config import CoordinatorConfig, load_config, save_config, validate
+from .broker_acl import agent_enrolled, agent_revoked
+from .errors import CoordinatorError
+
+PROG = "edge-coordinator"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="data directory (default var/coordinator or $EDGE_COORDINATOR_DATA_DIR)")
+    parser.add_argument("--config", type=Path, help="config file (default <data-dir>/coordinator.toml or $EDGE_COORDINATOR_CONFIG)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fleet coordinator: ingests signed tasks from edge agents over MQTT/TLS and records every execution on an Ethereum ledger.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create the data dir, fleet CA, coordinator and broker certificates, coordinator.toml")
+    _common(p)
+    p.add_argument("--broker-port", type=int, help="TLS port of the managed Mosquitto (default 8883)")
+    p.add_argument("--chain-port", type=int, help="port of the managed anvil (default 8545)")
+    p.add_argument("--http-port", type=int, help="port of /metrics and /healthz on 127.0.0.1 (default 9464)")
+    p.add_argument("--broker-url", help="use this external broker instead of running Mosquitto")
+    p.add_argument("--chain-url", help="use this external JSON-RPC endpoint instead of running anvil")
+    p.add_argument("--acl-mode", choices=("file", "dynsec"), help="broker ACLs: file (default) or dynsec (revoke cuts live connections)")
+
+    p = sub.add_parser("run", help="run the daemon: broker, chain, ingest worker, chain writer, metrics")
+    _common(p)
+
+    p = sub.add_parser("enroll", help="sign an agent CSR (or make a demo bundle with --bundle NAME)")
+    _common(p)
+    p.add_argument("csr", nargs="?", type=Path, help="PEM certificate signing request from `edge-agent keygen`")
+    p.add_argument("--bundle", metavar="NAME", help="demo convenience: generate key, CSR and certificate for agent NAME in a bundle dir")
+    p.add_argument("--out", type=Path, help="certificate file (CSR mode, default stdout) or bundle dir (default <data-dir>/bundles/NAME)")
+    p.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
+
+    p = sub.add_parser("revoke", help="revoke an agent's certificates; the broker and the signature checks honour it")
+    _common(p)
+    p.add_argument("agent", help="agent id (certificate CN)")
+
+    p = sub.add_parser("agents", help="list enrolled agents: status, last seen, certificate expiry, outbox backlog")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("send", help="send a command to an agent and wait for its signed result")
+    _common(p)
+    p.add_argument("agent", help="agent id")
+    p.add_argument("task", help="command: sample_now, set_interval, status (or the full name edge.agent.<command>)")
+    p.add_argument("args", nargs="*", help="positional arguments (JSON values, e.g. 5 or '\"temp\"')")
+    p.add_argument("--timeout", type=float, help="seconds to wait for the result (default worker.send_timeout)")
+
+    p = sub.add_parser("demo", help="bring everything up on loopback with simulated agents and audit the result")
+    _common(p)
+    p.add_argument("--agents", type=int, default=3, help="number of simulated agents (default 3)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds the agents run (default 20)")
+    p.add_argument("--interval", type=float, default=0.5, help="agents' sampling interval in seconds (default 0.5)")
+    p.add_argument("--keep", action="store_true", help="keep the demo data dir (printed at the end)")
+    return parser
+
+
+def _config(args: argparse.Namespace, require_file: bool = True) -> CoordinatorConfig:
+    return load_config(args.config, data_dir=args.data_dir, require_file=require_file)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .fleet_pki import FleetStore
+
+    cfg = _config(args, require_file=False)
+    cfg.data_dir = cfg.data_dir.resolve()
+    if args.broker_port is not None:
+        cfg.broker.port = args.broker_port
+    if args.chain_port is not None:
+        cfg.chain.port = args.chain_port
+    if args.http_port is not None:
+        cfg.http.port = args.http_port
+    if args.broker_url:
+        cfg.broker.url = args.broker_url
+    if args.chain_url:
+        cfg.chain.url = args.chain_url
+    if args.acl_mode:
+        cfg.broker.acl_mode = args.acl_mode
+    validate(cfg)
+    store = FleetStore(cfg)
+    store.init()
+    path = save_config(cfg)
+    print(f"initialised {cfg.data_dir}")
+    print(f"  config       {path}")
+    print(f"  fleet CA     {cfg.ca_path}")
+    print(f"  coordinator  {cfg.cert_path}")
+    print(f"  broker cert  {store.broker_cert}")
+    print(f"next: edge-coordinator run --data-dir {cfg.data_dir}")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from .fleet_pki import FleetStore
+
+    cfg = _config(args)
+    store = FleetStore(cfg)
+    if args.bundle and args.csr:
+        raise CoordinatorError("give either a CSR file or --bundle NAME, not both")
+    if args.bundle:
+        out = store.make_bundle(args.bundle, args.out, cfg.broker_url, days=args.days)
+        print(f"bundle for {args.bundle} written to {out}")
+        _note(agent_enrolled(cfg, args.bundle))
+        print(f"next: edge-agent enroll --bundle {out}")
+        return 0
+    if not args.csr:
+        raise CoordinatorError("nothing to enroll: give a CSR file (from `edge-agent keygen`) or --bundle NAME")
+    try:
+        csr = args.csr.read_bytes()
+    except OSError as exc:
+        raise CoordinatorError(f"cannot read CSR {args.csr}: {exc.strerror}") from None
+    cert = store.sign_csr(csr, days=args.days)
+    from security.pki import common_name
+    from cryptography import x509
+
+    _note(agent_enrolled(cfg, common_name(x509.load_pem_x509_certificate(cert))), err=True)
+    if args.out:
+        args.out.write_bytes(cert)
+        print(f"certificate written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(cert.decode())
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from .fleet_pki import FleetStore
+
+    cfg = _config(args)
+    serials = FleetStore(cfg).revoke(args.agent)
+    print(f"revoked {args.agent}: {len(serials)} certificate(s); CRL {cfg.crl_path} updated")
+    _note(agent_revoked(cfg, args.agent))
+    pid = daemon_pid(cfg)
+    if pid:
+        os.kill(pid, signal.SIGHUP)
+        print(f"told the running coordinator (pid {pid}) to reload the CRL")
+    else:
+        print("no coordinator running: the CRL takes effect at the next `run`")
+    return 0
+
+
+def _note(message: str | None, err: bool = False) -> None:
+    if message:
+        print(message, file=sys.stderr if err else sys.stdout)
+
+
+def daemon_pid(cfg: CoordinatorConfig) -> int | None:
+    """Pid of a live `run` on this data dir, from its pid file."""
+    path = cfg.run_dir / "coordinator.pid"
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    from .fleet_pki import FleetStore
+    from .registry import list_agents
+
+    cfg = _config(args)
+    views = list_agents(FleetStore(cfg), cfg.journal_path)
+    if args.json:
+        print(json.dumps([v.__dict__ for v in views], indent=1))
+        return 0
+    if not views:
+        print("no agents enrolled: edge-coordinator enroll CSR (or --bundle NAME)")
+        return 0
+    print(f"{'AGENT':<20} {'STATUS':<10} {'LAST SEEN (UTC)':<20} {'CERT EXPIRES':<20} {'BACKLOG':>7} {'READINGS':>8}")
+    for v in views:
+        backlog = "-" if v.outbox_backlog is None else str(v.outbox_backlog)
+        print(f"{v.agent_id:<20} {v.status:<10} {_when(v.last_seen):<20} {_when(v.cert_not_after):<20} {backlog:>7} {v.readings:>8}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run_daemon
+
+    return run_daemon(_config(args))
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .dispatch import send_command
+
+    cfg = _config(args)
+    result = send_command(cfg, args.agent, args.task, args.args, timeout=args.timeout)
+    print(json.dumps(result, indent=1, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(agents=args.agents, duration=args.duration, interval=args.interval, data_dir=args.data_dir, keep=args.keep)
+
+
+COMMANDS = {
+    "init": cmd_init,
+    "run": cmd_run,
+    "enroll": cmd_enroll,
+    "revoke": cmd_revoke,
+    "agents": cmd_agents,
+    "send": cmd_send,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("edge-coordinator: not yet built", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except CoordinatorError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

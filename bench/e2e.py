@@ -1,0 +1,272 @@
+"""End-to-end benchmark: signed readings from M agent processes to confirmed on-chain records.
+
+edgeledger: M publisher processes (coordinator.simagent: EC P-256 signed Celery tasks,
+QoS 1 over mutual-TLS MQTT) -> `edge-coordinator run` (managed Mosquitto + anvil,
+signature/chain/replay checks, readings + execution record in one SQLite transaction,
+chain writer batching `recordBatch`) -> confirmed on chain. Latency: reading sampled_at
+-> journal row confirmed (anchored_at), and sampled_at -> journaled.
+
+Peer, same run, same machine: plain Celery over Redis doing the same ingestion (store
+the reading with sqlite-utils, WAL + synchronous=FULL, acks_late, solo pool, prefetch 1)
+without signing, TLS or ledger. Latency: sampled_at -> stored.
+
+    .venv/bin/python bench/e2e.py [--agents 3] [--per-agent 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def progress(label: str, done: int, total: int, started: float) -> None:
+    rate = done / max(1e-9, time.monotonic() - started)
+    print(f"  {label}: {done}/{total} ({rate:,.0f}/s)", flush=True)
+
+
+def wait_for(pred, timeout: float, what: str, label: str, total: int, started: float, count) -> None:
+    deadline = time.monotonic() + timeout
+    last = 0.0
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if time.monotonic() - last >= 2:
+            progress(label, count(), total, started)
+            last = time.monotonic()
+        time.sleep(0.1)
+    raise SystemExit(f"bench: timed out waiting for {what}")
+
+
+def query(db: Path, sql: str) -> list[tuple]:
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+# -- edgeledger ----------------------------------------------------------------------
+def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.0) -> dict:
+    data = base / f"coord-{interval:g}"
+    http = free_port()
+    cli = [PY, "-m", "coordinator.cli"]
+    subprocess.run([*cli, "init", "--data-dir", str(data), "--broker-port", str(free_port()), "--chain-port",
+                    str(free_port()), "--http-port", str(http)], check=True, capture_output=True, cwd=ROOT)
+    names = [f"bench-{i}" for i in range(agents)]
+    for n in names:
+        subprocess.run([*cli, "enroll", "--data-dir", str(data), "--bundle", n], check=True, capture_output=True, cwd=ROOT)
+    log = open(base / "coordinator.log", "ab")
+    daemon = subprocess.Popen([*cli, "run", "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=ROOT, start_new_session=True)
+    pubs: list[subprocess.Popen] = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as r:
+                    if json.loads(r.read())["ok"]:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise SystemExit("bench: coordinator did not start; see " + str(base / "coordinator.log"))
+            time.sleep(0.2)
+        total = agents * per_agent
+        journal = data / "journal.db"
+        started = time.monotonic()
+        pubs = [subprocess.Popen([PY, "-m", "coordinator.simagent", "--bundle", str(data / "bundles" / n),
+                                  "--count", str(per_agent), "--interval", str(interval)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL) for n in names]
+
+        def confirmed() -> int:
+            rows = query(journal, "SELECT COUNT(*) FROM executions WHERE anchor_state = 'confirmed'")
+            return rows[0][0] if rows else 0
+
+        wait_for(lambda: confirmed() >= total, 170, "on-chain confirmation", "edgeledger confirmed", total, started, confirmed)
+        elapsed = time.monotonic() - started
+        for p in pubs:
+            p.wait(timeout=30)
+        rows = query(journal, "SELECT r.sampled_at, e.appended_at, e.anchored_at FROM readings r "
+                              "JOIN executions e ON e.task_id = r.task_id")
+        gas = query(journal, "SELECT COUNT(DISTINCT tx_hash) FROM executions")
+        return {
+            "readings": len(rows), "seconds": elapsed, "rate": len(rows) / elapsed,
+            "journal_p50": pct([b - a for a, b, _ in rows], 0.5), "journal_p99": pct([b - a for a, b, _ in rows], 0.99),
+            "chain_p50": pct([c - a for a, _, c in rows], 0.5), "chain_p99": pct([c - a for a, _, c in rows], 0.99),
+            "transactions": gas[0][0] if gas else 0,
+        }
+    finally:
+        for p in pubs:
+            if p.poll() is None:
+                p.kill()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+        log.close()
+
+
+# -- peer: plain Celery over Redis ---------------------------------------------------------
+def redis_app(url: str):
+    from celery import Celery
+
+    app = Celery("peer", broker=url, set_as_current=False)
+    app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1, task_ignore_result=True,
+                    worker_hijack_root_logger=False, broker_connection_retry_on_startup=True)
+    return app
+
+
+def redis_worker(url: str, db_path: str) -> None:
+    import sqlite_utils
+
+    app = redis_app(url)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    db = sqlite_utils.Database(conn)
+    db["readings"].create({"task_id": str, "agent_id": str, "sensor": str, "seq": int, "value": float, "unit": str,
+                           "sampled_at": float, "stored_at": float}, pk="task_id", if_not_exists=True)
+
+    @app.task(name="edge.ingest", bind=True)
+    def ingest(self, reading):
+        with db.conn:
+            db.conn.execute("BEGIN IMMEDIATE")
+            db["readings"].insert({**reading, "task_id": self.request.id, "stored_at": time.time()}, ignore=True)
+
+    app.worker_main(["worker", "-P", "solo", "-Q", "edge.ingest", "-l", "WARNING", "--without-heartbeat",
+                     "--without-mingle", "--without-gossip"])
+
+
+def redis_publisher(url: str, agent: str, count: int, interval: float) -> None:
+    app = redis_app(url)
+    for seq in range(1, count + 1):
+        if interval:
+            time.sleep(interval)
+        app.send_task("edge.ingest", kwargs={"reading": {"agent_id": agent, "sensor": "temp", "seq": seq, "value": 21.5,
+                                                         "unit": "C", "sampled_at": time.time()}}, queue="edge.ingest")
+
+
+def run_redis(base: Path, agents: int, per_agent: int, interval: float = 0.0) -> dict:
+    port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    db = base / f"peer-{interval:g}.db"
+    worker = None
+    pubs: list[subprocess.Popen] = []
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("bench: redis-server did not start")
+                time.sleep(0.05)
+        worker = subprocess.Popen([PY, __file__, "--redis-worker", url, str(db)], cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        while not query(db, "SELECT 1 FROM readings LIMIT 0") and not db.exists():
+            time.sleep(0.1)
+        time.sleep(2.0)  # let the worker subscribe
+        total = agents * per_agent
+        started = time.monotonic()
+        pubs = [subprocess.Popen([PY, __file__, "--redis-publisher", url, f"peer-{i}", str(per_agent), str(interval)], cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(agents)]
+
+        def stored() -> int:
+            rows = query(db, "SELECT COUNT(*) FROM readings")
+            return rows[0][0] if rows else 0
+
+        wait_for(lambda: stored() >= total, 170, "peer storage", "celery+redis stored", total, started, stored)
+        elapsed = time.monotonic() - started
+        rows = query(db, "SELECT sampled_at, stored_at FROM readings")
+        return {"readings": len(rows), "seconds": elapsed, "rate": len(rows) / elapsed,
+                "p50": pct([b - a for a, b in rows], 0.5), "p99": pct([b - a for a, b in rows], 0.99)}
+    finally:
+        for p in pubs:
+            if p.poll() is None:
+                p.kill()
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        redis.terminate()
+        redis.wait(timeout=10)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--redis-worker":
+        redis_worker(sys.argv[2], sys.argv[3])
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--redis-publisher":
+        redis_publisher(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=3, help="publisher processes (default 3)")
+    p.add_argument("--per-agent", type=int, default=1000, help="readings per publisher (default 1000)")
+    args = p.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    paced_n, paced_gap = 150, 0.05
+    try:
+        print(f"[1/4] edgeledger, flood: {args.agents} signed publishers x {args.per_agent} readings -> TLS MQTT -> coordinator -> anvil", flush=True)
+        ours = run_edgeledger(base, args.agents, args.per_agent)
+        print(f"[2/4] peer, flood: {args.agents} publishers x {args.per_agent} -> Celery over Redis -> SQLite (no signing/TLS/ledger)", flush=True)
+        peer = run_redis(base, args.agents, args.per_agent)
+        print(f"[3/4] edgeledger, paced: {args.agents} x {paced_n} readings, one every {paced_gap:g}s per publisher", flush=True)
+        ours_paced = run_edgeledger(base, args.agents, paced_n, paced_gap)
+        print(f"[4/4] peer, paced: {args.agents} x {paced_n} readings, one every {paced_gap:g}s per publisher", flush=True)
+        peer_paced = run_redis(base, args.agents, paced_n, paced_gap)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    for title, o, r in (("flood (throughput; latency includes queueing)", ours, peer),
+                        (f"paced ({args.agents / paced_gap:.0f} readings/s offered; pipeline latency)", ours_paced, peer_paced)):
+        print()
+        print(title)
+        print(f"  {'':34} {'readings':>8} {'seconds':>8} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"  {'edgeledger sample -> journaled':34} {o['readings']:>8} {'':>8} {'':>8} {o['journal_p50']*1e3:>8.1f} {o['journal_p99']*1e3:>8.1f}")
+        print(f"  {'edgeledger sample -> on chain':34} {o['readings']:>8} {o['seconds']:>8.1f} {o['rate']:>8.0f} {o['chain_p50']*1e3:>8.1f} {o['chain_p99']*1e3:>8.1f}")
+        print(f"  {'celery+redis sample -> stored':34} {r['readings']:>8} {r['seconds']:>8.1f} {r['rate']:>8.0f} {r['p50']*1e3:>8.1f} {r['p99']*1e3:>8.1f}")
+        print(f"  ratios edgeledger/peer: throughput {o['rate'] / r['rate']:.2f}x, p50 on-chain/stored {o['chain_p50'] / r['p50']:.1f}x, "
+              f"p50 journaled/stored {o['journal_p50'] / r['p50']:.1f}x")
+        print(f"  chain: {o['transactions']} transactions for {o['readings']} records ({o['readings'] / max(1, o['transactions']):.0f} per recordBatch)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

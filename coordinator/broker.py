@@ -1,0 +1,79 @@
+"""The managed Mosquitto: config rendering (security's renderer) and its process.
+
+Why: when no external broker is configured, `run` starts one on loopback with mutual
+TLS, the fleet CRL and the queue limits DESIGN.md says matter (Mosquitto drops
+messages above `max_queued_messages`; persistence keeps queued tasks across a
+broker restart). SIGHUP makes Mosquitto re-read its config and CRL after `revoke`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .config import CoordinatorConfig
+from .errors import CoordinatorError
+from .fleet_pki import FleetStore
+from .supervisor import Child
+
+CANDIDATES = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or next((p for p in CANDIDATES if os.path.exists(p)), None)
+    if not found:
+        raise CoordinatorError("mosquitto is not installed: run `make setup` (apt-get install mosquitto) or set broker.url")
+    return found
+
+
+def render_config(cfg: CoordinatorConfig, store: FleetStore, workdir: Path) -> str:
+    """Mosquitto config (and its ACL in `workdir`) from security's renderer.
+
+    The minimal fallback (TLS + CRL + limits, no ACL) is only used when that renderer
+    is missing, so an older security package cannot stop the broker from starting.
+    """
+    try:
+        from security.mosquitto_conf import render_for_coordinator
+    except ImportError:
+        return _fallback_config(cfg, store, workdir)
+    return render_for_coordinator(cfg, store, workdir)
+
+
+def _fallback_config(cfg: CoordinatorConfig, store: FleetStore, workdir: Path) -> str:
+    user = "user root\n" if os.geteuid() == 0 else ""
+    return (
+        f"{user}"
+        "per_listener_settings false\n"
+        "allow_anonymous false\n"
+        "persistence true\n"
+        f"persistence_location {workdir}/\n"
+        "autosave_interval 1\n"
+        f"max_queued_messages {cfg.broker.max_queued_messages}\n"
+        "max_inflight_messages 0\n"
+        "max_packet_size 1048576\n"
+        "log_dest stderr\n"
+        "log_type error\nlog_type warning\nlog_type notice\n"
+        f"listener {cfg.broker.port} {cfg.broker.host}\n"
+        f"cafile {cfg.ca_path}\n"
+        f"certfile {store.broker_cert}\n"
+        f"keyfile {store.broker_key}\n"
+        f"crlfile {cfg.crl_path}\n"
+        "require_certificate true\n"
+        "use_identity_as_username true\n"
+        "tls_version tlsv1.2\n"
+    )
+
+
+def managed_broker(cfg: CoordinatorConfig, store: FleetStore) -> Child:
+    workdir = cfg.run_dir / "mosquitto"
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(render_config(cfg, store, workdir))
+    return Child(
+        name="mosquitto",
+        argv=[mosquitto_binary(), "-c", str(conf)],
+        log_path=workdir / "mosquitto.log",
+        pid_file=workdir / "mosquitto.pid",
+        port=cfg.broker.port,
+    )

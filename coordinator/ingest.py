@@ -1,0 +1,193 @@
+"""Executing the coordinator's tasks: store, journal, register — in one transaction.
+
+Why one transaction: a reading stored without its execution record (or the reverse)
+would make the audit lie. The journal's unique task_id is the exactly-once guard:
+when `append` reports the id already journaled (a redelivery after a crash before the
+ack), nothing else is written either, so a redelivered task is stored once.
+
+Celery-free on purpose: the worker's tasks are thin wrappers around `Ingestor`, and
+tests can drive it with a real Journal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import sqlite_utils
+
+from ledger.journal import Journal
+from security.signing import IdentityMismatch, ensure_bound
+from ledger.record import ExecutionRecord
+
+from . import registry
+from .metrics import Metrics
+
+READINGS = "readings"
+COMMAND_RESULTS = "command_results"
+
+INGEST, COMMAND_RESULT, HEARTBEAT = "edge.ingest", "edge.command_result", "edge.heartbeat"
+
+
+class Signer(Protocol):
+    """What the signing layer tells a task about who signed it (security.signing.SignerInfo)."""
+
+    agent_id: str
+    fingerprint: str
+    envelope_digest: str
+    envelope: bytes
+    certificate_pem: str
+
+
+@dataclass
+class TaskContext:
+    task_id: str
+    task_name: str
+    signer: Signer
+    received_at: float
+    cert_not_after: float | None = None
+
+
+class Refused(Exception):
+    """The task is authentic but its content is not acceptable; journaled as REJECTED."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def canonical_digest(value: Any) -> str:
+    data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    names = set(db.table_names())
+    if READINGS not in names:
+        db[READINGS].create(
+            {
+                "task_id": str, "agent_id": str, "sensor": str, "seq": int, "value": float,
+                "unit": str, "sampled_at": float, "received_at": float,
+            },
+            pk="task_id",
+        )
+        db[READINGS].create_index(["agent_id", "seq"], unique=True)
+    if COMMAND_RESULTS not in names:
+        db[COMMAND_RESULTS].create(
+            {
+                "task_id": str, "agent_id": str, "command_task_id": str, "command": str,
+                "status": str, "result": str, "finished_at": float, "received_at": float,
+            },
+            pk="task_id",
+        )
+    registry.ensure_schema(db)
+
+
+def _check_reading(reading: Any) -> dict[str, Any]:
+    if not isinstance(reading, dict):
+        raise Refused("bad_payload", "reading must be an object")
+    spec = {"agent_id": str, "sensor": str, "seq": int, "value": (int, float), "unit": str, "sampled_at": (int, float)}
+    for key, typ in spec.items():
+        value = reading.get(key)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise Refused("bad_payload", f"reading.{key} is missing or not {typ}")
+    if not math.isfinite(float(reading["value"])) or not math.isfinite(float(reading["sampled_at"])):
+        raise Refused("bad_payload", "reading value/sampled_at must be finite")
+    return reading
+
+
+class Ingestor:
+    """Runs edge.ingest / edge.command_result / edge.heartbeat against the journal."""
+
+    def __init__(self, journal: Journal, metrics: Metrics) -> None:
+        self.journal = journal
+        self.metrics = metrics
+        with journal.transaction() as db:
+            ensure_schema(db)
+
+    def run(self, ctx: TaskContext, payload: Any) -> dict[str, Any]:
+        """Execute one task; returns {"status", "duplicate", ...}. Never raises Refused."""
+        self.metrics.inc("edge_tasks_received_total", task=ctx.task_name)
+        started = time.time()
+        claimed = payload.get("agent_id") if isinstance(payload, dict) else None
+        status, reason, detail = "SUCCESS", "", ""
+        try:
+            try:
+                ensure_bound(ctx.signer, str(claimed))  # type: ignore[arg-type]  # records + quarantines refusals
+            except IdentityMismatch as exc:
+                raise Refused("identity_mismatch", exc.detail) from None
+            if ctx.task_name == INGEST:
+                _check_reading(payload)
+        except Refused as exc:
+            status, reason, detail = "REJECTED", exc.reason, exc.detail
+        with self.journal.transaction() as db:
+            if status == "SUCCESS" and ctx.task_name == INGEST and self._seq_taken(db, ctx, payload):
+                status, reason = "REJECTED", "duplicate_seq"
+                detail = f"reading seq {payload['seq']} of {ctx.signer.agent_id} is already stored under another task id"
+            result: dict[str, Any] = {"status": status}
+            if reason:
+                result.update(reason=reason, detail=detail)
+            record = ExecutionRecord(
+                task_id=ctx.task_id,
+                task_name=ctx.task_name,
+                agent_id=ctx.signer.agent_id,
+                signer_fingerprint=ctx.signer.fingerprint,
+                args_digest=canonical_digest(payload),
+                result_digest=canonical_digest(result),
+                status=status,
+                received_at=ctx.received_at,
+                started_at=started,
+                finished_at=time.time(),
+                envelope_digest=ctx.signer.envelope_digest,
+            )
+            inserted = self.journal.append(
+                record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem
+            )
+            if not inserted:
+                self.metrics.inc("edge_tasks_duplicate_total", task=ctx.task_name)
+                return {**result, "duplicate": True}
+            if status == "SUCCESS":
+                self._apply(db, ctx, payload)
+        if status == "SUCCESS":
+            self.metrics.inc("edge_tasks_executed_total", task=ctx.task_name)
+        else:
+            self.metrics.inc("edge_tasks_refused_total", reason=reason)
+        return {**result, "duplicate": False}
+
+    @staticmethod
+    def _seq_taken(db: sqlite_utils.Database, ctx: TaskContext, payload: dict[str, Any]) -> bool:
+        row = db.execute(
+            f"SELECT task_id FROM {READINGS} WHERE agent_id = ? AND seq = ?", [ctx.signer.agent_id, int(payload["seq"])]
+        ).fetchone()
+        return row is not None and row[0] != ctx.task_id
+
+    def _apply(self, db: sqlite_utils.Database, ctx: TaskContext, payload: dict[str, Any]) -> None:
+        agent = ctx.signer.agent_id
+        common = dict(task=ctx.task_name, fingerprint=ctx.signer.fingerprint, cert_not_after=ctx.cert_not_after)
+        if ctx.task_name == INGEST:
+            db[READINGS].insert(
+                {
+                    "task_id": ctx.task_id, "agent_id": agent, "sensor": payload["sensor"],
+                    "seq": int(payload["seq"]), "value": float(payload["value"]), "unit": payload["unit"],
+                    "sampled_at": float(payload["sampled_at"]), "received_at": ctx.received_at,
+                },
+                replace=False,
+            )
+            registry.touch(db, agent, readings=1, seq=int(payload["seq"]), **common)
+        elif ctx.task_name == COMMAND_RESULT:
+            db[COMMAND_RESULTS].insert(
+                {
+                    "task_id": ctx.task_id, "agent_id": agent,
+                    "command_task_id": str(payload.get("command_task_id")), "command": str(payload.get("command")),
+                    "status": str(payload.get("status")), "result": json.dumps(payload.get("result"), default=str),
+                    "finished_at": float(payload.get("finished_at") or 0.0), "received_at": ctx.received_at,
+                }
+            )
+            registry.touch(db, agent, **common)
+        elif ctx.task_name == HEARTBEAT:
+            registry.touch(db, agent, heartbeat=payload, **common)

@@ -1,0 +1,137 @@
+"""The agent registry: who is enrolled, when each agent was last heard from.
+
+Why: `edge-coordinator agents` must answer "is sensor-7 alive, when does its
+certificate expire, is its outbox backing up" from the coordinator's own database,
+even while the daemon runs (the journal file is WAL, so readers do not block it).
+Rows are written inside the ingest transaction, so the registry never claims a
+reading the journal does not hold.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from .fleet_pki import FleetStore
+
+AGENTS = "agents"
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    if AGENTS not in db.table_names():
+        db[AGENTS].create(
+            {
+                "agent_id": str,
+                "fingerprint": str,
+                "cert_not_after": float,
+                "first_seen": float,
+                "last_seen": float,
+                "last_task": str,
+                "outbox_backlog": int,
+                "interval": float,
+                "version": str,
+                "readings": int,
+                "last_seq": int,
+            },
+            pk="agent_id",
+        )
+
+
+def touch(
+    db: sqlite_utils.Database,
+    agent_id: str,
+    *,
+    task: str,
+    fingerprint: str | None = None,
+    cert_not_after: float | None = None,
+    readings: int = 0,
+    seq: int | None = None,
+    heartbeat: dict | None = None,
+    now: float | None = None,
+) -> None:
+    """Record that `agent_id` was heard from (inside the caller's transaction)."""
+    now = time.time() if now is None else now
+    table = db[AGENTS]
+    try:
+        row = table.get(agent_id)  # type: ignore[union-attr]
+    except sqlite_utils.db.NotFoundError:
+        row = {"agent_id": agent_id, "first_seen": now, "readings": 0, "outbox_backlog": 0}
+    row["last_seen"] = now
+    row["last_task"] = task
+    row["readings"] = int(row.get("readings") or 0) + readings
+    if seq is not None:
+        row["last_seq"] = max(int(row.get("last_seq") or 0), int(seq))
+    if fingerprint:
+        row["fingerprint"] = fingerprint
+    if cert_not_after:
+        row["cert_not_after"] = cert_not_after
+    if heartbeat:
+        row["outbox_backlog"] = int(heartbeat.get("outbox_backlog") or 0)
+        if heartbeat.get("interval") is not None:
+            row["interval"] = float(heartbeat["interval"])
+        if heartbeat.get("version") is not None:
+            row["version"] = str(heartbeat["version"])
+    table.upsert(row, pk="agent_id")  # type: ignore[union-attr]
+
+
+@dataclass
+class AgentView:
+    agent_id: str
+    status: str
+    last_seen: float | None
+    cert_not_after: float | None
+    outbox_backlog: int | None
+    readings: int
+    version: str | None
+
+
+def read_registry(journal_path: Path) -> dict[str, dict]:
+    """Registry rows by agent id; empty when the daemon never ran."""
+    if not journal_path.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True, timeout=10)
+    try:
+        db = sqlite_utils.Database(conn)
+        if AGENTS not in db.table_names():
+            return {}
+        return {row["agent_id"]: row for row in db[AGENTS].rows}
+    finally:
+        conn.close()
+
+
+def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.0, now: float | None = None) -> list[AgentView]:
+    """Enrolled agents (from issued certificates) merged with what the daemon saw."""
+    now = time.time() if now is None else now
+    seen = read_registry(journal_path)
+    reserved = {store.cfg.identity, "broker"}
+    names = [c.name for c in store.issued() if c.name not in reserved]
+    names += [n for n in seen if n not in names]
+    views: list[AgentView] = []
+    for name in dict.fromkeys(names):
+        row = seen.get(name, {})
+        cert = store.latest(name)
+        last = row.get("last_seen")
+        if store.is_revoked(name):
+            status = "revoked"
+        elif last is None:
+            status = "never-seen"
+        elif now - last > stale_after:
+            status = "stale"
+        else:
+            status = "online"
+        views.append(
+            AgentView(
+                agent_id=name,
+                status=status,
+                last_seen=last,
+                cert_not_after=cert.not_after if cert else row.get("cert_not_after"),
+                outbox_backlog=row.get("outbox_backlog"),
+                readings=int(row.get("readings") or 0),
+                version=row.get("version"),
+            )
+        )
+    return views

@@ -1,0 +1,129 @@
+"""A minimal signed publisher standing in for an agent: tests, benchmarks, demo fallback.
+
+Why here and not `agent/`: the coordinator's crash and throughput tests need a
+deterministic stream (exact seq numbers, a known count, no sampling schedule), and the
+demo must still run if the real agent cannot start. It signs with an enrollment
+bundle's identity exactly like an agent does and speaks only the documented task
+names and payloads (docs/INTERFACES.md); it never imports `agent`.
+
+    python -m coordinator.simagent --bundle DIR --count 2000 [--interval 0] [--start-seq 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+INGEST_QUEUE = "edge.ingest"
+
+
+class SimAgent:
+    """Publishes signed edge.ingest / edge.heartbeat tasks as the bundle's identity."""
+
+    def __init__(self, bundle: Path, broker_url: str | None = None, reconnect_timeout: float = 60.0, retries: int = 20) -> None:
+        from coordinator.celery_app import require_mqtt_transport
+        from security.celery_signing import SigningConfig, setup_signing
+
+        require_mqtt_transport()
+        bundle = Path(bundle)
+        conf = tomllib.loads((bundle / "agent.toml").read_text())
+        self.agent_id: str = conf["agent_id"]
+        url = broker_url or conf["broker_url"]
+        self.app = Celery(f"sim-{self.agent_id}", broker=url, set_as_current=False)
+        self.app.conf.update(
+            broker_use_ssl={
+                "ca_certs": str(bundle / conf.get("ca_file", "ca.pem")),
+                "certfile": str(bundle / conf.get("cert_file", f"{self.agent_id}.pem")),
+                "keyfile": str(bundle / conf.get("key_file", f"{self.agent_id}.key")),
+            } if url.startswith("mqtts") else None,
+            broker_transport_options={"publish_timeout": 15.0, "reconnect_timeout": reconnect_timeout},
+            task_ignore_result=True,
+            task_publish_retry=retries > 1,
+        )
+        setup_signing(
+            self.app,
+            SigningConfig(
+                key_path=bundle / conf.get("key_file", f"{self.agent_id}.key"),
+                cert_path=bundle / conf.get("cert_file", f"{self.agent_id}.pem"),
+                ca_path=bundle / conf.get("ca_file", "ca.pem"),
+                replay_db=bundle / "sim-replay.sqlite",
+                quarantine_db=bundle / "sim-quarantine.sqlite",
+            ),
+        )
+        self.rng = random.Random(self.agent_id)
+        self.retries = max(1, retries)
+
+    def reading(self, seq: int) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id, "sensor": "temp", "seq": seq,
+            "value": round(20 + 5 * self.rng.random(), 3), "unit": "C", "sampled_at": time.time(),
+        }
+
+    def send(self, name: str, kwargs: dict[str, Any]) -> str:
+        """Publish one task (QoS 1, PUBACK awaited); retry the same id while the broker is away."""
+        task_id = str(uuid.uuid4())
+        retries = self.retries
+        for attempt in range(retries):
+            try:
+                self.app.send_task(name, kwargs=kwargs, queue=INGEST_QUEUE, task_id=task_id)
+                return task_id
+            except Exception:  # noqa: BLE001 - broker restarting: same id, so at most once stored
+                if attempt == retries - 1:
+                    raise
+                time.sleep(min(0.2 * (attempt + 1), 2.0))
+        return task_id
+
+    def ingest(self, seq: int) -> str:
+        return self.send("edge.ingest", {"reading": self.reading(seq)})
+
+    def heartbeat(self, backlog: int = 0, interval: float = 0.0) -> str:
+        return self.send("edge.heartbeat", {"status": {
+            "agent_id": self.agent_id, "outbox_backlog": backlog, "interval": interval,
+            "version": "sim", "sent_at": time.time()}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coordinator.simagent", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, required=True, help="enrollment bundle dir (edge-coordinator enroll --bundle)")
+    p.add_argument("--broker-url", help="override the bundle's broker_url")
+    p.add_argument("--count", type=int, default=100, help="readings to send (0: until --duration ends)")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds to run when --count is 0")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds between readings")
+    p.add_argument("--start-seq", type=int, default=1)
+    p.add_argument("--heartbeat-every", type=int, default=0, help="send a heartbeat every N readings")
+    p.add_argument("--retries", type=int, default=20, help="attempts per task while the broker is away")
+    p.add_argument("--reconnect-timeout", type=float, default=60.0, help="seconds one attempt may spend reconnecting")
+    p.add_argument("--progress", type=Path, help="file to which the last sent seq is written")
+    args = p.parse_args(argv)
+    sim = SimAgent(args.bundle, args.broker_url, reconnect_timeout=args.reconnect_timeout, retries=args.retries)
+    seq, sent, end = args.start_seq, 0, time.monotonic() + args.duration
+    try:
+        while (args.count and sent < args.count) or (not args.count and time.monotonic() < end):
+            sim.ingest(seq)
+            sent += 1
+            if args.heartbeat_every and sent % args.heartbeat_every == 0:
+                sim.heartbeat(interval=args.interval)
+            if args.progress and sent % 50 == 0:
+                args.progress.write_text(str(seq))
+            seq += 1
+            if args.interval:
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    if args.progress:
+        args.progress.write_text(str(seq - 1))
+    print(json.dumps({"agent_id": sim.agent_id, "sent": sent, "last_seq": seq - 1}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
