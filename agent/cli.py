@@ -49,6 +49,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .memory import limit_arenas
+
+    limit_arenas()  # before any thread starts (see agent.memory)
     cfg = _config(args, broker_url=args.broker_url, interval=args.interval, log_level=args.log_level)
     cfg.validate_for_run()
     from .app import create_app, start_worker

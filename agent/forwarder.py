@@ -66,6 +66,7 @@ class Forwarder:
         idle_close_after: float = 60.0,
         heartbeat: Callable[[Outbox], None] | None = None,
         heartbeat_interval: float = 0.0,
+        on_idle: Callable[[], object] | None = None,
     ) -> None:
         self.outbox_factory = outbox_factory
         self.sensors = sensors
@@ -77,6 +78,7 @@ class Forwarder:
         self.idle_close_after = idle_close_after
         self.heartbeat = heartbeat
         self.heartbeat_interval = heartbeat_interval if heartbeat is not None else 0.0
+        self.on_idle = on_idle  # called when the flusher goes to sleep for longer than a keepalive
         self._kick = threading.Event()  # wakes the flusher
         self._tick = threading.Event()  # wakes the sampler (interval changed, stop)
         self._stopping = threading.Event()
@@ -171,6 +173,8 @@ class Forwarder:
                         # Nothing to send for longer than a keepalive: close the producer
                         # connection instead of waking up to ping it; reconnect next time.
                         self.reset_connection()
+                        if self.on_idle is not None:
+                            self.on_idle()
                 timeout = None if retry_at is None else max(0.0, retry_at - time.monotonic())
                 if self._kick.wait(timeout):
                     self._kick.clear()

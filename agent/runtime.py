@@ -17,6 +17,7 @@ from typing import Any
 from .config import AgentConfig
 from .errors import AgentError
 from .forwarder import Backoff, Forwarder
+from .memory import trim
 from .outbox import (
     COMMAND_RESULT_TASK,
     HEARTBEAT_TASK,
@@ -90,6 +91,7 @@ class AgentRuntime:
             idle_close_after=self.cfg.broker_heartbeat,
             heartbeat=self.store_heartbeat if self.cfg.heartbeat_interval > 0 else None,
             heartbeat_interval=self.cfg.heartbeat_interval,
+            on_idle=trim,  # long idle ahead: hand freed heap pages back (agent.memory)
         )
         self.forwarder.start()
 

@@ -61,10 +61,13 @@ def status_field(pid: int, name: str, tid: str | None = None) -> int:
     return 0
 
 
-def rss_kib(pid: int) -> tuple[int, int]:
-    """(RSS of the process doing the work = largest in tree, RSS of the whole tree) in KiB."""
-    values = [status_field(p, "VmRSS") for p in tree(pid)]
-    return max(values), sum(values)
+def rss_kib(pid: int) -> tuple[int, int, int, int]:
+    """RSS of the process doing the work (largest in tree), of the whole tree, and the
+    worker's anonymous (private heap) / file-backed (mapped libraries) parts, in KiB."""
+    procs = tree(pid)
+    values = [status_field(p, "VmRSS") for p in procs]
+    worker = procs[values.index(max(values))]
+    return max(values), sum(values), status_field(worker, "RssAnon"), status_field(worker, "RssFile")
 
 
 def switches(pid: int) -> int:
@@ -134,11 +137,14 @@ LAYERS = [
 ]
 
 
-def layer_rss() -> list[tuple[str, float]]:
+def layer_rss(env: dict[str, str]) -> list[tuple[str, float]]:
+    """RSS after imports only; each measured on the second run (bytecode cached by the first)."""
     out = []
     for label, imports in LAYERS:
         code = f"{imports}\nimport re\nprint(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, **env})
         out.append((label, int(proc.stdout.strip()) / 1024))
     return out
 
@@ -173,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         rcv = Receiver(work / "receiver", broker.tls_url, fleet).start()
         children.append(rcv)
 
+        # Plain-python runs use cached bytecode as an installed package would (pip compiles
+        # .pyc files): a private cache dir, written by the first of the three starts. With
+        # PYTHONDONTWRITEBYTECODE set and no __pycache__ in the tree, every start would
+        # compile agent/, security/ and kombu_mqtt/ from source (~1 MiB kept by the heap).
+        pyc = {"PYTHONPYCACHEPREFIX": str(work / "pycache"), "PYTHONDONTWRITEBYTECODE": ""}
         env = {"EDGE_AGENT_BROKER_HEARTBEAT": str(args.keepalive), "PYTHONUNBUFFERED": "1"}
         plain_dir = enrolled_agent(fleet, work / "plain", "bench-plain")
         frozen_dir = enrolled_agent(fleet, work / "frozen", "bench-frozen")
@@ -180,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / "peer" / "peerapp.py").write_text(textwrap.dedent(PEER_APP.format(url=f"redis://127.0.0.1:{rport}/0")))
         runs = [
             Child("agent (python)", [sys.executable, "-m", "agent", "--data-dir", str(plain_dir), "run",
-                                     "--broker-url", broker.tls_url, "--interval", "3600"], env, "ready in",
+                                     "--broker-url", broker.tls_url, "--interval", "3600"], {**env, **pyc}, "ready in",
                   work / "plain.log"),
             Child("agent (frozen)", [str(binary), "--data-dir", str(frozen_dir), "run",
                                      "--broker-url", broker.tls_url, "--interval", "3600"], env, "ready in",
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             Child("celery solo on redis", [sys.executable, "-m", "celery", "-A", "peerapp", "worker", "-P", "solo",
                                            "-c", "1", "--without-gossip", "--without-mingle", "--without-heartbeat",
                                            "-l", "INFO"],
-                  {"PYTHONPATH": str(work / "peer"), "PYTHONUNBUFFERED": "1"}, "ready.", work / "peer.log"),
+                  {"PYTHONPATH": str(work / "peer"), "PYTHONUNBUFFERED": "1", **pyc}, "ready.", work / "peer.log"),
         ]
         for child in runs:  # one at a time: start-to-ready is not measured under each other's load
             say(f"starting {child.name} ...")
@@ -205,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         after = {c.name: switches(c.proc.pid) for c in runs}
         rows = []
         for c in runs:
-            main_rss, tree_rss = rss_kib(c.proc.pid)
+            main_rss, tree_rss, anon, filed = rss_kib(c.proc.pid)
             wake = (after[c.name] - before[c.name]) * 30.0 / args.idle
-            rows.append((c.name, c.best_ready, main_rss / 1024, tree_rss / 1024, wake))  # type: ignore[attr-defined]
-        layers = layer_rss()
+            rows.append((c.name, c.best_ready, main_rss / 1024, tree_rss / 1024, wake,  # type: ignore[attr-defined]
+                         anon / 1024, filed / 1024))
+        layers = layer_rss(pyc)
     finally:
         for c in reversed(children):
             c.stop()
@@ -221,11 +233,13 @@ def main(argv: list[str] | None = None) -> int:
 
     peer = rows[-1]
     print()
-    print(f"{'variant':24} {'ready s':>8} {'RSS MiB':>8} {'tree MiB':>9} {'wakeups/30s':>12}")
-    for name, ready, rss, tree_rss, wake in rows:
-        print(f"{name:24} {ready:8.3f} {rss:8.1f} {tree_rss:9.1f} {wake:12.1f}")
+    print(f"{'variant':24} {'ready s':>8} {'RSS MiB':>8} {'anon':>6} {'file':>6} {'tree MiB':>9} {'wakeups/30s':>12}")
+    for name, ready, rss, tree_rss, wake, anon, filed in rows:
+        print(f"{name:24} {ready:8.3f} {rss:8.1f} {anon:6.1f} {filed:6.1f} {tree_rss:9.1f} {wake:12.1f}")
+    print("  (anon = private heap: Python objects, malloc; file = mapped libraries such as libpython,")
+    print("   libcrypto and cryptography's Rust extension: clean pages, counted in RSS)")
     print()
-    for name, ready, rss, tree_rss, wake in rows[:2]:
+    for name, ready, rss, tree_rss, wake, _anon, _file in rows[:2]:
         print(f"{name}: ready x{ready / peer[1]:.2f}, RSS x{rss / peer[2]:.2f}, wakeups x{wake / max(peer[4], 1e-9):.2f} "
               f"vs celery solo on redis")
     print(f"binary dist/edge-agent: {binary_mb:.1f} MB")

@@ -2,6 +2,11 @@
 
 Why: a refused message must never vanish (acked away with a log line nobody reads);
 an operator or auditor can inspect, export, or re-verify it later.
+
+Plain sqlite3 on purpose: this module is on the device agent's import path, and
+sqlite_utils (with click, pluggy and an entry-point scan of every installed package)
+cost the agent ~3 MiB of RSS for four SQL statements. The schema is the one
+sqlite_utils created before, so existing quarantine files keep working.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 TABLE = "quarantine"
+_SCHEMA = (
+    f"create table if not exists [{TABLE}] ([id] INTEGER PRIMARY KEY, [received_at] FLOAT, [reason] TEXT,"
+    " [detail] TEXT, [signer] TEXT, [task_id] TEXT, [task_name] TEXT, [headers] TEXT, [body] BLOB)",
+    f"create index if not exists [idx_{TABLE}_reason] on [{TABLE}] ([reason])",
+)
+_COLUMNS = ("received_at", "reason", "detail", "signer", "task_id", "task_name", "headers", "body")
 
 
 @dataclass(frozen=True)
@@ -42,15 +51,8 @@ class Quarantine:
         self._lock = threading.Lock()
         self._local = threading.local()
         with self._db() as db:
-            db[TABLE].create(
-                {
-                    "id": int, "received_at": float, "reason": str, "detail": str,
-                    "signer": str, "task_id": str, "task_name": str, "headers": str, "body": bytes,
-                },
-                pk="id",
-                if_not_exists=True,
-            )
-            db[TABLE].create_index(["reason"], if_not_exists=True)
+            for statement in _SCHEMA:
+                db.execute(statement)
 
     def _db(self) -> "_Conn":
         conn = getattr(self._local, "conn", None)
@@ -71,31 +73,34 @@ class Quarantine:
         task_name: str | None = None,
     ) -> int:
         raw = body.encode() if isinstance(body, str) else (body or b"")
-        row = {
-            "received_at": time.time(), "reason": reason, "detail": detail[:2000],
-            "signer": signer, "task_id": task_id, "task_name": task_name,
-            "headers": json.dumps(headers or {}, default=str, sort_keys=True), "body": raw,
-        }
+        values = (
+            time.time(), reason, detail[:2000], signer, task_id, task_name,
+            json.dumps(headers or {}, default=str, sort_keys=True), raw,
+        )
+        sql = f"insert into [{TABLE}] ({', '.join(_COLUMNS)}) values ({', '.join('?' * len(_COLUMNS))})"
         with self._lock, self._db() as db:
-            return db[TABLE].insert(row).last_pk
+            return int(db.execute(sql, values).lastrowid)
 
     def rows(self, reason: str | None = None) -> list[QuarantinedMessage]:
+        sql = f"select id, {', '.join(_COLUMNS)} from [{TABLE}]"
+        args: tuple[Any, ...] = ()
+        if reason:
+            sql, args = sql + " where reason = ?", (reason,)
         with self._db() as db:
-            where, args = ("reason = ?", [reason]) if reason else (None, None)
-            return [
-                QuarantinedMessage(
-                    id=r["id"], received_at=r["received_at"], reason=r["reason"], detail=r["detail"],
-                    signer=r["signer"], task_id=r["task_id"], task_name=r["task_name"],
-                    headers=json.loads(r["headers"] or "{}"), body=bytes(r["body"] or b""),
-                )
-                for r in db[TABLE].rows_where(where, args, order_by="id")
-            ]
+            found = db.execute(sql + " order by id", args).fetchall()
+        return [
+            QuarantinedMessage(
+                id=r[0], received_at=r[1], reason=r[2], detail=r[3], signer=r[4], task_id=r[5], task_name=r[6],
+                headers=json.loads(r[7] or "{}"), body=bytes(r[8] or b""),
+            )
+            for r in found
+        ]
 
     def count(self, reason: str | None = None) -> int:
         with self._db() as db:
             if reason:
-                return db.execute(f"select count(*) from {TABLE} where reason = ?", [reason]).fetchone()[0]
-            return db[TABLE].count
+                return int(db.execute(f"select count(*) from [{TABLE}] where reason = ?", (reason,)).fetchone()[0])
+            return int(db.execute(f"select count(*) from [{TABLE}]").fetchone()[0])
 
 
 class _Conn:
@@ -105,10 +110,9 @@ class _Conn:
         self.conn = sqlite3.connect(str(path), timeout=30)
         self.conn.execute("pragma journal_mode=wal")
         self.conn.execute("pragma synchronous=normal")
-        self.db = sqlite_utils.Database(self.conn)
 
-    def __enter__(self) -> sqlite_utils.Database:
-        return self.db
+    def __enter__(self) -> sqlite3.Connection:
+        return self.conn
 
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
