@@ -1,0 +1,54 @@
+"""kombu transport for MQTT 5 (paho-mqtt 2.x): `mqtt://host:1883` and `mqtts://host:8883`.
+
+Importing this package registers both schemes in `kombu.transport.TRANSPORT_ALIASES`,
+so a stock Celery app works with ``broker_url="mqtts://broker:8883"`` once its
+module does ``import kombu_mqtt``. Options: see :mod:`kombu_mqtt.options`.
+
+Behaviour worth knowing:
+
+* Tasks (persistent messages) are published QoS 1 and wait for PUBACK; a PUBACK
+  with reason 0x10 ("no matching subscribers") raises :class:`NoSubscribersError`
+  for direct/topic exchanges, because the broker dropped the task. Transient
+  messages (rpc:// replies, pidbox/remote control, events) and fanout publishes
+  never raise: nobody listening is normal for them. ``no_subscribers="ignore"``
+  turns the error off.
+* A worker's durable queues live in a persistent MQTT session (stable client id,
+  option ``client_id``); unacked tasks are redelivered when it comes back, and
+  tasks published while it is offline wait for it (until ``session_expiry``).
+* Payloads on a queue topic that are not kombu messages are logged, kept in
+  ``Transport.dead_letters`` (bounded list of ``(queue, raw payload)``), republished to
+  ``<prefix>/deadletter/<queue>`` (subscribe there with a persistent session to keep
+  them) and acked; the worker goes on with the next message. Messages that reach a
+  persistent session through a subscription this worker no longer makes (same
+  ``client_id``, fewer queues) are set aside the same way, filed under their topic.
+* Mosquitto gives shared-subscription messages round robin, whatever a member's
+  in-flight window: a busy or offline member's share waits for it. Keep one durable
+  client id per worker and delete queues you retire.
+* MQTT cannot purge or count a queue on the broker: purge drops only what this
+  connection has buffered.
+"""
+
+from __future__ import annotations
+
+from kombu.transport import TRANSPORT_ALIASES
+
+from .errors import (
+    MqttConnectionError,
+    MqttTransportError,
+    NoSubscribersError,
+    PublishRejectedError,
+    SubscribeRejectedError,
+    UnsupportedPatternError,
+)
+
+TRANSPORT_ALIASES.setdefault("mqtt", "kombu_mqtt.transport:Transport")
+TRANSPORT_ALIASES.setdefault("mqtts", "kombu_mqtt.transport:TLSTransport")
+
+__all__ = [
+    "MqttConnectionError",
+    "MqttTransportError",
+    "NoSubscribersError",
+    "PublishRejectedError",
+    "SubscribeRejectedError",
+    "UnsupportedPatternError",
+]

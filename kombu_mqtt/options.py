@@ -1,0 +1,90 @@
+"""Typed transport options (Celery `broker_transport_options`).
+
+Every option the transport reads is declared here with its default, so the
+set of knobs is visible in one place:
+
+``client_id`` (str, default ``<prefix>-<hostname>-<hash of consumed durable queue names>``)
+    MQTT client id of the one connection that consumes durable queues (the
+    worker's task connection). It gets a persistent session (``clean_start=False``)
+    so unacked tasks are redelivered after a crash. Set it when several workers
+    on one host consume the same queues. All other connections use random ids.
+``topic_prefix`` (str, default ``"kombu"``)
+    First topic level of every topic (``P`` in docs/INTERFACES.md).
+``session_expiry`` (int seconds, default 7 days)
+    How long the broker keeps the durable session (and its queued tasks) while
+    the worker is offline.
+``keepalive`` (int seconds, default 60)
+    MQTT keepalive; the idle worker wakes about every keepalive/3 to ping.
+``max_inflight`` (int, default 100)
+    Fire-and-forget QoS 1 publishes (results, events) a connection may have without
+    PUBACK; at half of it the publisher reads the PUBACKs, at the limit it waits.
+``receive_maximum`` (int, default: the consumer's prefetch count)
+    MQTT 5 Receive Maximum of the durable session; a local gate enforces prefetch exactly anyway.
+``connect_timeout`` (float seconds, default 10)
+    TCP + TLS + CONNACK budget for one attempt.
+``publish_timeout`` (float seconds, default 30)
+    How long a persistent publish waits for its PUBACK.
+``reconnect_timeout`` (float seconds, default 30)
+    Total time a connection retries (jittered exponential backoff) before raising.
+``reconnect_min_delay`` / ``reconnect_max_delay`` (float seconds, default 0.1 / 10)
+    Backoff bounds.
+``no_subscribers`` (``"raise"`` | ``"ignore"``, default ``"raise"``)
+    What a persistent message (delivery_mode 2, e.g. a Celery task) published to a
+    direct/topic exchange does when the broker answers PUBACK 0x10. Transient
+    messages (rpc replies, pidbox, events) and fanout publishes never raise.
+``deadletter_keep`` (int, default 100)
+    How many set-aside payloads the transport keeps in memory (``Transport.dead_letters``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """Parsed `transport_options`; unknown keys are ignored (kombu passes its own)."""
+
+    client_id: str | None = None
+    topic_prefix: str = "kombu"
+    session_expiry: int = 7 * 24 * 3600
+    keepalive: int = 60
+    max_inflight: int = 100
+    receive_maximum: int | None = None
+    connect_timeout: float = 10.0
+    publish_timeout: float = 30.0
+    reconnect_timeout: float = 30.0
+    reconnect_min_delay: float = 0.1
+    reconnect_max_delay: float = 10.0
+    no_subscribers: Literal["raise", "ignore"] = "raise"
+    deadletter_keep: int = 100
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any] | None) -> "TransportOptions":
+        """Coerce known keys to their declared types; raise ValueError on nonsense."""
+        raw = raw or {}
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            if spec.name not in raw or raw[spec.name] is None:
+                continue
+            value = raw[spec.name]
+            default = spec.default
+            try:
+                if isinstance(default, bool):
+                    value = bool(value)
+                elif isinstance(default, int) or spec.name == "receive_maximum":
+                    value = int(value)
+                elif isinstance(default, float):
+                    value = float(value)
+                else:
+                    value = str(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"broker_transport_options[{spec.name!r}]={value!r} is not a valid {spec.type}") from exc
+            values[spec.name] = value
+        if values.get("no_subscribers", "raise") not in ("raise", "ignore"):
+            raise ValueError("broker_transport_options['no_subscribers'] must be 'raise' or 'ignore'")
+        prefix = values.get("topic_prefix", "kombu")
+        if not prefix or set(prefix) & set("/+#") or prefix.startswith("$"):
+            raise ValueError("broker_transport_options['topic_prefix'] must be one non-empty topic level (no / + # or leading $)")
+        return cls(**values)
