@@ -720,9 +720,18 @@ class Transport(HubIntegration, virtual.Transport):
         owner = ref() if ref is not None else None
         if owner is None or owner._closed or owner._ephemeral is None:
             return
-        owner._ephemeral.session.ensure_connected(probe_interval=0.05)
-        if owner is not self:
-            owner._schedule_delivery()
+        if owner is self:
+            owner._ephemeral.session.ensure_connected(probe_interval=0.05)
+            return
+        # Another connection of this process listens on that reply queue. Reviving it
+        # is a courtesy: its failure (e.g. a forgotten, long-idle connection) must not
+        # fail this publish, which has a healthy connection of its own.
+        try:
+            owner._ephemeral.session.ensure_connected(probe_interval=0.05)
+        except (MqttConnectionError, OSError) as exc:
+            logger.warning("reply queue %s: its listening connection could not be revived (%s)", queue, exc)
+            return
+        owner._schedule_delivery()
 
     # -- draining ------------------------------------------------------------------
     def _sessions(self) -> list[MqttSession]:

@@ -16,6 +16,8 @@ import pytest
 from security import pki
 from tests.support.mosquitto import FleetPKI, MosquittoBroker
 
+from tests.support.celery_apps import close_app
+
 from .support import operator_app, send_command, start_agent, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.binary]
@@ -67,7 +69,7 @@ def test_binary_cli_and_end_to_end(binary: Path, tmp_path: Path, test_pki: Fleet
     try:  # the frozen worker runs a command and answers over rpc:// (signed result)
         assert send_command(op, "edge.agent.set_interval", "agent.bin-1", seconds=30) == {"interval": 30.0}
     finally:
-        op.close()
+        close_app(op)
 
     proc = run(binary, "--data-dir", str(data), "status", "--json")
     assert proc.returncode == 0 and '"agent_id": "bin-1"' in proc.stdout

@@ -16,6 +16,8 @@ from agent.outbox import Outbox, reading_task_id
 from agent.sensors.base import Sample
 from tests.support.mosquitto import FleetPKI, MosquittoBroker
 
+from tests.support.celery_apps import close_app
+
 from .support import (
     enrolled_agent,
     make_persistent,
@@ -76,7 +78,7 @@ def test_commands_answer_over_rpc_and_are_reported(tmp_path: Path, test_pki: Fle
         with pytest.raises(Exception, match="too small"):
             send_command(op, "edge.agent.set_interval", "agent.cmd-1", seconds=0)
     finally:
-        op.close()
+        close_app(op)
     wait_until(lambda: len([r for r in rcv.records() if r["task"] == "edge.command_result"
                             and r["kwargs"]["result"]["agent_id"] == "cmd-1"]) >= 5, 60, what="5 command results")
     results = [r["kwargs"]["result"] for r in rcv.records() if r["task"] == "edge.command_result"
@@ -176,7 +178,7 @@ def test_commands_sent_while_the_agent_is_down_wait_for_it(
         procs.append(start_agent(data, mosquitto.tls_url, interval=3600, log_name="agent2.log"))
         assert pending.get(timeout=60) == {"interval": 42.0}
     finally:
-        op.close()
+        close_app(op)
 
 
 def test_agent_started_while_offline_stores_then_sends(
@@ -217,5 +219,5 @@ def test_commands_from_other_fleet_members_are_refused(
                    what="the intruder's command quarantined by the agent")
         assert send_command(op, "edge.agent.status", "agent.guard-1")["interval"] == 3600.0
     finally:
-        intruder.close()
-        op.close()
+        close_app(intruder)
+        close_app(op)

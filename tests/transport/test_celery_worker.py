@@ -15,6 +15,7 @@ from celery import Celery
 from kombu import Consumer
 
 import kombu_mqtt
+from tests.support.celery_apps import close_app
 from tests.transport.celery_app import make_app
 from tests.transport.worker_proc import CELERY, ROOT, WorkerProcess, worker_env
 
@@ -31,15 +32,6 @@ def send_when_subscribed(app: Celery, name: str, args: tuple = (), timeout: floa
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-
-
-def close_app(app: Celery) -> None:
-    consumer = app.backend.result_consumer
-    if getattr(consumer, "_consumer", None) is not None:
-        consumer.stop()
-    if getattr(consumer, "_connection", None) is not None:
-        consumer._connection.release()
-    app.close()
 
 
 class Deployment:
