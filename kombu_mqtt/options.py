@@ -34,6 +34,12 @@ set of knobs is visible in one place:
     messages (rpc replies, pidbox, events) and fanout publishes never raise.
 ``deadletter_keep`` (int, default 100)
     How many set-aside payloads the transport keeps in memory (``Transport.dead_letters``).
+``identity`` (str, default ``""``)
+    A label for the TLS client identity (e.g. the certificate path). The transport
+    does not read it: kombu keys its process-wide connection and producer pools by
+    URL and transport options but not by ``broker_use_ssl``, so two Celery apps in one
+    process with different client certificates on the same URL would share pooled
+    connections (and publish as each other). Give each identity its own label.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class TransportOptions:
     reconnect_max_delay: float = 10.0
     no_subscribers: Literal["raise", "ignore"] = "raise"
     deadletter_keep: int = 100
+    identity: str = ""
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any] | None) -> "TransportOptions":

@@ -43,3 +43,20 @@ def anvil(tmp_path_factory: pytest.TempPathFactory):
 
     with start_anvil(tmp_path_factory.mktemp("anvil")) as chain:
         yield chain
+
+
+@pytest.fixture(autouse=True)
+def _celery_apps_outlive_their_tests():
+    """Keep every Celery app made in a test referenced until the session ends.
+
+    Why: Celery names an app's rpc:// reply queue after `id(app)`, and an app's pooled
+    connections outlive it in kombu's process-global pools. If a dead app's id were
+    reused, a later app would share its reply queue with a stale connection.
+    """
+    yield
+    from celery._state import _apps
+
+    from tests.support.celery_apps import keep_alive
+
+    for app in list(_apps):
+        keep_alive(app)

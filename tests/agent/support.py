@@ -179,6 +179,7 @@ def operator_app(test_pki: FleetPKI, workdir: Path, broker_url: str, name: str =
     cert, key = test_pki.client(name)
     app = Celery("operator", broker=broker_url, backend="rpc://", set_as_current=False)
     app.conf.broker_use_ssl = test_pki.ssl_options(name)
+    app.conf.broker_transport_options = {"identity": str(cert)}  # own pooled connections per identity
     setup_signing(app, SigningConfig(key_path=key, cert_path=cert, ca_path=test_pki.ca_path,
                                      replay_db=workdir / f"{name}-replay.sqlite",
                                      quarantine_db=workdir / f"{name}-quarantine.sqlite"))

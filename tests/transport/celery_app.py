@@ -20,7 +20,9 @@ import kombu_mqtt  # noqa: F401  (registers mqtt:// and mqtts://)
 def make_app(broker_url: str, ssl_options: dict | None, queue: str, client_id: str | None = None, prefetch: int = 1) -> Celery:
     """A Celery app with rpc:// results, acks_late and the test tasks."""
     app = Celery("kmq", broker=broker_url, backend="rpc://", set_as_current=False)
-    options = {"client_id": client_id} if client_id else {}
+    options: dict = {"client_id": client_id} if client_id else {}
+    if ssl_options:
+        options["identity"] = ssl_options["certfile"]  # own pooled connections per identity
     app.conf.update(
         broker_use_ssl=ssl_options,
         broker_transport_options=options,
