@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 from .config import load_config, save_config
 from .errors import CoordinatorError
 from .fleet_pki import FleetStore
+from .journal_view import query_journal
 from .supervisor import free_port
 
 PY = sys.executable
@@ -128,16 +128,7 @@ class Demo:
 
     # -- running ----------------------------------------------------------------------
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        path = self.data_dir / "journal.db"
-        if not path.exists():
-            return []
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
+        return query_journal(self.data_dir, sql, params)
 
     def progress_line(self, elapsed: float) -> str:
         readings = dict(self.query("SELECT agent_id, COUNT(*) FROM readings GROUP BY 1"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from coordinator.journal_view import query_journal
 from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,16 +139,7 @@ class CoordinatorProcess:
 
     # -- journal queries (read-only, while the daemon runs) --
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        path = self.data_dir / "journal.db"
-        if not path.exists():
-            return []
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
+        return query_journal(self.data_dir, sql, params)
 
     def readings(self) -> int:
         rows = self.query("SELECT COUNT(*) FROM readings")

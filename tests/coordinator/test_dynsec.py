@@ -5,20 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from .support import CoordinatorProcess, cli, simagent, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path):
-    proc = CoordinatorProcess(tmp_path / "coord")
-    yield proc
-    proc.cleanup()
 
 
 def test_dynsec_enroll_at_runtime_and_revoke_cuts_live_connection(coordinator: CoordinatorProcess) -> None:

@@ -18,13 +18,6 @@ from .support import CoordinatorProcess, audit, cli, simagent, wait_until
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path):
-    proc = CoordinatorProcess(tmp_path / "coord")
-    yield proc
-    proc.cleanup()
-
-
 def _finish(pub, timeout: float = 120) -> dict:
     out, err = pub.communicate(timeout=timeout)
     assert pub.returncode == 0, err[-2000:]

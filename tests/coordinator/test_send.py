@@ -15,13 +15,6 @@ from .support import ROOT, CoordinatorProcess, cli, wait_until
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path):
-    proc = CoordinatorProcess(tmp_path / "coord")
-    yield proc
-    proc.cleanup()
-
-
 def test_send_gets_signed_result_then_times_out_cleanly_when_agent_is_gone(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
     coordinator.init("cmd-a").start()
     home = tmp_path / "agent-home"

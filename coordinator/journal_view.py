@@ -1,0 +1,25 @@
+"""Read-only queries on a running coordinator's journal.
+
+Why: the demo's progress display (and tests) read the journal while the daemon writes
+it; a read-only connection that treats a not-yet-created file or table as empty never
+disturbs the writer and never fails the display.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+def query_journal(data_dir: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of `sql` on `data_dir`/journal.db, or [] while the file or table does not exist yet."""
+    path = Path(data_dir) / "journal.db"
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
