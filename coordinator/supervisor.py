@@ -16,13 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ledger.anvil import free_port  # noqa: F401  (re-exported for the demo)
+
 from .errors import CoordinatorError
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -17,7 +17,6 @@ import gzip
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +27,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from .node_tools import find_node_tool
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,7 @@ class AnvilError(RuntimeError):
 
 def find_anvil() -> str:
     """EDGE_ANVIL_BIN, else node_modules/.bin/anvil of this repo, else anvil on PATH."""
-    env = os.environ.get("EDGE_ANVIL_BIN")
-    if env:
-        if not os.access(env, os.X_OK):
-            raise AnvilError(f"EDGE_ANVIL_BIN={env} is not an executable file: fix the path or unset it")
-        return env
-    local = Path(__file__).resolve().parent.parent / "node_modules" / ".bin" / "anvil"
-    if local.exists():
-        return str(local)
-    found = shutil.which("anvil")
-    if found:
-        return found
-    raise AnvilError("anvil not found: run `npm ci` in the repository root (or set EDGE_ANVIL_BIN)")
+    return find_node_tool("anvil", "EDGE_ANVIL_BIN", AnvilError, "or set EDGE_ANVIL_BIN")
 
 
 def free_port() -> int:

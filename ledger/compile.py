@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .node_tools import find_node_tool
+
 CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
 SOURCE = CONTRACTS_DIR / "ExecutionLedger.sol"
 ARTIFACT = CONTRACTS_DIR / "ExecutionLedger.json"
@@ -34,17 +36,8 @@ class CompileError(RuntimeError):
 
 
 def find_solcjs() -> str:
-    """node_modules/.bin/solcjs next to the repo, or EDGE_SOLCJS_BIN, or PATH."""
-    env = os.environ.get("EDGE_SOLCJS_BIN")
-    if env:
-        return env
-    local = Path(__file__).resolve().parent.parent / "node_modules" / ".bin" / "solcjs"
-    if local.exists():
-        return str(local)
-    found = shutil.which("solcjs")
-    if found:
-        return found
-    raise CompilerMissing("solcjs not found: run `npm ci` in the repository root (installs solc 0.8.30)")
+    """EDGE_SOLCJS_BIN, else node_modules/.bin/solcjs of this repo, else solcjs on PATH."""
+    return find_node_tool("solcjs", "EDGE_SOLCJS_BIN", CompilerMissing, "installs solc 0.8.30")
 
 
 def standard_json_input(source: str) -> dict:
