@@ -4,7 +4,6 @@ side effects in a SQLite file, and 'agent' publisher apps, all signing for real.
 from __future__ import annotations
 
 import sqlite3
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,8 @@ def executed(db: Path) -> list[tuple[str, str, str]]:
         conn.close()
 
 
-def _write(db: Path, task: str, agent: str, value: str) -> None:
+def record_run(db: Path, task: str, agent: str, value: str) -> None:
+    """The side effect a test task has when it really runs."""
     conn = sqlite3.connect(db, timeout=30)
     try:
         with conn:
@@ -74,13 +74,13 @@ def make_worker_app(broker_url: str, pki: SigningPKI, workdir: Path, **cfg: Any)
     @app.task(name="t.record", bind=True, shared=False)
     def record(self, agent_id: str, value: str) -> dict:
         signer = ensure_bound(self.request.signer, agent_id)
-        _write(side, "t.record", agent_id, value)
+        record_run(side, "t.record", agent_id, value)
         return {"agent_id": signer.agent_id, "fingerprint": signer.fingerprint,
                 "envelope_digest": signer.envelope_digest}
 
     @app.task(name="t.other", bind=True, shared=False)
     def other(self, agent_id: str, value: str) -> str:
-        _write(side, "t.other", agent_id, value)
+        record_run(side, "t.other", agent_id, value)
         return "other"
 
     return WorkerSide(app=app, queue=queue, side_effects=side, config=config)

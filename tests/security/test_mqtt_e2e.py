@@ -3,7 +3,6 @@ ACLs, CRL), kombu_mqtt, in-process Celery workers, signed tasks and signed resul
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import kombu_mqtt  # noqa: F401  (registers mqtts://)
 from security.celery_signing import get_verifier, setup_signing
 from security.signing import ensure_bound
 
-from .apps import signing_config
+from .apps import executed, record_run, signing_config
 from .broker import fleet_broker
 from .test_worker_roundtrip import wait_until
 
@@ -29,27 +28,6 @@ def broker(request, signing_pki, tmp_path_factory):
                      fleet.server_key, signing_pki.crl_path, acl_mode=request.param, agent_ids=("agent-a", "agent-b"))
     yield b
     b.stop()
-
-
-def rows(db: Path) -> list[tuple]:
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(db)
-    try:
-        conn.execute("create table if not exists runs (task text, agent text, value text)")
-        return conn.execute("select task, agent, value from runs").fetchall()
-    finally:
-        conn.close()
-
-
-def write(db: Path, *row: str) -> None:
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        with conn:
-            conn.execute("create table if not exists runs (task text, agent text, value text)")
-            conn.execute("insert into runs values (?, ?, ?)", row)
-    finally:
-        conn.close()
 
 
 def mqtt_app(name: str, broker, signing_pki, ident_name: str, workdir: Path, queue: str, **signing) -> Celery:
@@ -91,19 +69,19 @@ def test_agent_task_to_coordinator_over_mqtts(broker, signing_pki, tmp_path):
     @coord.task(name="t.ingest", bind=True, shared=False)
     def ingest(self, reading: dict) -> None:
         signer = ensure_bound(self.request.signer, reading["agent_id"])
-        write(side, "t.ingest", signer.agent_id, str(reading["value"]))
+        record_run(side, "t.ingest", signer.agent_id, str(reading["value"]))
 
     agent = mqtt_app("agent", broker, signing_pki, "agent-a", tmp_path / "a", "edge.ingest")
     with start_worker(coord, pool="solo", perform_ping_check=False, shutdown_timeout=30):
         send_when_subscribed(agent, "t.ingest", kwargs={"reading": {"agent_id": "agent-a", "value": 21.5}},
                              ignore_result=True)
-        wait_until(lambda: rows(side))
-        assert rows(side) == [("t.ingest", "agent-a", "21.5")]
+        wait_until(lambda: executed(side))
+        assert executed(side) == [("t.ingest", "agent-a", "21.5")]
         quarantine = get_verifier(coord).quarantine
         before = quarantine.count("identity_mismatch")
         agent.send_task("t.ingest", kwargs={"reading": {"agent_id": "agent-b", "value": 99}}, ignore_result=True)
         wait_until(lambda: quarantine.count("identity_mismatch") == before + 1)
-        assert rows(side) == [("t.ingest", "agent-a", "21.5")]
+        assert executed(side) == [("t.ingest", "agent-a", "21.5")]
 
 
 def test_coordinator_command_to_agent_with_signed_result_over_mqtts(broker, signing_pki, tmp_path):
@@ -113,14 +91,14 @@ def test_coordinator_command_to_agent_with_signed_result_over_mqtts(broker, sign
 
     @agent.task(name="t.status", bind=True, shared=False)
     def status(self) -> dict:
-        write(side, "t.status", self.request.signer.agent_id, "ran")
+        record_run(side, "t.status", self.request.signer.agent_id, "ran")
         return {"agent": "agent-a", "asked_by": self.request.signer.agent_id}
 
     coord = mqtt_app("coordc", broker, signing_pki, "coordinator", tmp_path / "c", "edge.ingest")
     with start_worker(agent, pool="solo", perform_ping_check=False, shutdown_timeout=30):
         result = send_when_subscribed(coord, "t.status", queue="agent.agent-a")
         assert result.get(timeout=60) == {"agent": "agent-a", "asked_by": "coordinator"}
-        assert rows(side) == [("t.status", "coordinator", "ran")]
+        assert executed(side) == [("t.status", "coordinator", "ran")]
 
         # agent-b cannot put a task into agent-a's queue: the broker refuses the publish
         intruder = mqtt_app("intruder", broker, signing_pki, "agent-b", tmp_path / "b", "agent.agent-a")
@@ -128,7 +106,7 @@ def test_coordinator_command_to_agent_with_signed_result_over_mqtts(broker, sign
         with pytest.raises(OperationalError, match="0x87"):  # wraps kombu_mqtt.PublishRejectedError
             intruder.send_task("t.status", queue="agent.agent-a", ignore_result=True)
         time.sleep(1.0)
-        assert rows(side) == [("t.status", "coordinator", "ran")]
+        assert executed(side) == [("t.status", "coordinator", "ran")]
 
 
 def test_forged_and_replayed_tasks_over_mqtts_are_quarantined(broker, signing_pki, tmp_path):
@@ -145,7 +123,7 @@ def test_forged_and_replayed_tasks_over_mqtts_are_quarantined(broker, signing_pk
     @coord.task(name="t.ingest", bind=True, shared=False)
     def ingest(self, reading: dict) -> None:
         ensure_bound(self.request.signer, reading["agent_id"])
-        write(side, "t.ingest", reading["agent_id"], str(reading["value"]))
+        record_run(side, "t.ingest", reading["agent_id"], str(reading["value"]))
 
     agent = signing_pki.identity("agent-a")
     ssl = {"ca_certs": str(signing_pki.ca_path), "certfile": str(agent.cert), "keyfile": str(agent.key)}
@@ -174,7 +152,7 @@ def test_forged_and_replayed_tasks_over_mqtts_are_quarantined(broker, signing_pk
             except kombu_mqtt.NoSubscribersError:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
-        wait_until(lambda: rows(side))
+        wait_until(lambda: executed(side))
         publish_raw(broker.url, "edge.ingest", genuine_headers, genuine, ssl=ssl)  # replay, same id
         publish_raw(broker.url, "edge.ingest", dict(genuine_headers, id="task-new-id"), genuine, ssl=ssl)
         doc = json.loads(genuine)
@@ -183,4 +161,4 @@ def test_forged_and_replayed_tasks_over_mqtts_are_quarantined(broker, signing_pk
         tampered = json.dumps(doc, separators=(",", ":")).encode()
         publish_raw(broker.url, "edge.ingest", dict(genuine_headers, id="task-tampered"), tampered, ssl=ssl)
         wait_until(lambda: all(quarantine.count(r) == before[r] + 1 for r in before))
-        assert rows(side) == [("t.ingest", "agent-a", "1.0")]
+        assert executed(side) == [("t.ingest", "agent-a", "1.0")]
