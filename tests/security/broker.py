@@ -15,8 +15,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from security.mosquitto_config import MosquittoSettings, write_mosquitto_files
-from tests.support.mosquitto import mosquitto_binary
-from tests.support.net import free_port, wait_for_port
+from tests.support.mosquitto import broker_log, launch_mosquitto, stop_process
+from tests.support.net import free_port
 
 
 @dataclass
@@ -35,20 +35,11 @@ class FleetBroker:
 
     def start(self) -> "FleetBroker":
         conf = write_mosquitto_files(self.settings, self.workdir)
-        log = open(self.workdir / "mosquitto.log", "ab")
-        self.process = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        try:
-            wait_for_port(self.port, timeout=15)
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"mosquitto did not start:\n{self.log()}")
+        self.process = launch_mosquitto(conf, self.workdir, (self.port,), timeout=15)
         return self
 
     def log(self) -> str:
-        path = self.workdir / "mosquitto.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return broker_log(self.workdir)
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -59,13 +50,7 @@ class FleetBroker:
         self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
 

@@ -27,6 +27,40 @@ def mosquitto_binary() -> str:
     return found
 
 
+def launch_mosquitto(conf: Path, workdir: Path, ports: tuple[int, ...], timeout: float = 10.0) -> subprocess.Popen:
+    """Start Mosquitto on `conf`, logging to workdir/mosquitto.log, and wait for its ports.
+
+    Raises RuntimeError with the broker's log when a port does not open in time.
+    """
+    with open(workdir / "mosquitto.log", "ab") as log:
+        process = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        for port in ports:
+            wait_for_port(port, timeout=timeout)
+    except TimeoutError:
+        stop_process(process)
+        raise RuntimeError(f"mosquitto did not start; log:\n{broker_log(workdir)}")
+    return process
+
+
+def broker_log(workdir: Path) -> str:
+    path = workdir / "mosquitto.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def stop_process(process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
+    """Signal a broker and wait for it (SIGKILL after 10 s)."""
+    if process and process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class FleetPKI:
     """A CA with a server certificate for 127.0.0.1 and client certificates on demand."""
@@ -107,31 +141,14 @@ class MosquittoBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.render_config())
-        log = open(self.workdir / "mosquitto.log", "ab")
-        self.process = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        try:
-            wait_for_port(self.plain_port)
-            wait_for_port(self.tls_port)
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"mosquitto did not start; log:\n{self.log()}")
+        self.process = launch_mosquitto(conf, self.workdir, (self.plain_port, self.tls_port))
         return self
 
     def log(self) -> str:
-        path = self.workdir / "mosquitto.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return broker_log(self.workdir)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, sig)
         self.process = None
 
     def restart(self) -> None:
