@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger.sqlite_files import enable_wal
+
 from .sensors.base import Sample
 
 # Fixed namespace: task ids are uuid5(namespace, "<agent_id>/<kind>/<key>").
@@ -54,32 +56,6 @@ def command_result_task_id(agent_id: str, command_task_id: str) -> str:
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another thread's transaction
 
 
-def _enable_wal(db: sqlite3.Connection, path: Path, timeout: float = BUSY_TIMEOUT) -> None:
-    """Switch the file to WAL, waiting for other connections that are doing the same.
-
-    Why a loop: while another connection holds the lock to change the journal mode (two
-    threads opening a fresh outbox at once), SQLite answers `PRAGMA journal_mode=WAL`
-    with SQLITE_BUSY at once, without calling the busy handler that `timeout` installs.
-    Once any connection has switched, the mode is persistent and the read below is enough.
-    """
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        try:
-            mode = db.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() == "wal" or db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal":
-                return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-        if time.monotonic() >= deadline:
-            raise sqlite3.OperationalError(
-                f"outbox {path} stays locked by another process: stop it (only one edge-agent per outbox)"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
 @dataclass(frozen=True)
 class OutboxItem:
     id: int
@@ -98,7 +74,7 @@ class Outbox:
         self.max_rows = max_rows
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-        _enable_wal(self.db, self.path)
+        enable_wal(self.db, self.path, BUSY_TIMEOUT)
         self.db.execute("PRAGMA synchronous=FULL")  # a stored reading survives power loss
         self.db.executescript(SCHEMA)
 

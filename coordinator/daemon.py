@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import threading
 import time
 import warnings
@@ -26,12 +25,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ledger.journal import anchor_backlog, recent_anchor_latencies
+
 from .broker import managed_broker
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
 from .fleet_pki import FleetStore
 from .http import StatusServer
 from .metrics import Metrics, standard_metrics
+from .registry import registry_column
 from .supervisor import Child, port_open
 
 log = logging.getLogger("edgeledger.coordinator")
@@ -162,31 +164,18 @@ class Coordinator:
         self.status = StatusServer(self.cfg.http.host, self.cfg.http.port, m, self.health).start()
         log.info("metrics on http://%s:%d/metrics", self.cfg.http.host, self.status.port)
 
-    # -- scrape-time gauges (own short-lived read connection: scrapes run in their own threads) --
-    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        conn = sqlite3.connect(f"file:{self.cfg.journal_path}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
-
+    # -- scrape-time gauges (own short-lived read connections: scrapes run in their own threads) --
     def _ledger_lag(self) -> list[tuple[dict[str, str], float]]:
-        rows = dict(self._query("SELECT anchor_state, COUNT(*) FROM executions WHERE anchor_state != 'confirmed' GROUP BY 1"))
-        return [({"state": s}, float(rows.get(s, 0))) for s in ("pending", "sent")]
+        return [({"state": s}, float(n)) for s, n in anchor_backlog(self.cfg.journal_path).items()]
 
     def _anchor_latency(self) -> list[tuple[dict[str, str], float]]:
-        values = sorted(
-            r[0] for r in self._query(
-                "SELECT anchored_at - appended_at FROM executions WHERE anchored_at IS NOT NULL ORDER BY id DESC LIMIT 1000"
-            )
-        )
+        values = sorted(recent_anchor_latencies(self.cfg.journal_path))
         if not values:
             return []
         return [({"quantile": str(q)}, values[min(len(values) - 1, int(q * len(values)))]) for q in (0.5, 0.9, 0.99)]
 
     def _agent_gauge(self, column: str) -> list[tuple[dict[str, str], float]]:
-        rows = self._query(f"SELECT agent_id, {column} FROM agents WHERE {column} IS NOT NULL")
-        return [({"agent": a}, float(v)) for a, v in rows]
+        return [({"agent": a}, v) for a, v in registry_column(self.cfg.journal_path, column)]
 
     def _children_up(self) -> list[tuple[dict[str, str], float]]:
         out = []

@@ -10,16 +10,16 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from ledger.sqlite_files import read_only
+
 
 def query_journal(data_dir: Path, sql: str, params: tuple = ()) -> list[tuple]:
     """Rows of `sql` on `data_dir`/journal.db, or [] while the file or table does not exist yet."""
     path = Path(data_dir) / "journal.db"
     if not path.exists():
         return []
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        return conn.execute(sql, params).fetchall()
+        with read_only(path) as conn:
+            return conn.execute(sql, params).fetchall()
     except sqlite3.OperationalError:
         return []
-    finally:
-        conn.close()

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import sqlite_utils
 
+from ledger.sqlite_files import read_only
+
 from .fleet_pki import FleetStore
 
 AGENTS = "agents"
+NUMERIC_COLUMNS = frozenset({"cert_not_after", "first_seen", "last_seen", "outbox_backlog", "interval", "readings", "last_seq"})
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
@@ -93,14 +96,25 @@ def read_registry(journal_path: Path) -> dict[str, dict]:
     """Registry rows by agent id; empty when the daemon never ran."""
     if not journal_path.exists():
         return {}
-    conn = sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True, timeout=10)
-    try:
+    with read_only(journal_path) as conn:
         db = sqlite_utils.Database(conn)
         if AGENTS not in db.table_names():
             return {}
         return {row["agent_id"]: row for row in db[AGENTS].rows}
-    finally:
-        conn.close()
+
+
+def registry_column(journal_path: Path, column: str) -> list[tuple[str, float]]:
+    """(agent_id, value) of one numeric registry column, for per-agent gauges."""
+    if column not in NUMERIC_COLUMNS:
+        raise ValueError(f"{column!r} is not a numeric registry column: use one of {sorted(NUMERIC_COLUMNS)}")
+    if not Path(journal_path).exists():
+        return []
+    with read_only(journal_path, timeout=5) as conn:
+        try:
+            rows = conn.execute(f"SELECT agent_id, {column} FROM {AGENTS} WHERE {column} IS NOT NULL").fetchall()
+        except sqlite3.OperationalError:  # the daemon has not created the table yet
+            return []
+    return [(agent, float(value)) for agent, value in rows]
 
 
 def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.0, now: float | None = None) -> list[AgentView]:

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from ledger.record import RECORD_FIELDS, ExecutionRecord
+from ledger.sqlite_files import enable_wal, read_only
 
 PENDING, SENT, CONFIRMED = "pending", "sent", "confirmed"
 
@@ -97,7 +98,7 @@ class Journal:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn, self.path, 60)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
@@ -234,6 +235,35 @@ class Journal:
                     "tx_hash = COALESCE(?, tx_hash), anchored_at = ? WHERE task_id = ?",
                     [(CONFIRMED, block_number, block_hash, tx_hash, now, t) for t in task_ids])
 
+    def mark_sent_if_pending(self, flights: list[tuple[list[str], str]], chain_id: int, contract: str) -> None:
+        """(task_ids, tx_hash) per transaction just broadcast, in one commit; rows that left
+        `pending` meanwhile (a concurrent reconcile) keep their state."""
+        with self.transaction() as db:
+            for task_ids, tx_hash in flights:
+                db.conn.executemany(
+                    "UPDATE executions SET anchor_state = ?, tx_hash = ?, chain_id = ?, contract = ? "
+                    "WHERE task_id = ? AND anchor_state = ?",
+                    [(SENT, tx_hash, chain_id, contract, t, PENDING) for t in task_ids])
+
+    def mark_state(self, task_ids: list[str], state: str) -> None:
+        """Park rows in `state` (e.g. the writer's `conflict`) without touching their anchor data."""
+        with self.transaction() as db:
+            db.conn.executemany("UPDATE executions SET anchor_state = ? WHERE task_id = ?",
+                                [(state, t) for t in task_ids])
+
+    def mark_found(self, found: list[tuple[int, str, str, str]], chain_id: int, contract: str,
+                   orphans: list[str], orphan_state: str) -> None:
+        """Reconciliation in one commit: rows found on chain as (block, block_hash, tx_hash, task_id)
+        become confirmed (keeping their first anchored_at); `orphans` are parked in `orphan_state`."""
+        now = time.time()
+        with self.transaction() as db:
+            db.conn.executemany("UPDATE executions SET anchor_state = ? WHERE task_id = ?",
+                                [(orphan_state, t) for t in orphans])
+            db.conn.executemany(
+                "UPDATE executions SET anchor_state = ?, block_number = ?, block_hash = ?, tx_hash = ?, "
+                "chain_id = ?, contract = ?, anchored_at = COALESCE(anchored_at, ?) WHERE task_id = ?",
+                [(CONFIRMED, b, h, t, chain_id, contract, now, task_id) for b, h, t, task_id in found])
+
     def mark_pending(self, task_ids: list[str]) -> None:
         with self.transaction() as db:
             db.conn.executemany(
@@ -250,6 +280,23 @@ class Journal:
                 "INSERT INTO ledger_config (key, value) VALUES (?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 [(k, None if v is None else str(v)) for k, v in values.items()])
+
+
+# -- read-only views for other processes and threads (metrics scrapes, the demo) -------------
+def anchor_backlog(path: Path) -> dict[str, int]:
+    """Rows not yet confirmed on chain, by state, read without disturbing the writer."""
+    with read_only(path, timeout=5) as conn:
+        rows = dict(conn.execute(
+            "SELECT anchor_state, COUNT(*) FROM executions WHERE anchor_state != ? GROUP BY 1", (CONFIRMED,)))
+    return {state: int(rows.get(state, 0)) for state in (PENDING, SENT)}
+
+
+def recent_anchor_latencies(path: Path, limit: int = 1000) -> list[float]:
+    """Seconds from journal append to on-chain confirmation of the newest `limit` anchored rows."""
+    with read_only(path, timeout=5) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT anchored_at - appended_at FROM executions WHERE anchored_at IS NOT NULL ORDER BY id DESC LIMIT ?",
+            (int(limit),))]
 
 
 @contextmanager

@@ -25,10 +25,6 @@ STATUS_CODES: dict[str, int] = {
 STATUS_OTHER = 255
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def id_key(identifier: str) -> bytes:
     """bytes32 on-chain key of a task id or agent id: sha256 of its UTF-8 bytes."""
     return hashlib.sha256(identifier.encode("utf-8")).digest()

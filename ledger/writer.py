@@ -31,7 +31,7 @@ from web3 import Web3
 
 from ledger import contract
 from ledger.deploy import LedgerConfig, chain_identity, connect, ensure_deployed, fee_params, has_ledger_code
-from ledger.journal import CONFIRMED, PENDING, SENT, Journal
+from ledger.journal import CONFIRMED, SENT, Journal
 from ledger.record import ExecutionRecord
 from ledger.rpc import fast_signing, get_logs, get_receipt, send_raw, wait_receipt
 
@@ -203,9 +203,7 @@ class ChainWriter:
             self.stats.resent += len(missing)
         self._confirm_found(found)
         if conflict:
-            with self.journal.transaction() as db:
-                db.conn.executemany("UPDATE executions SET anchor_state = ? WHERE task_id = ?",
-                                    [(CONFLICT, t) for t in conflict])
+            self.journal.mark_state(conflict, CONFLICT)
             log.error("%d journal rows disagree with their on-chain digest: run `edge-audit verify`", len(conflict))
         self.stats.reconciled += len(rows)
         result.update(confirmed=len(found), pending=len(missing), conflict=len(conflict))
@@ -238,21 +236,13 @@ class ChainWriter:
                 orphans.append(row["task_id"])
             else:
                 updates.append((event.block_number, event.block_hash, event.tx_hash, row["task_id"]))
-        now = time.time()
-        with self.journal.transaction() as db:
-            if orphans:
-                # State says recorded, history has no event (an inconsistent node snapshot):
-                # it cannot be re-sent to this contract; park it for the auditor.
-                log.error("%d tasks are recorded in %s's state but have no event (e.g. %s): marked %s; "
-                          "`edge-audit verify` reports them", len(orphans), self.config.contract_address,
-                          orphans[0], CONFLICT)
-                db.conn.executemany("UPDATE executions SET anchor_state = ? WHERE task_id = ?",
-                                    [(CONFLICT, t) for t in orphans])
-            db.conn.executemany(
-                "UPDATE executions SET anchor_state = ?, block_number = ?, block_hash = ?, tx_hash = ?, "
-                "chain_id = ?, contract = ?, anchored_at = COALESCE(anchored_at, ?) WHERE task_id = ?",
-                [(CONFIRMED, b, h, t, self.config.chain_id, self.config.contract_address, now, task_id)
-                 for b, h, t, task_id in updates])
+        if orphans:
+            # State says recorded, history has no event (an inconsistent node snapshot):
+            # it cannot be re-sent to this contract; park it for the auditor.
+            log.error("%d tasks are recorded in %s's state but have no event (e.g. %s): marked %s; "
+                      "`edge-audit verify` reports them", len(orphans), self.config.contract_address,
+                      orphans[0], CONFLICT)
+        self.journal.mark_found(updates, self.config.chain_id, self.config.contract_address, orphans, CONFLICT)
 
     def _block_hash(self, number: int | None) -> str | None:
         if number is None:
@@ -332,13 +322,8 @@ class ChainWriter:
             for i in range(0, len(rows), batch_size):
                 flights.append(self._send_batch(rows[i:i + batch_size]))
             assert self.config is not None
-            with self.journal.transaction() as db:
-                for flight in flights:
-                    db.conn.executemany(
-                        "UPDATE executions SET anchor_state = ?, tx_hash = ?, chain_id = ?, contract = ? "
-                        "WHERE task_id = ? AND anchor_state = ?",
-                        [(SENT, "0x" + flight.tx_hash.hex(), self.config.chain_id, self.config.contract_address,
-                          t, PENDING) for t in flight.task_ids])
+            self.journal.mark_sent_if_pending([(f.task_ids, "0x" + f.tx_hash.hex()) for f in flights],
+                                              self.config.chain_id, self.config.contract_address)
             batch: list[tuple[list[str], int, str, str]] = []
             try:
                 for flight in flights:

@@ -1,0 +1,52 @@
+"""Opening the project's SQLite files the same way everywhere (stdlib only).
+
+Why one module: the journal, the outbox and every read-only view (metrics scrapes, the
+demo, `agents`) open SQLite files from several threads and processes at once. Two
+things are easy to get wrong there and were, in three places: switching a fresh file
+to WAL races with another opener, and a read-only view must never create or change a
+file. The agent imports this too, so it stays free of third-party imports.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def enable_wal(db: sqlite3.Connection, path: Path | str, timeout: float = 30.0) -> None:
+    """Switch the file to WAL, waiting for other connections that are doing the same.
+
+    Why a loop: while another connection holds the lock to change the journal mode (two
+    threads opening a fresh file at once), SQLite answers `PRAGMA journal_mode=WAL` with
+    SQLITE_BUSY at once, without calling the busy handler that the connection's timeout
+    installs. Once any connection has switched, the mode is persistent and the read is enough.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            mode = str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            if mode == "wal" or str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower() == "wal":
+                return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        if time.monotonic() >= deadline:
+            raise sqlite3.OperationalError(
+                f"{path} stays locked by another process: stop it, or wait for it to finish"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+@contextmanager
+def read_only(path: Path | str, timeout: float = 10.0) -> Iterator[sqlite3.Connection]:
+    """A read-only connection (mode=ro: never creates the file, never writes), closed after use."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
+    try:
+        yield conn
+    finally:
+        conn.close()
