@@ -24,9 +24,8 @@ from ledger import contract
 from ledger.contract import ChainEvent
 from ledger.journal import PENDING, SENT, Journal, certificate_fingerprint
 from ledger.record import ExecutionRecord
-from ledger.rpc import get_logs
+from ledger.rpc import LOG_CHUNK, scan_events
 
-LOG_CHUNK = 5_000
 EXPORT_FIELDS = (
     "task_id", "task_name", "agent_id", "status", "received_at", "started_at", "finished_at",
     "signer_fingerprint", "args_digest", "result_digest", "envelope_digest", "digest",
@@ -129,20 +128,9 @@ def fetch_events(w3: Web3, contract_address: str, from_block: int = 0, to_block:
     if not bytes(w3.eth.get_code(address)):
         raise AuditError(f"no contract code at {address}: wrong --contract or --rpc-url, or the chain was reset "
                          "(the writer re-anchors on restart)")
-    last = w3.eth.block_number if to_block is None else to_block
     events: dict[bytes, list[ChainEvent]] = {}
-    start = from_block
-    while start <= last:
-        end = min(start + chunk - 1, last)
-        logs = get_logs(w3, {"address": address, "fromBlock": start, "toBlock": end,
-                             "topics": [contract.EVENT_TOPIC]})
-        for raw in logs:
-            event = contract.decode_event(raw)
-            if event is not None:
-                events.setdefault(event.task_key, []).append(event)
-        if progress is not None:
-            progress(end, last)
-        start = end + 1
+    for event in scan_events(w3, address, [contract.EVENT_TOPIC], from_block, to_block, chunk, progress):
+        events.setdefault(event.task_key, []).append(event)
     return events
 
 

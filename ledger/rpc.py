@@ -9,6 +9,7 @@ formatted calls. `contract.as_int` / `as_bytes` read either shape.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from web3 import HTTPProvider, Web3
@@ -76,3 +77,24 @@ def get_logs(w3: Web3, params: dict[str, Any]) -> list[Any]:
         raw["topics"] = [t if t is None or isinstance(t, str) else "0x" + bytes(t).hex() for t in raw.get("topics", [])]
         return raw_rpc(w3, "eth_getLogs", [raw]) or []
     return list(w3.eth.get_logs(params))  # type: ignore[arg-type]
+
+
+LOG_CHUNK = 5_000  # blocks per eth_getLogs call: nodes cap the range or the result size
+
+
+def scan_events(w3: Web3, address: str, topics: list[Any], from_block: int = 0, to_block: int | None = None,
+                chunk: int = LOG_CHUNK, progress: Callable[[int, int], None] | None = None,
+                ) -> Iterator[contract.ChainEvent]:
+    """Decoded ExecutionRecorded events of `address` matching `topics`, oldest first, read in
+    block ranges of `chunk`; `progress(done_block, last_block)` after each range."""
+    last = w3.eth.block_number if to_block is None else to_block
+    start = from_block
+    while start <= last:
+        end = min(start + chunk - 1, last)
+        for raw in get_logs(w3, {"address": address, "fromBlock": start, "toBlock": end, "topics": topics}):
+            event = contract.decode_event(raw)
+            if event is not None:
+                yield event
+        if progress is not None:
+            progress(end, last)
+        start = end + 1

@@ -33,7 +33,7 @@ from ledger import contract
 from ledger.deploy import LedgerConfig, chain_identity, connect, ensure_deployed, fee_params, has_ledger_code
 from ledger.journal import CONFIRMED, SENT, Journal
 from ledger.record import ExecutionRecord
-from ledger.rpc import fast_signing, get_logs, get_receipt, send_raw, wait_receipt
+from ledger.rpc import fast_signing, get_receipt, scan_events, send_raw, wait_receipt
 
 log = logging.getLogger(__name__)
 
@@ -252,21 +252,14 @@ class ChainWriter:
         except Exception:  # noqa: BLE001 - missing block
             return None
 
-    def _my_events(self, chunk: int = 5000) -> dict[bytes, contract.ChainEvent]:
-        """This recorder's events on the contract, by taskId key (chunked eth_getLogs)."""
+    def _my_events(self) -> dict[bytes, contract.ChainEvent]:
+        """This recorder's events on the contract, by taskId key (first one wins)."""
         assert self.config is not None
-        last = self.w3.eth.block_number
         recorder_topic = "0x" + "00" * 12 + self.address[2:].lower()
         out: dict[bytes, contract.ChainEvent] = {}
-        for start in range(0, last + 1, chunk):
-            logs = get_logs(self.w3, {
-                "address": self.config.contract_address, "fromBlock": start, "toBlock": min(start + chunk - 1, last),
-                "topics": [contract.EVENT_TOPIC, None, None, recorder_topic],
-            })
-            for raw in logs:
-                event = contract.decode_event(raw)
-                if event is not None:
-                    out.setdefault(event.task_key, event)
+        for event in scan_events(self.w3, self.config.contract_address,
+                                 [contract.EVENT_TOPIC, None, None, recorder_topic]):
+            out.setdefault(event.task_key, event)
         return out
 
     def _resolve_sent(self) -> None:
