@@ -1,7 +1,7 @@
 """ChainWriter: anchors pending journal rows on chain with `recordBatch` transactions.
 
-Why this shape (see DESIGN.md "Chain"): a local nonce and fixed fees (no per-tx
-`build_transaction`), fast coincurve signing, gas from `eth_estimateGas` with a margin
+Why this shape (measured on anvil, docs/BENCHMARKS.md "Ledger"): a local nonce and fixed
+fees (`build_transaction` per tx cuts throughput to ~140 tx/s), fast coincurve signing, gas from `eth_estimateGas` with a margin
 and never below the EIP-7623 calldata floor (a tx under the floor is accepted then
 silently dropped), receipts always awaited with a timeout.
 
