@@ -63,10 +63,6 @@ class ResultGuard:
             if task_id not in self._pending and task_id not in self._answered:
                 _remember(self._pending, task_id, ANY_SIGNER)
 
-    def expected_signer(self, task_id: str) -> str | None:
-        with self._lock:
-            return self._pending.get(task_id)
-
     def check(self, meta: Any, signer: str, correlation_id: str | None = None) -> None:
         """Raise SignatureRefused unless this verified result may answer its task; then
         remember it. A final state (SUCCESS, FAILURE, ...) closes the task id: any later
