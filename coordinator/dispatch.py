@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 import socket
 import time
+import uuid
 from urllib.parse import urlparse
 from typing import Any
 
+from . import commands
+from .commands import SentCommand
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
+from .ingest import canonical_digest
 
 COMMANDS = ("sample_now", "set_interval", "status")
 PREFIX = "edge.agent."
@@ -68,12 +72,24 @@ def send_command(cfg: CoordinatorConfig, agent: str, task: str, args: list[str],
     timeout = cfg.worker.send_timeout if timeout is None else timeout
     if not _reachable(cfg.broker_url):
         raise CoordinatorError(f"cannot reach the broker at {cfg.broker_url}: is `edge-coordinator run` up (or broker.url right)?")
+    values = parse_args(args)
+    sent = SentCommand(task_id=str(uuid.uuid4()), agent_id=agent, command=name,
+                       args_digest=canonical_digest(values), sent_at=time.time())
     app = make_app(cfg, consumer=False)
     started = time.monotonic()
     try:
+        # Recorded before publishing: the agent's edge.command_result must find it, and only
+        # the commanded agent's signed result (once) may answer (security/result_guard.py).
+        expect = getattr(app.backend, "expect", None)
+        if expect is None:
+            raise CoordinatorError("the result backend cannot bind results to the commanded agent: "
+                                   "set signing's rpc_reply_exchange (default c.rep)")
+        commands.record(cfg.journal_path, sent)
+        expect(sent.task_id, agent)
         try:
-            result = app.send_task(name, args=parse_args(args), queue=f"agent.{agent}", retry=False)
+            result = app.send_task(name, args=values, queue=f"agent.{agent}", retry=False, task_id=sent.task_id)
         except NoSubscribersError:
+            commands.forget(cfg.journal_path, sent.task_id)
             raise CoordinatorError(
                 f"agent {agent!r} is not connected (nobody consumes queue agent.{agent}): start it, or check `edge-coordinator agents`"
             ) from None

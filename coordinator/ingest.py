@@ -25,6 +25,7 @@ from security.signing import IdentityMismatch, ensure_bound
 from ledger.record import ExecutionRecord
 
 from . import registry
+from . import commands
 from .metrics import Metrics
 
 READINGS = "readings"
@@ -81,10 +82,13 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         db[COMMAND_RESULTS].create(
             {
                 "task_id": str, "agent_id": str, "command_task_id": str, "command": str,
-                "status": str, "result": str, "finished_at": float, "received_at": float,
+                "status": str, "result": str, "finished_at": float, "received_at": float, "args_digest": str,
             },
             pk="task_id",
         )
+    elif "args_digest" not in db[COMMAND_RESULTS].columns_dict:  # journals from before commands were recorded
+        db[COMMAND_RESULTS].add_column("args_digest", str)
+    commands.ensure_schema(db.conn)
     registry.ensure_schema(db)
 
 
@@ -99,6 +103,24 @@ def _check_reading(reading: Any) -> dict[str, Any]:
     if not math.isfinite(float(reading["value"])) or not math.isfinite(float(reading["sampled_at"])):
         raise Refused("bad_payload", "reading value/sampled_at must be finite")
     return reading
+
+
+DEVICE_STATUSES = ("SUCCESS", "FAILURE")
+
+
+def _check_command_result(db: sqlite_utils.Database, agent_id: str, result: Any) -> str:
+    """The device's reported status, if `result` answers a command sent to `agent_id`."""
+    if not isinstance(result, dict) or not isinstance(result.get("command_task_id"), str):
+        raise Refused("bad_payload", "command result must be an object with a command_task_id")
+    sent = commands.lookup(db.conn, agent_id, result["command_task_id"])
+    if sent is None:
+        raise Refused("unknown_command", f"no command {result['command_task_id']} was sent to {agent_id!r}")
+    if result.get("command") != sent.command:
+        raise Refused("unknown_command", f"command {result['command_task_id']} sent to {agent_id!r} was "
+                                         f"{sent.command}, not {result.get('command')!r}")
+    if result.get("status") not in DEVICE_STATUSES:
+        raise Refused("bad_payload", f"command status must be one of {', '.join(DEVICE_STATUSES)}")
+    return str(result["status"])
 
 
 class Ingestor:
@@ -123,6 +145,8 @@ class Ingestor:
                 raise Refused("identity_mismatch", exc.detail) from None
             if ctx.task_name == INGEST:
                 _check_reading(payload)
+            elif ctx.task_name == COMMAND_RESULT:  # journaled with the device's status (FAILURE too)
+                status = _check_command_result(self.journal.db, ctx.signer.agent_id, payload)
         except Refused as exc:
             status, reason, detail = "REJECTED", exc.reason, exc.detail
         with self.journal.transaction() as db:
@@ -151,9 +175,9 @@ class Ingestor:
             if not inserted:
                 self.metrics.inc("edge_tasks_duplicate_total", task=ctx.task_name)
                 return {**result, "duplicate": True}
-            if status == "SUCCESS":
+            if status != "REJECTED":
                 self._apply(db, ctx, payload)
-        if status == "SUCCESS":
+        if status != "REJECTED":
             self.metrics.inc("edge_tasks_executed_total", task=ctx.task_name)
         else:
             self.metrics.inc("edge_tasks_refused_total", reason=reason)
@@ -180,12 +204,14 @@ class Ingestor:
             )
             registry.touch(db, agent, readings=1, seq=int(payload["seq"]), **common)
         elif ctx.task_name == COMMAND_RESULT:
+            sent = commands.lookup(db.conn, agent, str(payload.get("command_task_id")))
             db[COMMAND_RESULTS].insert(
                 {
                     "task_id": ctx.task_id, "agent_id": agent,
                     "command_task_id": str(payload.get("command_task_id")), "command": str(payload.get("command")),
                     "status": str(payload.get("status")), "result": json.dumps(payload.get("result"), default=str),
                     "finished_at": float(payload.get("finished_at") or 0.0), "received_at": ctx.received_at,
+                    "args_digest": sent.args_digest if sent else None,
                 }
             )
             registry.touch(db, agent, **common)

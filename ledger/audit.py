@@ -66,10 +66,13 @@ class Filters:
     def sql(self) -> tuple[str, list[Any]]:
         where, params = ["1=1"], []
         for column, value in (("agent_id", self.agent), ("task_name", self.task_name),
-                              ("status", self.status), ("anchor_state", self.anchor_state)):
+                              ("anchor_state", self.anchor_state)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
+        if self.status is not None:  # SUCCESS, success and Success name the same status
+            where.append("UPPER(status) = UPPER(?)")
+            params.append(self.status)
         if self.since is not None:
             where.append("received_at >= ?")
             params.append(self.since)

@@ -250,3 +250,15 @@ def test_deploy_cli_records_the_contract_in_the_journal(anvil, tmp_path):
     missing = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=60,
                              env={k: v for k, v in os.environ.items() if k != "EDGE_LEDGER_KEY"})
     assert missing.returncode == 2 and "EDGE_LEDGER_KEY" in missing.stderr
+
+
+def test_status_filter_ignores_case(tmp_path, capsys):
+    """`--status failure` finds the FAILURE rows (statuses are journaled upper-case)."""
+    journal = Journal(tmp_path / "journal.db")
+    records = [make_record(i, status="FAILURE" if i == 1 else "SUCCESS") for i in range(3)]
+    for record in records:
+        journal.append(record)
+    journal.close()
+    for spelling in ("FAILURE", "failure", "Failure"):
+        code, out, _ = run_main(capsys, "--journal", str(tmp_path / "journal.db"), "list", "--status", spelling, "--json")
+        assert code == 0 and [r["task_id"] for r in json.loads(out)] == [records[1].task_id]
