@@ -68,7 +68,9 @@ class Checkpoint:
             raise MalformedCheckpointError("checkpoint text must end with a newline")
         lines = text[:-1].split("\n")
         if len(lines) < 3:
-            raise MalformedCheckpointError(f"checkpoint needs origin, size and root hash lines, got {len(lines)} line(s)")
+            raise MalformedCheckpointError(
+                f"checkpoint needs origin, size and root hash lines, got {len(lines)} line(s)"
+            )
         origin, size_line, root_line, *extensions = lines
         for number, line in enumerate(lines, start=1):
             if not line:
