@@ -124,14 +124,21 @@ class SQLiteNodeStore:
         return 0 if row[0] is None else int(row[0]) + 1
 
     def get_nodes(self, keys: Sequence[NodeKey]) -> list[bytes]:
-        out: list[bytes] = []
-        query = f"SELECT hash FROM {self._table} WHERE level = ? AND idx = ?"
-        for level, index in keys:
-            row = self._conn.execute(query, (level, index)).fetchone()
-            if row is None:
-                raise ProofError(f"node ({level}, {index}) is not stored in table {self._table}")
-            out.append(bytes(row[0]))
-        return out
+        found: dict[NodeKey, bytes] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 200):  # one query per proof; bounded OR depth and variables
+            chunk = unique[start : start + 200]
+            rows = self._conn.execute(
+                f"SELECT level, idx, hash FROM {self._table} WHERE "
+                + " OR ".join("(level = ? AND idx = ?)" for _ in chunk),
+                [n for key in chunk for n in key],
+            )
+            for level, index, digest in rows:
+                found[(level, index)] = bytes(digest)
+        missing = [key for key in unique if key not in found]
+        if missing:
+            raise ProofError(f"node {missing[0]} is not stored in table {self._table}")
+        return [found[key] for key in keys]
 
     def append_nodes(self, nodes: Sequence[tuple[int, int, bytes]], new_size: int) -> None:
         self._conn.executemany(
