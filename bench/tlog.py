@@ -1,7 +1,9 @@
 """Transparency-log micro-benchmark: appending leaves, proof sizes and proof rates.
 
 Run: .venv/bin/python bench/tlog.py [--leaves 1000000] [--sqlite-leaves 100000] [--samples 20000]
-Single process, no services. Bounded: about a minute on a 2-core host at the defaults.
+                                     [--peer-leaves 100000]
+Single process, no services. Peer: pymerkle (test extra) doing the same appends and
+proofs in the same run. Bounded: about a minute on a 2-core host at the defaults.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--leaves", type=int, default=1_000_000)
     parser.add_argument("--sqlite-leaves", type=int, default=100_000)
     parser.add_argument("--samples", type=int, default=20_000)
+    parser.add_argument("--peer-leaves", type=int, default=100_000)
     args = parser.parse_args()
     n, samples = args.leaves, args.samples
     rng = random.Random(1)
@@ -133,6 +136,49 @@ def main() -> None:
         reopened = MerkleLog(SQLiteNodeStore(conn))
         print(f"  reopen (load frontier): {(time.perf_counter() - start) * 1e3:.2f} ms, size {reopened.size:,}")
         conn.close()
+
+    peer(args.peer_leaves, rng)
+
+
+def peer(count: int, rng: random.Random) -> None:
+    """The same operations on pymerkle 7 (test extra), an independent RFC 6962 tree, same run."""
+    try:
+        import pymerkle
+    except ImportError:
+        print("peer: pymerkle not installed (pip install -e '.[test]')")
+        return
+    print(f"peer: pymerkle {getattr(pymerkle, '__version__', '7')} InmemoryTree vs MerkleLog, {count:,} entries")
+    entries = [i.to_bytes(8, "big") for i in range(count)]
+    theirs = pymerkle.InmemoryTree(algorithm="sha256")
+    start = time.perf_counter()
+    for entry in entries:
+        theirs.append_entry(entry)
+    their_append = count / (time.perf_counter() - start)
+    ours = MerkleLog()
+    start = time.perf_counter()
+    for entry in entries:
+        ours.append(entry)
+    our_append = count / (time.perf_counter() - start)
+    assert theirs.get_root() == ours.root()
+    idx = [rng.randrange(count) for _ in range(2000)]
+    olds = [rng.randrange(1, count) for _ in range(2000)]
+
+    def timed(fn: Callable[[int], object]) -> float:
+        start = time.perf_counter()
+        for k in range(len(idx)):
+            fn(k)
+        return len(idx) / (time.perf_counter() - start)
+
+    rows = [
+        ("append one entry", their_append, our_append),
+        ("inclusion proof generation", timed(lambda k: theirs.prove_inclusion(idx[k] + 1)),
+         timed(lambda k: ours.inclusion_proof(idx[k]))),
+        ("consistency proof generation", timed(lambda k: theirs.prove_consistency(olds[k])),
+         timed(lambda k: ours.consistency_proof(olds[k]))),
+    ]
+    for label, theirs_rate, ours_rate in rows:
+        print(f"  {label:<32} pymerkle {theirs_rate:>10,.0f} /s   tlog {ours_rate:>10,.0f} /s"
+              f"   ratio {ours_rate / theirs_rate:.1f}x")
 
 
 if __name__ == "__main__":
