@@ -69,6 +69,10 @@ def b64encode(raw: bytes) -> str:
 
 
 def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedNoteError(f"{what} is not encodable as UTF-8 (lone surrogate)") from None
     for ch in text:
         if ord(ch) < 0x20 and ch != "\n":
             raise MalformedNoteError(f"{what} contains control character {ch!r}: only newline is allowed")

@@ -45,7 +45,12 @@ class ProofBundle:
         return "\n".join(lines) + "\n\n" + self.checkpoint
 
     @classmethod
-    def parse(cls, text: str) -> "ProofBundle":
+    def parse(cls, text: str | bytes) -> "ProofBundle":
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MalformedProofBundleError("tlog proof is not valid UTF-8") from None
         head, sep, checkpoint = text.partition("\n\n")
         if not sep:
             raise MalformedProofBundleError("tlog proof has no empty line before the checkpoint")
@@ -84,7 +89,7 @@ class VerifiedProof:
 
 
 def verify_proof_bundle(
-    text: str,
+    text: str | bytes,
     leaf: bytes,
     log_verifier: Verifier,
     witnesses: Sequence[CosignatureV1Verifier] = (),

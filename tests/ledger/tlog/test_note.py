@@ -132,6 +132,7 @@ def test_too_many_signatures_is_malformed() -> None:
         v.GO_NOTE_TEXT + "\n" + v.GO_NOTE_PETER_SIG.replace("AM=\n", "AM\n"),  # missing padding
         v.GO_NOTE_TEXT + "\n" + v.GO_NOTE_PETER_SIG + "\n",  # trailing blank line
         v.GO_NOTE_TEXT + "\r\n" + v.GO_NOTE_PETER_SIG,  # CR
+        "\ud800" + v.GO_NOTE_TEXT + "\n" + v.GO_NOTE_PETER_SIG,  # str that is not UTF-8 encodable
     ],
 )
 def test_malformed_notes_are_rejected(message: str | bytes) -> None:
@@ -147,7 +148,7 @@ def test_text_may_contain_empty_lines_the_last_one_separates() -> None:
     assert note.text == text
 
 
-@pytest.mark.parametrize("text", ["no final newline", "ok\x00\n", "tab\there\n"])
+@pytest.mark.parametrize("text", ["no final newline", "ok\x00\n", "tab\there\n", "lone \ud800 surrogate\n"])
 def test_sign_rejects_invalid_text(text: str) -> None:
     with pytest.raises(MalformedNoteError):
         sign_note(text, [Ed25519Signer.generate("k")])

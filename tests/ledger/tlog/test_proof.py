@@ -51,6 +51,7 @@ def test_spec_example_proof_part_parses_and_formats_back() -> None:
     ],
 )
 def test_malformed_bundles(text: str) -> None:
+    """Each case breaks one rule of the tlog-proof format."""
     with pytest.raises(MalformedProofBundleError):
         ProofBundle.parse(text)
 
@@ -71,7 +72,7 @@ def test_bundle_verifies_offline_with_keys_only() -> None:
     text = bundle.format()
     verifiers = [w.verifier() for w in witnesses]
     leaf = leaf_hash(b"execution-record-737")
-    result = verify_proof_bundle(text, leaf, log_key.verifier(), verifiers, quorum=2)
+    result = verify_proof_bundle(text.encode(), leaf, log_key.verifier(), verifiers, quorum=2)
     assert result.checkpoint.size == 1000
     assert result.bundle == bundle
     assert sorted(result.cosigned.cosigned_at) == ["agent-0", "agent-1"]
