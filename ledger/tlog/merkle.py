@@ -223,8 +223,9 @@ def consistency_path_ranges(size1: int, size2: int) -> list[tuple[int, int]]:
 class MerkleLog:
     """An append-only RFC 6962 Merkle tree over a NodeStore.
 
-    Not thread-safe: one writer appends; proofs for any size <= self.size can be
-    computed at any time because stored nodes never change.
+    Not thread-safe: use one instance per thread (and per SQLite connection). Stored
+    nodes never change, so other instances over the same store can serve roots and
+    proofs for any size already written while one writer appends.
     """
 
     def __init__(self, store: NodeStore | None = None) -> None:
