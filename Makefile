@@ -44,6 +44,7 @@ bench: setup
 	$(PY) bench/ledger.py
 	$(PY) bench/agent.py
 	$(PY) bench/e2e.py
+	$(PY) bench/tlog.py
 
 agent-binary: setup
 	$(PY) packaging/build_agent.py
