@@ -243,6 +243,10 @@ LAYERS = [
 ]
 
 
+LAYERS.append(("  same, agent.lazy deferrals on", "from agent.lazy import defer_unused; defer_unused(); "
+                + LAYERS[-1][1]))
+
+
 def layer_rss(env: dict[str, str]) -> list[tuple[str, float]]:
     """RSS after imports only; each measured on the second run (bytecode cached by the first)."""
     out = []
