@@ -366,12 +366,14 @@ def main(argv: list[str] | None = None) -> int:
                           work / "peer.log", cgroup("peer")))
         if not cgroups:
             say("no writable memory cgroup (v2 or v1): cgroup columns are left out")
-        for child in runs:  # one at a time: start-to-ready is not measured under each other's load
-            say(f"starting {child.name} x{args.starts} ...")
-            for _ in range(args.starts):
+        # Starts go round-robin (one worker starting at a time, the others idle), so that the
+        # shared machine's load swings hit every variant alike instead of one variant's block.
+        children.extend(runs)
+        for r in range(args.starts):
+            say(f"start round {r + 1}/{args.starts} (load {os.getloadavg()[0]:.2f}) ...")
+            for child in runs:
                 child.stop()
                 child.start()
-            children.append(child)
         time.sleep(3.0)  # let the initial sample flush and caches settle
         say(f"idle window {args.idle:.0f}s: counting context switches of all at once ...")
         before = {c.name: switches(c.proc.pid) for c in runs}
