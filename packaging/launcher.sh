@@ -83,7 +83,7 @@ clean_stale() {  # under the root lock: other versions not held by a running age
 unpack() {
     have_flock || printf 'edge-agent: warning: no flock(1); concurrent starts are not serialised\n' >&2
     exec 9>"$root/.lock"
-    if have_flock; then flock -x 9; fi
+    if have_flock; then flock -x 9 || die "cannot lock $root/.lock (flock failed)"; fi
     if ! intact "$vdir"; then
         rm -rf "$vdir"
         got=$(tail -c +$((header_bytes + 1)) "$self" | sha256sum)
@@ -102,7 +102,7 @@ unpack() {
 hold() {  # shared lock on this version (fd 8, inherited through exec: see the header), then check it
     [ -f "$vdir/.manifest" ] || return 1
     exec 8<"$vdir/.manifest"
-    if have_flock; then flock -s 8; fi
+    if have_flock; then flock -s 8 || die "cannot lock $vdir/.manifest (flock failed)"; fi
     intact "$vdir"
 }
 
