@@ -195,3 +195,31 @@ def test_concurrent_first_starts_unpack_once(onedir: Path, runtime: Path, tmp_pa
     dirs = {ran_from(r) for r in results}
     assert len(results) == 4 and len(dirs) == 1
     assert version_dirs(runtime) == list(dirs)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/busybox").exists() and not Path("/bin/busybox").exists(),
+                    reason="busybox not installed (apt-get install busybox)")
+def test_runs_with_busybox_tools_only(onedir: Path, runtime: Path, tmp_path: Path) -> None:
+    """A minimal device: busybox ash and applets, nothing from coreutils/util-linux."""
+    busybox = Path("/usr/bin/busybox") if Path("/usr/bin/busybox").exists() else Path("/bin/busybox")
+    applets = set(subprocess.run([str(busybox), "--list"], capture_output=True, text=True).stdout.split())
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("sh", "tail", "tar", "gzip", "sha256sum", "find", "stat", "sort", "cmp", "mktemp", "flock", "sync",
+                 "mv", "rm", "mkdir", "id", "cat"):
+        if name in applets:
+            (tools / name).symlink_to(busybox)
+    binary = build_agent.write_launcher(onedir, tmp_path / "edge-agent")
+    env = {"PATH": str(tools), "EDGE_AGENT_RUNTIME_DIR": str(runtime)}
+
+    def bb(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(busybox), "sh", str(binary), *args], capture_output=True, text=True, timeout=60,
+                              env=env)
+
+    vdir = ran_from(bb("status"))
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in [vdir, *vdir.rglob("*")]}
+    assert ran_from(bb("status")) == vdir
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in [vdir, *vdir.rglob("*")]} == before
+    runtime.chmod(0o777)
+    refused = bb("status")
+    assert refused.returncode == 1 and "writable by group/others" in refused.stderr
