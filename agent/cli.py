@@ -49,8 +49,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .lazy import defer_unused
     from .memory import limit_arenas
 
+    defer_unused()  # before celery/paho are imported (see agent.lazy)
     limit_arenas()  # before any thread starts (see agent.memory)
     cfg = _config(args, broker_url=args.broker_url, interval=args.interval, log_level=args.log_level)
     cfg.validate_for_run()

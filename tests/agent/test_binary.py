@@ -73,3 +73,24 @@ def test_binary_cli_and_end_to_end(binary: Path, tmp_path: Path, test_pki: Fleet
 
     proc = run(binary, "--data-dir", str(data), "status", "--json")
     assert proc.returncode == 0 and '"agent_id": "bin-1"' in proc.stdout
+
+
+def test_binary_unpacks_once_to_its_runtime_dir_and_reuses_it(binary: Path, tmp_path: Path) -> None:
+    """The real bundle: nothing in $TMPDIR, one private version dir, not rewritten by a second start."""
+    import os
+
+    tmpdir, runtime = tmp_path / "tmp", tmp_path / "state" / "runtime"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir), "EDGE_AGENT_RUNTIME_DIR": str(runtime)}
+    first = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert first.returncode == 0 and "keygen" in first.stdout, first.stderr
+    (vdir,) = [p for p in runtime.iterdir() if p.name != ".lock"]
+    files = [vdir / "edge-agent", *sorted((vdir / "_internal").rglob("*"))]
+    assert len(files) > 20 and any(p.name.startswith("libpython") for p in files)
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+
+    second = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert [p for p in runtime.iterdir() if p.name != ".lock"] == [vdir]
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == before
+    assert list(tmpdir.iterdir()) == []  # no _MEI* unpack in TMPDIR
