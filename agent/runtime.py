@@ -73,6 +73,7 @@ class AgentRuntime:
         self.forwarder: Forwarder | None = None
         self.revoked: dict[str, Any] | None = None  # set when this device learns it is revoked
         self._refusal_logged: str | None = None
+        self._next_probe = 0.0
 
     def outbox(self) -> Outbox:
         """This thread's outbox connection (sqlite3 connections are per thread)."""
@@ -142,6 +143,13 @@ class AgentRuntime:
         from security.refusal import CERT_REVOKED, broker_refusal, describe
 
         reason = broker_refusal(exc)
+        if reason != CERT_REVOKED and self.cfg.broker_url.startswith("mqtts") and time.monotonic() >= self._next_probe:
+            # TLS 1.3 hides the broker's alert behind "connection lost": ask directly
+            from security.refusal import probe_certificate
+
+            self._next_probe = time.monotonic() + 5.0
+            reason = probe_certificate(self.cfg.broker_url, str(self.cfg.ca_file), str(self.cfg.cert_file),
+                                       str(self.cfg.key_file), timeout=2.0) or reason
         if reason == CERT_REVOKED:
             self.on_revoked("broker", "the broker refused the TLS handshake: certificate revoked")
         elif reason is not None and self._refusal_logged != reason:

@@ -49,6 +49,12 @@ class SimAgent:
         conf = tomllib.loads((bundle / "agent.toml").read_text())
         self.agent_id: str = conf["agent_id"]
         url = broker_url or conf["broker_url"]
+        self.broker_url = url
+        self.tls: tuple[str, str, str] | None = (
+            str(bundle / conf.get("ca_file", "ca.pem")),
+            str(bundle / conf.get("cert_file", f"{self.agent_id}.pem")),
+            str(bundle / conf.get("key_file", f"{self.agent_id}.key")),
+        ) if url.startswith("mqtts") else None
         self.app = Celery(f"sim-{self.agent_id}", broker=url, set_as_current=False)
         self.app.conf.update(
             broker_use_ssl={
@@ -56,9 +62,11 @@ class SimAgent:
                 "certfile": str(bundle / conf.get("cert_file", f"{self.agent_id}.pem")),
                 "keyfile": str(bundle / conf.get("key_file", f"{self.agent_id}.key")),
             } if url.startswith("mqtts") else None,
-            broker_transport_options={"publish_timeout": 15.0, "reconnect_timeout": reconnect_timeout},
+            # max_retries=1: kombu's own reconnect loop would otherwise retry forever (the
+            # transport already retries for reconnect_timeout); send() decides what to retry.
+            broker_transport_options={"publish_timeout": 15.0, "reconnect_timeout": reconnect_timeout, "max_retries": 1},
             task_ignore_result=True,
-            task_publish_retry=retries > 1,
+            task_publish_retry=False,  # send() retries itself, and stops on a broker refusal
         )
         setup_signing(
             self.app,
@@ -88,9 +96,11 @@ class SimAgent:
                 self.app.send_task(name, kwargs=kwargs, queue=INGEST_QUEUE, task_id=task_id)
                 return task_id
             except Exception as exc:  # noqa: BLE001 - broker restarting: same id, so at most once stored
-                from security.refusal import broker_refusal
+                from security.refusal import broker_refusal, probe_certificate
 
                 reason = broker_refusal(exc)
+                if reason is None and self.tls is not None:  # TLS 1.3 hides the alert: ask directly
+                    reason = probe_certificate(self.broker_url, *self.tls, timeout=2.0)
                 if reason is not None:  # revoked / removed from the broker: stop, do not retry forever
                     raise Refused(reason) from exc
                 if attempt == retries - 1:

@@ -1,0 +1,163 @@
+"""Revocation end to end: real `edge-coordinator` (dynsec default), real `edge-agent` processes.
+
+A revoked agent is cut at once, learns it is revoked, stops (exit 78) and refuses to
+start; the other agents get the new CRL pushed (edge.agent.update_crl); an agent whose
+CRL is past its next-update refuses coordinator commands until a fresh CRL arrives; and
+no agent may subscribe to another agent's queue or the coordinator's ingest group.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.cli import main as agent_main
+from security.pki import CertificateAuthority, load_certificate
+from tests.agent.support import Proc, kill_group
+
+from .support import ROOT, CoordinatorProcess, cli, wait_until
+
+pytestmark = pytest.mark.slow
+
+NOT_AUTHORIZED = 0x87
+
+
+def enroll_agent(coordinator: CoordinatorProcess, name: str, home: Path) -> Path:
+    assert agent_main(["--data-dir", str(home), "enroll", "--bundle", str(coordinator.bundle(name))]) == 0
+    return home
+
+
+def run_agent(home: Path) -> Proc:
+    env = {"EDGE_AGENT_BACKOFF_MIN": "0.1", "EDGE_AGENT_BACKOFF_MAX": "1", "EDGE_AGENT_PUBLISH_TIMEOUT": "5",
+           "EDGE_AGENT_HEARTBEAT_INTERVAL": "0"}
+    proc = Proc([sys.executable, "-m", "agent", "--data-dir", str(home), "run", "--interval", "0.5"],
+                home.parent / f"{home.name}.log", env=env).start()
+    proc.wait_for_output("ready in", timeout=90)
+    return proc
+
+
+def agent_cli(home: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", "--data-dir", str(home), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def readings(coordinator: CoordinatorProcess, agent: str) -> int:
+    return coordinator.query("SELECT COUNT(*) FROM readings WHERE agent_id = ?", (agent,))[0][0]
+
+
+def subscribe_codes(coordinator: CoordinatorProcess, name: str, filters: list[str]) -> list[int]:
+    """SUBACK reason codes a paho client with `name`'s certificate gets on the managed broker."""
+    bundle = coordinator.bundle(name)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=f"probe-{time.monotonic_ns()}")
+    ctx = ssl.create_default_context(cafile=str(bundle / "ca.pem"))
+    ctx.load_cert_chain(str(bundle / f"{name}.pem"), str(bundle / f"{name}.key"))
+    client.tls_set_context(ctx)
+    codes: dict[int, list[int]] = {}
+    client.on_subscribe = lambda _c, _u, mid, rcs, _p: codes.__setitem__(mid, [rc.value for rc in rcs])
+    client.connect("127.0.0.1", coordinator.broker_port)
+    client.loop_start()
+    try:
+        wait_until(client.is_connected, 15, "probe connected")
+        mids = [client.subscribe(f, qos=1)[1] for f in filters]
+        wait_until(lambda: all(m in codes for m in mids), 15, "SUBACKs")
+        return [codes[m][0] for m in mids]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def stale_crl(coordinator: CoordinatorProcess) -> bytes:
+    """A CRL genuinely signed by the fleet CA whose next-update has passed."""
+    ca = CertificateAuthority.load(coordinator.data_dir / "pki")
+    now = dt.datetime.now(dt.timezone.utc)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+           .last_update(now - dt.timedelta(days=9)).next_update(now - dt.timedelta(days=2))
+           .sign(ca.key, hashes.SHA256()))
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def test_revoked_agent_is_cut_stops_and_the_others_get_the_crl(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
+    coordinator.init("rv-a", "rv-b", "rv-c")
+    assert "acl_mode = \"dynsec\"" in (coordinator.data_dir / "coordinator.toml").read_text()
+    coordinator.start()
+    homes = {n: enroll_agent(coordinator, n, tmp_path / n) for n in ("rv-a", "rv-b")}
+    procs = {n: run_agent(h) for n, h in homes.items()}
+    try:
+        for name in procs:
+            wait_until(lambda: readings(coordinator, name) >= 3, 90, f"{name}'s readings")
+
+        # no agent can join another agent's queue or the coordinator's ingest group
+        assert subscribe_codes(coordinator, "rv-a", [
+            "$share/edge.ingest/kombu/d/edge.ingest/edge.ingest",
+            "$share/agent.rv-b/kombu/d/agent.rv-b/agent.rv-b",
+            "kombu/d/agent.rv-b/agent.rv-b",
+            "#",
+        ]) == [NOT_AUTHORIZED] * 4
+
+        # a CRL past its next-update: coordinator commands are refused (fail closed) ...
+        (homes["rv-a"] / "crl.pem").write_bytes(stale_crl(coordinator))
+        status = agent_cli(homes["rv-a"], "status", "--json")
+        assert json.loads(status.stdout)["crl"]["state"] == "stale", status.stdout
+        out = cli("send", "--data-dir", str(coordinator.data_dir), "rv-a", "status", "--timeout", "60")
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["status"] == "FAILURE" and "next-update passed" in result["result"], result
+
+        # revoke rv-b: CRL, broker reload, dynsec cut, CRL pushed to the others
+        b_serial = load_certificate(homes["rv-b"] / "agent.pem").serial_number
+        out = cli("revoke", "--data-dir", str(coordinator.data_dir), "rv-b")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "told the broker" in out.stdout and "broker rights updated" in out.stdout, out.stdout
+        assert "CRL pushed to 1 agent(s)" in out.stdout, out.stdout  # rv-a (rv-c never ran: no session)
+
+        # rv-b: cut, learns it is revoked, stops with 78 and says what to do
+        assert procs["rv-b"].proc is not None
+        code = procs["rv-b"].proc.wait(timeout=120)
+        log_b = procs["rv-b"].output()
+        assert code == 78, log_b[-3000:]
+        assert "revoked" in log_b and "re-enroll" in log_b
+        st = json.loads(agent_cli(homes["rv-b"], "status", "--json").stdout)
+        assert st["revoked"] and st["revoked"]["reason"] in ("broker", "crl")
+        assert "REVOKED" in agent_cli(homes["rv-b"], "status").stdout
+        again = agent_cli(homes["rv-b"], "run")
+        assert again.returncode == 78 and "revoked" in again.stderr and again.stderr.count("\n") == 1, again.stderr
+        assert (homes["rv-b"] / "outbox.sqlite3").exists()  # unsent readings are kept
+
+        # rv-a: the pushed CRL replaced its stale one and lists rv-b; commands run again
+        def a_crl_lists_b() -> bool:
+            crl = x509.load_pem_x509_crl((homes["rv-a"] / "crl.pem").read_bytes())
+            return crl.get_revoked_certificate_by_serial_number(b_serial) is not None
+        wait_until(a_crl_lists_b, 60, "the new CRL installed on rv-a")
+        assert json.loads(agent_cli(homes["rv-a"], "status", "--json").stdout)["crl"]["state"] == "fresh"
+        out = cli("send", "--data-dir", str(coordinator.data_dir), "rv-a", "status", "--timeout", "60")
+        assert out.returncode == 0 and json.loads(out.stdout)["status"] == "SUCCESS", out.stdout + out.stderr
+        before = readings(coordinator, "rv-a")
+        wait_until(lambda: readings(coordinator, "rv-a") > before, 60, "rv-a still streaming")
+        assert procs["rv-a"].proc is not None and procs["rv-a"].proc.poll() is None
+
+        listing = {a["agent_id"]: a["status"] for a in json.loads(cli("agents", "--data-dir", str(coordinator.data_dir), "--json").stdout)}
+        assert listing["rv-b"] == "revoked"
+    finally:
+        for proc in procs.values():
+            if proc.proc is not None:
+                kill_group(proc.proc)
+
+
+def test_reserved_names_cannot_be_enrolled(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    env = {"EDGE_COORDINATOR_IDENTITY": "fleet-coord"}  # "coordinator" stays reserved under another identity
+    assert cli("init", "--data-dir", str(data), env=env).returncode == 0
+    for name in ("coordinator", "broker", "fleet-coord"):
+        out = cli("enroll", "--data-dir", str(data), "--bundle", name, env=env)
+        assert out.returncode == 1 and "reserved" in out.stderr, (name, out.stderr)
