@@ -267,6 +267,15 @@ def _toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
+#: Comments written above a key in coordinator.toml (the choices an operator must get right).
+NOTES = {
+    ("broker", "acl_mode"): '"dynsec" (default): subscriptions checked, revoke cuts live connections. "file" is UNSAFE: '
+                            "SUBSCRIBE unchecked (any agent can drop others' readings), revoked agents stay connected",
+    ("pki", "crl_validity"): "seconds each issued CRL stays valid (next-update); agents and Mosquitto refuse it after",
+    ("pki", "crl_refresh"): "seconds between CRL re-issue + push to agents by `run` (must be < crl_validity)",
+}
+
+
 def render_toml(cfg: CoordinatorConfig) -> str:
     """The config as TOML, every key written so operators can see what to change."""
     lines = ["# edge-coordinator configuration; env EDGE_COORDINATOR_<SECTION>_<KEY> overrides", ""]
@@ -278,6 +287,8 @@ def render_toml(cfg: CoordinatorConfig) -> str:
         lines.append(f"[{section}]")
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
+            if (section, f.name) in NOTES:
+                lines.append(f"# {NOTES[(section, f.name)]}")
             lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
     return "\n".join(lines) + "\n"
 

@@ -101,6 +101,11 @@ class Coordinator:
         from .crl_push import push_crl
 
         check_every = max(1.0, min(60.0, self.cfg.pki.crl_refresh / 4))
+        # The pusher's signing app opens the same replay/quarantine files: let the worker
+        # create them first (two first opens in one process race on SQLite's WAL switch).
+        while not self.worker_ready.wait(1.0):
+            if self._stop.is_set():
+                return
         first = True
         while not self._stop.wait(0.0 if first else check_every):
             try:

@@ -161,3 +161,30 @@ def test_reserved_names_cannot_be_enrolled(tmp_path: Path) -> None:
     for name in ("coordinator", "broker", "fleet-coord"):
         out = cli("enroll", "--data-dir", str(data), "--bundle", name, env=env)
         assert out.returncode == 1 and "reserved" in out.stderr, (name, out.stderr)
+
+
+def test_daemon_reissues_and_pushes_the_crl_before_it_goes_stale(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
+    from coordinator.config import load_config, save_config
+
+    coordinator.init("rf-a")
+    cfg = load_config(data_dir=coordinator.data_dir, require_file=True)
+    cfg.pki.crl_validity, cfg.pki.crl_refresh = 600.0, 3.0  # re-issue every 3 s for the test
+    save_config(cfg)
+    first = x509.load_pem_x509_crl((coordinator.data_dir / "pki" / "crl.pem").read_bytes())
+    coordinator.start()
+    home = enroll_agent(coordinator, "rf-a", tmp_path / "rf-a")
+    installed = x509.load_pem_x509_crl((home / "crl.pem").read_bytes()).last_update_utc
+    proc = run_agent(home)
+    try:
+        def agent_got_newer() -> bool:
+            crl = x509.load_pem_x509_crl((home / "crl.pem").read_bytes())
+            return crl.last_update_utc > installed
+        wait_until(agent_got_newer, 60, "a re-issued CRL pushed to the agent")
+        now = x509.load_pem_x509_crl((coordinator.data_dir / "pki" / "crl.pem").read_bytes())
+        assert now.last_update_utc > first.last_update_utc
+        assert now.next_update_utc - now.last_update_utc == dt.timedelta(seconds=600) + dt.timedelta(minutes=5)
+        assert json.loads(agent_cli(home, "status", "--json").stdout)["crl"]["state"] == "fresh"
+        assert proc.proc is not None and proc.proc.poll() is None  # the pushes did not disturb it
+    finally:
+        if proc.proc is not None:
+            kill_group(proc.proc)
