@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="broker ACLs: dynsec (default: subscriptions checked, revoke cuts live connections) or "
                         "file (UNSAFE: SUBSCRIBE unchecked, any agent can drop others' readings; revoked agents stay connected)")
 
-    p = sub.add_parser("run", help="run the daemon: broker, chain, ingest worker, chain writer, metrics")
+    p = sub.add_parser("run", help="run the daemon: broker, chain, ingest worker, chain writer, metrics",
+                       description="Run the daemon: managed Mosquitto (broker.acl_mode dynsec by default; 'file' is "
+                                   "UNSAFE and logged as such), anvil, ingest worker, chain writer, metrics; re-issues "
+                                   "the CRL every pki.crl_refresh seconds and pushes it to the agents.")
     _common(p)
 
     p = sub.add_parser("enroll", help="sign an agent CSR (or make a demo bundle with --bundle NAME)")

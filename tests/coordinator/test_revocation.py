@@ -87,6 +87,20 @@ def stale_crl(coordinator: CoordinatorProcess) -> bytes:
     return crl.public_bytes(serialization.Encoding.PEM)
 
 
+def push_update_crl(coordinator: CoordinatorProcess, agent: str, crl_pem: str):
+    """edge.agent.update_crl signed by the coordinator's identity; waits for the agent's result."""
+    from coordinator.celery_app import make_app
+    from coordinator.config import load_config
+
+    app = make_app(load_config(data_dir=coordinator.data_dir, require_file=True), consumer=False)
+    try:
+        result = app.send_task("edge.agent.update_crl", kwargs={"crl_pem": crl_pem}, queue=f"agent.{agent}", retry=False)
+        result.get(timeout=60, propagate=False)
+        return result
+    finally:
+        app.close()
+
+
 def test_revoked_agent_is_cut_stops_and_the_others_get_the_crl(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
     coordinator.init("rv-a", "rv-b", "rv-c")
     assert "acl_mode = \"dynsec\"" in (coordinator.data_dir / "coordinator.toml").read_text()
@@ -142,6 +156,11 @@ def test_revoked_agent_is_cut_stops_and_the_others_get_the_crl(coordinator: Coor
         assert json.loads(agent_cli(homes["rv-a"], "status", "--json").stdout)["crl"]["state"] == "fresh"
         out = cli("send", "--data-dir", str(coordinator.data_dir), "rv-a", "status", "--timeout", "60")
         assert out.returncode == 0 and json.loads(out.stdout)["status"] == "SUCCESS", out.stdout + out.stderr
+        # a stale CRL pushed to the agent is refused; its fresh CRL stays in place
+        fresh = (homes["rv-a"] / "crl.pem").read_bytes()
+        result = push_update_crl(coordinator, "rv-a", stale_crl(coordinator).decode())
+        assert result.status == "FAILURE" and "next-update passed" in str(result.result), (result.status, result.result)
+        assert (homes["rv-a"] / "crl.pem").read_bytes() == fresh
         before = readings(coordinator, "rv-a")
         wait_until(lambda: readings(coordinator, "rv-a") > before, 60, "rv-a still streaming")
         assert procs["rv-a"].proc is not None and procs["rv-a"].proc.poll() is None
