@@ -57,6 +57,29 @@ def agent_version() -> str:
         return "0.1.0"
 
 
+#: Celery logs each failed (re)connection of the consuming connection here, with the exception.
+CONSUMER_LOGGER = "celery.worker.consumer.consumer"
+
+
+class ConsumerRefusalWatch(logging.Handler):
+    """Hands the consumer's connection errors to the runtime, so a revoked device stops
+    even while it has nothing to publish (the forwarder only sees its own connection)."""
+
+    def __init__(self, check: Any) -> None:
+        super().__init__(level=logging.ERROR)
+        self.check = check
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        for arg in args:
+            if isinstance(arg, BaseException):
+                try:
+                    self.check(arg)
+                except Exception:  # noqa: BLE001 - a log handler must never break the worker
+                    self.handleError(record)
+                return
+
+
 class AgentRuntime:
     """Sensors + outbox + forwarder thread, bound to one Celery app."""
 
@@ -74,6 +97,8 @@ class AgentRuntime:
         self.revoked: dict[str, Any] | None = None  # set when this device learns it is revoked
         self._refusal_logged: str | None = None
         self._next_probe = 0.0
+        self._probe_lock = threading.Lock()
+        self._revoked_lock = threading.Lock()
 
     def outbox(self) -> Outbox:
         """This thread's outbox connection (sqlite3 connections are per thread)."""
@@ -98,8 +123,13 @@ class AgentRuntime:
             on_idle=trim,  # long idle ahead: hand freed heap pages back (agent.memory)
         )
         self.forwarder.start()
+        self._watch = ConsumerRefusalWatch(self._check_refusal)
+        logging.getLogger(CONSUMER_LOGGER).addHandler(self._watch)
 
     def stop(self) -> None:
+        watch, self._watch = getattr(self, "_watch", None), None
+        if watch is not None:
+            logging.getLogger(CONSUMER_LOGGER).removeHandler(watch)
         if self.forwarder is not None:
             self.forwarder.stop()
             self.forwarder = None
@@ -143,11 +173,14 @@ class AgentRuntime:
         from security.refusal import CERT_REVOKED, broker_refusal, describe
 
         reason = broker_refusal(exc)
-        if reason != CERT_REVOKED and self.cfg.broker_url.startswith("mqtts") and time.monotonic() >= self._next_probe:
+        with self._probe_lock:
+            probe_now = time.monotonic() >= self._next_probe
+            if probe_now:
+                self._next_probe = time.monotonic() + 5.0
+        if reason != CERT_REVOKED and self.cfg.broker_url.startswith("mqtts") and probe_now:
             # TLS 1.3 hides the broker's alert behind "connection lost": ask directly
             from security.refusal import probe_certificate
 
-            self._next_probe = time.monotonic() + 5.0
             reason = probe_certificate(self.cfg.broker_url, str(self.cfg.ca_file), str(self.cfg.cert_file),
                                        str(self.cfg.key_file), timeout=2.0) or reason
         if reason == CERT_REVOKED:
@@ -160,9 +193,10 @@ class AgentRuntime:
         """Persist the mark, log what to do, and stop the worker (exit EXIT_REVOKED)."""
         from .revocation import FIX, mark_revoked
 
-        if self.revoked is not None:
-            return
-        self.revoked = mark_revoked(self.cfg, reason, detail)
+        with self._revoked_lock:  # the forwarder and the consumer may both notice it
+            if self.revoked is not None:
+                return
+            self.revoked = mark_revoked(self.cfg, reason, detail)
         log.error("this device is revoked (%s): %s. Stopping; unsent readings stay in %s", detail, FIX, self.cfg.outbox_file)
         os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown; `run` then exits EXIT_REVOKED
 

@@ -38,10 +38,10 @@ def enroll_agent(coordinator: CoordinatorProcess, name: str, home: Path) -> Path
     return home
 
 
-def run_agent(home: Path) -> Proc:
+def run_agent(home: Path, interval: str = "0.5") -> Proc:
     env = {"EDGE_AGENT_BACKOFF_MIN": "0.1", "EDGE_AGENT_BACKOFF_MAX": "1", "EDGE_AGENT_PUBLISH_TIMEOUT": "5",
            "EDGE_AGENT_HEARTBEAT_INTERVAL": "0"}
-    proc = Proc([sys.executable, "-m", "agent", "--data-dir", str(home), "run", "--interval", "0.5"],
+    proc = Proc([sys.executable, "-m", "agent", "--data-dir", str(home), "run", "--interval", interval],
                 home.parent / f"{home.name}.log", env=env).start()
     proc.wait_for_output("ready in", timeout=90)
     return proc
@@ -106,10 +106,11 @@ def test_revoked_agent_is_cut_stops_and_the_others_get_the_crl(coordinator: Coor
     assert "acl_mode = \"dynsec\"" in (coordinator.data_dir / "coordinator.toml").read_text()
     coordinator.start()
     homes = {n: enroll_agent(coordinator, n, tmp_path / n) for n in ("rv-a", "rv-b")}
-    procs = {n: run_agent(h) for n, h in homes.items()}
+    # rv-b samples once and then idles: only its consuming connection can notice the revocation
+    procs = {"rv-a": run_agent(homes["rv-a"]), "rv-b": run_agent(homes["rv-b"], interval="3600")}
     try:
-        for name in procs:
-            wait_until(lambda: readings(coordinator, name) >= 3, 90, f"{name}'s readings")
+        wait_until(lambda: readings(coordinator, "rv-a") >= 3, 90, "rv-a's readings")
+        wait_until(lambda: readings(coordinator, "rv-b") >= 1, 90, "rv-b's first reading")
 
         # no agent can join another agent's queue or the coordinator's ingest group
         assert subscribe_codes(coordinator, "rv-a", [
