@@ -173,18 +173,20 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if cfg.broker.acl_mode == "file":
         print(f"warning: broker.acl_mode is \"file\": {args.agent}'s live connection stays up until it reconnects "
               "(its tasks are refused by the signature checks); use dynsec to cut it at once", file=sys.stderr)
-    _push_crl(cfg, store)
+    # the revoked agent too: in file mode its live connection still reads its queue, so an
+    # honest agent learns it is revoked and stops (under dynsec the copy is never delivered)
+    _push_crl(cfg, [*store.active_agents(), args.agent])
     return 0
 
 
-def _push_crl(cfg: CoordinatorConfig, store) -> None:  # noqa: ANN001 - FleetStore, imported lazily
+def _push_crl(cfg: CoordinatorConfig, agents: list[str]) -> None:
     from .crl_push import push_crl
     from .supervisor import port_open
 
     if cfg.managed_broker and not port_open(cfg.broker.port, cfg.broker.host):
         print("broker not running: agents get the new CRL when `edge-coordinator run` starts")
         return
-    print(push_crl(cfg, store.active_agents()).summary())
+    print(push_crl(cfg, agents).summary())
 
 
 def _note(message: str | None, err: bool = False) -> None:

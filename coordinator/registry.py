@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from .fleet_pki import FleetStore
+from .fleet_pki import RESERVED_NAMES, FleetStore
 
 AGENTS = "agents"
 
@@ -107,7 +107,7 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.
     """Enrolled agents (from issued certificates) merged with what the daemon saw."""
     now = time.time() if now is None else now
     seen = read_registry(journal_path)
-    reserved = {store.cfg.identity, "broker"}
+    reserved = {store.cfg.identity, *RESERVED_NAMES}
     names = [c.name for c in store.issued() if c.name not in reserved]
     names += [n for n in seen if n not in names]
     views: list[AgentView] = []

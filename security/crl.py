@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 
 from .pki import PKIError, load_certificate, utcnow
 from .revocation import write_crl_file
@@ -106,13 +107,8 @@ def install_crl(crl_pem: bytes | str, ca_path: Path | str, crl_path: Path | str,
                     f"pushed CRL ({crl.last_update_utc.isoformat()}) is older than the installed one "
                     f"({current.last_update_utc.isoformat()}): refusing a rollback"
                 )
-            if current.fingerprint(_sha256()) == crl.fingerprint(_sha256()):
+            if current.fingerprint(hashes.SHA256()) == crl.fingerprint(hashes.SHA256()):
                 return crl, False
     write_crl_file(crl, crl_path)
     return crl, True
 
-
-def _sha256():  # noqa: ANN202 - tiny indirection keeps the hashes import local
-    from cryptography.hazmat.primitives import hashes
-
-    return hashes.SHA256()

@@ -134,7 +134,9 @@ def test_revoked_agent_is_cut_stops_and_the_others_get_the_crl(coordinator: Coor
         out = cli("revoke", "--data-dir", str(coordinator.data_dir), "rv-b")
         assert out.returncode == 0, out.stdout + out.stderr
         assert "told the broker" in out.stdout and "broker rights updated" in out.stdout, out.stdout
-        assert "CRL pushed to 1 agent(s)" in out.stdout, out.stdout  # rv-a (rv-c never ran: no session)
+        # to rv-a; rv-b (pushed too, for file mode) lost its session with its dynsec client,
+        # and rv-c never ran: no session for either
+        assert "CRL pushed to 1 agent(s); 2 without a broker session" in out.stdout, out.stdout
 
         # rv-b: cut, learns it is revoked, stops with 78 and says what to do
         assert procs["rv-b"].proc is not None
@@ -205,6 +207,30 @@ def test_daemon_reissues_and_pushes_the_crl_before_it_goes_stale(coordinator: Co
         assert now.next_update_utc - now.last_update_utc == dt.timedelta(seconds=600) + dt.timedelta(minutes=5)
         assert json.loads(agent_cli(home, "status", "--json").stdout)["crl"]["state"] == "fresh"
         assert proc.proc is not None and proc.proc.poll() is None  # the pushes did not disturb it
+    finally:
+        if proc.proc is not None:
+            kill_group(proc.proc)
+
+
+def test_file_mode_revoked_agent_learns_it_from_the_pushed_crl(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
+    """The unsafe file mode cannot cut the live connection; the CRL pushed over it stops an honest agent."""
+    out = cli("init", "--data-dir", str(coordinator.data_dir), "--broker-port", str(coordinator.broker_port),
+              "--chain-port", str(coordinator.chain_port), "--http-port", str(coordinator.http_port), "--acl-mode", "file")
+    assert out.returncode == 0, out.stderr
+    assert cli("enroll", "--data-dir", str(coordinator.data_dir), "--bundle", "fm-a").returncode == 0
+    coordinator.start()
+    assert "UNSAFE" in coordinator.log()  # the warning logged at run
+    home = enroll_agent(coordinator, "fm-a", tmp_path / "fm-a")
+    proc = run_agent(home, interval="3600")
+    try:
+        wait_until(lambda: readings(coordinator, "fm-a") >= 1, 90, "fm-a's first reading")
+        out = cli("revoke", "--data-dir", str(coordinator.data_dir), "fm-a")
+        assert out.returncode == 0 and "CRL pushed to 1 agent(s)" in out.stdout, out.stdout + out.stderr
+        assert "acl_mode is \"file\"" in out.stderr
+        assert proc.proc is not None
+        assert proc.proc.wait(timeout=120) == 78, proc.output()[-3000:]
+        state = json.loads(agent_cli(home, "status", "--json").stdout)["revoked"]
+        assert state["reason"] == "crl", state
     finally:
         if proc.proc is not None:
             kill_group(proc.proc)
