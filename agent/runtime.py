@@ -99,6 +99,7 @@ class AgentRuntime:
         self._next_probe = 0.0
         self._probe_lock = threading.Lock()
         self._revoked_lock = threading.Lock()
+        self._watch: ConsumerRefusalWatch | None = None
 
     def outbox(self) -> Outbox:
         """This thread's outbox connection (sqlite3 connections are per thread)."""
@@ -127,7 +128,7 @@ class AgentRuntime:
         logging.getLogger(CONSUMER_LOGGER).addHandler(self._watch)
 
     def stop(self) -> None:
-        watch, self._watch = getattr(self, "_watch", None), None
+        watch, self._watch = self._watch, None
         if watch is not None:
             logging.getLogger(CONSUMER_LOGGER).removeHandler(watch)
         if self.forwarder is not None:
