@@ -164,6 +164,11 @@ def register_tasks(app: Celery, runtime: AgentRuntime) -> None:
     def status() -> dict:
         return runtime.status()
 
+    # Not in COMMANDS: pushed by the coordinator daemon (no edge.command_result for it).
+    @app.task(name="edge.agent.update_crl", shared=False)
+    def update_crl(crl_pem: str) -> dict:
+        return runtime.update_crl(crl_pem)
+
     def report(sender: Any = None, task_id: str | None = None, task: Any = None, retval: Any = None,
                state: str | None = None, **_: Any) -> None:
         if task is None or task.app is not app or task.name not in COMMANDS or task_id is None:

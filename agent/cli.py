@@ -56,6 +56,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     limit_arenas()  # before any thread starts (see agent.memory)
     cfg = _config(args, broker_url=args.broker_url, interval=args.interval, log_level=args.log_level)
     cfg.validate_for_run()
+    from .revocation import EXIT_REVOKED, FIX, AgentRevoked, refuse_if_revoked
+
+    try:
+        refuse_if_revoked(cfg)
+    except AgentRevoked as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_REVOKED
     from .app import create_app, start_worker
 
     started = time.monotonic()
@@ -67,7 +74,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"edge-agent {cfg.agent_id} ready in {time.monotonic() - started:.2f}s: consuming {cfg.queue}",
               file=sys.stderr, flush=True)
 
-    return start_worker(app, cfg, on_ready=ready)
+    code = start_worker(app, cfg, on_ready=ready)
+    if app.edge_runtime.revoked is not None:
+        print(f"edge-agent: this device is revoked ({app.edge_runtime.revoked['detail']}): {FIX}", file=sys.stderr, flush=True)
+        return EXIT_REVOKED
+    return code
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -78,7 +89,8 @@ def _fmt_time(ts: float | None) -> str:
 
 def collect_status(cfg: AgentConfig) -> dict[str, Any]:
     """Local state only: config, certificate, outbox. Works with the broker down."""
-    from .identity import certificate_summary
+    from .identity import certificate_summary, crl_summary
+    from .revocation import revoked_state
 
     out: dict[str, Any] = {
         "agent_id": cfg.agent_id or None,
@@ -86,6 +98,8 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
         "broker_url": cfg.broker_url or None,
         "key": cfg.key_file.exists(),
         "certificate": certificate_summary(cfg),
+        "crl": crl_summary(cfg),
+        "revoked": revoked_state(cfg),
     }
     if cfg.outbox_file.exists() and cfg.agent_id:
         from .outbox import Outbox
@@ -118,6 +132,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"certificate:  {cert['subject']} expires {cert['expires']} ({cert['days_left']} days left)")
     else:
         print("certificate:  (none: run `edge-agent enroll`)")
+    crl = st["crl"]
+    if not crl.get("installed"):
+        print("crl:          (none installed: revocations are not checked until the coordinator pushes one)")
+    else:
+        print(f"crl:          {crl['state']}, next update {crl['next_update']}" + (f" ({crl['error']})" if crl.get("error") else ""))
+    if st["revoked"]:
+        from .revocation import FIX
+
+        print(f"REVOKED:      {st['revoked'].get('detail') or st['revoked'].get('reason')} (since {_fmt_time(st['revoked'].get('at'))})")
+        print(f"              `run` refuses to start: {FIX}")
     print(f"interval:     {st['interval']}s")
     print(f"outbox:       {box['backlog']} waiting, {box['sent']} sent, {box['dropped']} dropped, next seq {box['next_seq']}")
     print(f"last flush:   {_fmt_time(box['last_flush_at'])}")
@@ -151,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_enroll)
 
     p = sub.add_parser("run", help="run the agent (Celery worker on agent.<id>, sampler, outbox)",
-                       description="Run the agent in the foreground until SIGTERM/SIGINT.")
+                       description="Run the agent in the foreground until SIGTERM/SIGINT. Exits 78 when this "
+                                   "device is revoked (broker refused its certificate or the fleet CRL lists it); "
+                                   "it then refuses to start until re-enrolled (unsent readings are kept).")
     p.add_argument("--broker-url", help="override broker_url (mqtts://host:port)")
     p.add_argument("--interval", type=float, help="override the sampling interval (seconds)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default), ERROR")

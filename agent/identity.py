@@ -130,6 +130,12 @@ def enroll(
             crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes())
         except (OSError, ValueError) as exc:
             raise AgentError(f"CRL {crl_path} unreadable ({exc}): pass the fleet's crl.pem") from exc
+        from security.crl import CrlError, check_signed_by
+
+        try:
+            check_signed_by(crl, ca)
+        except CrlError as exc:
+            raise AgentError(f"CRL {crl_path} refused ({exc}): pass the fleet's crl.pem") from exc
         if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
             raise AgentError("this certificate is revoked in the given CRL: ask the coordinator for a new one")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +146,28 @@ def enroll(
     if broker_url:
         settings["broker_url"] = broker_url
     update_toml(cfg.data_dir, agent_id=_pki(pki.common_name, cert), **settings)
+    from .revocation import clear_revoked
+
+    clear_revoked(cfg)  # a new, unrevoked certificate: `run` may start again (the outbox is kept)
     return cert
+
+
+def crl_summary(cfg: AgentConfig) -> dict:
+    """The installed CRL for `status`: fresh / stale / invalid, and its next update."""
+    if not cfg.crl_file.exists():
+        return {"installed": False}
+    from security.crl import CrlStale, load_verified_crl, parse_crl
+
+    out: dict = {"installed": True, "state": "fresh", "next_update": None}
+    try:
+        crl = parse_crl(cfg.crl_file.read_bytes())
+        out["next_update"] = crl.next_update_utc.isoformat() if crl.next_update_utc else None
+        load_verified_crl(cfg.crl_file, cfg.ca_file)
+    except CrlStale as exc:
+        out.update(state="stale", error=str(exc))
+    except (pki.PKIError, OSError) as exc:
+        out.update(state="invalid", error=str(exc))
+    return out
 
 
 def certificate_summary(cfg: AgentConfig) -> dict:

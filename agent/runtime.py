@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import tracemalloc
@@ -56,6 +57,29 @@ def agent_version() -> str:
         return "0.1.0"
 
 
+#: Celery logs each failed (re)connection of the consuming connection here, with the exception.
+CONSUMER_LOGGER = "celery.worker.consumer.consumer"
+
+
+class ConsumerRefusalWatch(logging.Handler):
+    """Hands the consumer's connection errors to the runtime, so a revoked device stops
+    even while it has nothing to publish (the forwarder only sees its own connection)."""
+
+    def __init__(self, check: Any) -> None:
+        super().__init__(level=logging.ERROR)
+        self.check = check
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        for arg in args:
+            if isinstance(arg, BaseException):
+                try:
+                    self.check(arg)
+                except Exception:  # noqa: BLE001 - a log handler must never break the worker
+                    self.handleError(record)
+                return
+
+
 class AgentRuntime:
     """Sensors + outbox + forwarder thread, bound to one Celery app."""
 
@@ -70,6 +94,12 @@ class AgentRuntime:
         stored = self.outbox().get_meta("interval")
         self.interval = float(stored) if stored else cfg.interval
         self.forwarder: Forwarder | None = None
+        self.revoked: dict[str, Any] | None = None  # set when this device learns it is revoked
+        self._refusal_logged: str | None = None
+        self._next_probe = 0.0
+        self._probe_lock = threading.Lock()
+        self._revoked_lock = threading.Lock()
+        self._watch: ConsumerRefusalWatch | None = None
 
     def outbox(self) -> Outbox:
         """This thread's outbox connection (sqlite3 connections are per thread)."""
@@ -94,8 +124,13 @@ class AgentRuntime:
             on_idle=trim,  # long idle ahead: hand freed heap pages back (agent.memory)
         )
         self.forwarder.start()
+        self._watch = ConsumerRefusalWatch(self._check_refusal)
+        logging.getLogger(CONSUMER_LOGGER).addHandler(self._watch)
 
     def stop(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            logging.getLogger(CONSUMER_LOGGER).removeHandler(watch)
         if self.forwarder is not None:
             self.forwarder.stop()
             self.forwarder = None
@@ -127,10 +162,78 @@ class AgentRuntime:
                     declare=[],  # never declare edge.ingest: on MQTT a declared queue is a subscription
                 )
                 return
-            except Exception:
+            except Exception as exc:
                 self.reset_connection()
+                self._check_refusal(exc)
                 if fresh or attempt:
                     raise
+
+    # -- revocation (see agent.revocation) ------------------------------
+    def _check_refusal(self, exc: BaseException) -> None:
+        """The broker's final no: certificate revoked -> stop for good; not authorized -> say so."""
+        from security.refusal import CERT_REVOKED, broker_refusal, describe
+
+        reason = broker_refusal(exc)
+        with self._probe_lock:
+            probe_now = time.monotonic() >= self._next_probe
+            if probe_now:
+                self._next_probe = time.monotonic() + 5.0
+        if reason != CERT_REVOKED and self.cfg.broker_url.startswith("mqtts") and probe_now:
+            # TLS 1.3 hides the broker's alert behind "connection lost": ask directly
+            from security.refusal import probe_certificate
+
+            reason = probe_certificate(self.cfg.broker_url, str(self.cfg.ca_file), str(self.cfg.cert_file),
+                                       str(self.cfg.key_file), timeout=2.0) or reason
+        if reason == CERT_REVOKED:
+            self.on_revoked("broker", "the broker refused the TLS handshake: certificate revoked")
+        elif reason is not None and self._refusal_logged != reason:
+            self._refusal_logged = reason  # keeps retrying: an ACL mistake must not brick a device
+            log.error("%s; still retrying until the broker also refuses the certificate", describe(reason))
+
+    def on_revoked(self, reason: str, detail: str) -> None:
+        """Persist the mark, log what to do, and stop the worker (exit EXIT_REVOKED)."""
+        from .revocation import FIX, mark_revoked
+
+        with self._revoked_lock:  # the forwarder and the consumer may both notice it
+            if self.revoked is not None:
+                return
+            self.revoked = mark_revoked(self.cfg, reason, detail)
+        log.error("this device is revoked (%s): %s. Stopping; unsent readings stay in %s", detail, FIX, self.cfg.outbox_file)
+        os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown; `run` then exits EXIT_REVOKED
+
+    def require_fresh_crl(self) -> None:
+        """Fail closed: no coordinator command runs on a CRL past its next-update."""
+        from security.crl import load_verified_crl
+        from security.pki import PKIError
+
+        if not self.cfg.crl_file.exists():
+            return  # enrolled without a CRL: nothing to be stale (the first push installs one)
+        try:
+            load_verified_crl(self.cfg.crl_file, self.cfg.ca_file)
+        except PKIError as exc:
+            raise AgentError(f"command refused: {exc}") from None
+
+    def update_crl(self, crl_pem: str) -> dict:
+        """Install a CRL pushed by the coordinator (edge.agent.update_crl).
+
+        Needs no fresh CRL itself (it brings one): the fleet CA's signature on the CRL,
+        its freshness and no-rollback are checked by security.crl before it is written.
+        """
+        from security.crl import install_crl, lists_serial
+        from security.pki import PKIError
+
+        from .revocation import own_serial
+
+        try:
+            crl, replaced = install_crl(crl_pem, self.cfg.ca_file, self.cfg.crl_file)
+        except PKIError as exc:
+            raise AgentError(f"CRL refused: {exc}") from None
+        serial = own_serial(self.cfg)
+        if serial is not None and lists_serial(crl, serial):
+            self.on_revoked("crl", "the fleet CRL pushed by the coordinator lists this device's certificate")
+        next_update = crl.next_update_utc
+        return {"installed": replaced, "revoked_serials": len(list(crl)),
+                "next_update": next_update.isoformat() if next_update else None}
 
     def reset_connection(self) -> None:
         conn, self._conn, self._producer = self._conn, None, None
@@ -142,6 +245,7 @@ class AgentRuntime:
 
     # -- commands (worker thread) ---------------------------------------
     def sample_now(self, sensor: str | None = None) -> list[dict]:
+        self.require_fresh_crl()
         if sensor is not None and sensor not in {s.name for s in self.sensors}:
             raise AgentError(f"no sensor {sensor!r} on this agent: it has {', '.join(s.name for s in self.sensors)}")
         fwd = self.forwarder
@@ -152,6 +256,7 @@ class AgentRuntime:
         return readings
 
     def set_interval(self, seconds: float) -> dict:
+        self.require_fresh_crl()
         seconds = float(seconds)
         if not seconds >= MIN_INTERVAL:
             raise AgentError(f"interval {seconds!r} too small: use at least {MIN_INTERVAL} seconds")
@@ -162,6 +267,7 @@ class AgentRuntime:
         return {"interval": seconds}
 
     def status(self, top: int = 10) -> dict:
+        self.require_fresh_crl()
         stats = self.outbox().stats()
         diag: dict[str, Any] = {
             "agent_id": self.cfg.agent_id,

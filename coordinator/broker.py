@@ -65,6 +65,17 @@ def _fallback_config(cfg: CoordinatorConfig, store: FleetStore, workdir: Path) -
     )
 
 
+def running_broker_pid(cfg: CoordinatorConfig) -> int | None:
+    """Pid of this data dir's managed Mosquitto, if it runs (pid file + its command line)."""
+    workdir = cfg.run_dir / "mosquitto"
+    try:
+        pid = int((workdir / "mosquitto.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"mosquitto" in cmdline and str(workdir / "mosquitto.conf").encode() in cmdline else None
+
+
 def managed_broker(cfg: CoordinatorConfig, store: FleetStore) -> Child:
     workdir = cfg.run_dir / "mosquitto"
     workdir.mkdir(parents=True, exist_ok=True)

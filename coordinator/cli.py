@@ -42,9 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, help="port of /metrics and /healthz on 127.0.0.1 (default 9464)")
     p.add_argument("--broker-url", help="use this external broker instead of running Mosquitto")
     p.add_argument("--chain-url", help="use this external JSON-RPC endpoint instead of running anvil")
-    p.add_argument("--acl-mode", choices=("file", "dynsec"), help="broker ACLs: file (default) or dynsec (revoke cuts live connections)")
+    p.add_argument("--acl-mode", choices=("dynsec", "file"),
+                   help="broker ACLs: dynsec (default: subscriptions checked, revoke cuts live connections) or "
+                        "file (UNSAFE: SUBSCRIBE unchecked, any agent can drop others' readings; revoked agents stay connected)")
 
-    p = sub.add_parser("run", help="run the daemon: broker, chain, ingest worker, chain writer, metrics")
+    p = sub.add_parser("run", help="run the daemon: broker, chain, ingest worker, chain writer, metrics",
+                       description="Run the daemon: managed Mosquitto (broker.acl_mode dynsec by default; 'file' is "
+                                   "UNSAFE and logged as such), anvil, ingest worker, chain writer, metrics; re-issues "
+                                   "the CRL every pki.crl_refresh seconds and pushes it to the agents.")
     _common(p)
 
     p = sub.add_parser("enroll", help="sign an agent CSR (or make a demo bundle with --bundle NAME)")
@@ -54,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="certificate file (CSR mode, default stdout) or bundle dir (default <data-dir>/bundles/NAME)")
     p.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
 
-    p = sub.add_parser("revoke", help="revoke an agent's certificates; the broker and the signature checks honour it")
+    p = sub.add_parser("revoke", help="revoke an agent: new CRL, broker reload, its broker rights and live connection cut, CRL pushed to agents")
     _common(p)
     p.add_argument("agent", help="agent id (certificate CN)")
 
@@ -145,19 +150,43 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
+    """In this order: CRL, broker reload (new handshakes), dynsec removal (cuts the live
+    connection; a reconnect then meets the reloaded CRL), CRL push to the other agents."""
+    from .broker import running_broker_pid
     from .fleet_pki import FleetStore
 
     cfg = _config(args)
-    serials = FleetStore(cfg).revoke(args.agent)
+    store = FleetStore(cfg)
+    serials = store.revoke(args.agent)
     print(f"revoked {args.agent}: {len(serials)} certificate(s); CRL {cfg.crl_path} updated")
-    _note(agent_revoked(cfg, args.agent))
+    broker_pid = running_broker_pid(cfg) if cfg.managed_broker else None
+    if broker_pid:
+        os.kill(broker_pid, signal.SIGHUP)  # directly: it must re-read the CRL before the dynsec cut below
+        print(f"told the broker (pid {broker_pid}) to reload the CRL")
     pid = daemon_pid(cfg)
     if pid:
         os.kill(pid, signal.SIGHUP)
         print(f"told the running coordinator (pid {pid}) to reload the CRL")
     else:
         print("no coordinator running: the CRL takes effect at the next `run`")
+    _note(agent_revoked(cfg, args.agent))
+    if cfg.broker.acl_mode == "file":
+        print(f"warning: broker.acl_mode is \"file\": {args.agent}'s live connection stays up until it reconnects "
+              "(its tasks are refused by the signature checks); use dynsec to cut it at once", file=sys.stderr)
+    # the revoked agent too: in file mode its live connection still reads its queue, so an
+    # honest agent learns it is revoked and stops (under dynsec the copy is never delivered)
+    _push_crl(cfg, [*store.active_agents(), args.agent])
     return 0
+
+
+def _push_crl(cfg: CoordinatorConfig, agents: list[str]) -> None:
+    from .crl_push import push_crl
+    from .supervisor import port_open
+
+    if cfg.managed_broker and not port_open(cfg.broker.port, cfg.broker.host):
+        print("broker not running: agents get the new CRL when `edge-coordinator run` starts")
+        return
+    print(push_crl(cfg, agents).summary())
 
 
 def _note(message: str | None, err: bool = False) -> None:

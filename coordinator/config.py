@@ -31,7 +31,12 @@ class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 8883
     max_queued_messages: int = 100000
-    acl_mode: str = "file"  # "dynsec": per-agent rights at runtime; revoke also cuts live connections
+    # "dynsec" (default): Mosquitto's dynamic-security plugin checks SUBSCRIBE too (no
+    # agent can join another queue's $share group), enroll/revoke change rights at
+    # runtime and revoke cuts the live connection. "file" is UNSAFE for fleets: acl_file
+    # never checks SUBSCRIBE (any agent can drop others' readings) and a revoked agent
+    # keeps its live connection; kept only for brokers without the plugin.
+    acl_mode: str = "dynsec"
 
 
 @dataclass
@@ -64,6 +69,20 @@ class WorkerConfig:
 
 
 @dataclass
+class PkiConfig:
+    """Fleet CRL lifetime: agents and Mosquitto refuse a CRL past its next-update.
+
+    `crl_validity` (seconds, default 7 days) is how long each issued CRL stays valid;
+    `crl_refresh` (seconds, default 1 day) is how often the running daemon re-issues it
+    and pushes it to every agent (`edge.agent.update_crl`). An agent that misses pushes
+    for longer than crl_validity refuses coordinator commands until the next push.
+    """
+
+    crl_validity: float = 7 * 24 * 3600.0
+    crl_refresh: float = 24 * 3600.0
+
+
+@dataclass
 class CoordinatorConfig:
     data_dir: Path = DEFAULT_DATA_DIR
     identity: str = "coordinator"
@@ -72,6 +91,7 @@ class CoordinatorConfig:
     chain: ChainConfig = field(default_factory=ChainConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    pki: PkiConfig = field(default_factory=PkiConfig)
 
     # -- derived paths: one layout, used by init/run/enroll/revoke alike --
     @property
@@ -123,7 +143,7 @@ class CoordinatorConfig:
         return not self.chain.url
 
 
-SECTIONS = {"broker": BrokerConfig, "chain": ChainConfig, "http": HttpConfig, "worker": WorkerConfig}
+SECTIONS = {"broker": BrokerConfig, "chain": ChainConfig, "http": HttpConfig, "worker": WorkerConfig, "pki": PkiConfig}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -229,6 +249,11 @@ def validate(cfg: CoordinatorConfig) -> None:
         raise CoordinatorError(f"broker.acl_mode {cfg.broker.acl_mode!r} must be 'file' or 'dynsec'")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise CoordinatorError(f"log_level {cfg.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+    if not cfg.pki.crl_validity > 0 or not 0 < cfg.pki.crl_refresh < cfg.pki.crl_validity:
+        raise CoordinatorError(
+            f"pki.crl_refresh ({cfg.pki.crl_refresh:g}s) must be positive and shorter than pki.crl_validity "
+            f"({cfg.pki.crl_validity:g}s): agents would see the CRL go stale between pushes"
+        )
     if cfg.chain.batch_size < 1:
         raise CoordinatorError("chain.batch_size must be at least 1")
 
@@ -242,6 +267,15 @@ def _toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
+#: Comments written above a key in coordinator.toml (the choices an operator must get right).
+NOTES = {
+    ("broker", "acl_mode"): '"dynsec" (default): subscriptions checked, revoke cuts live connections. "file" is UNSAFE: '
+                            "SUBSCRIBE unchecked (any agent can drop others' readings), revoked agents stay connected",
+    ("pki", "crl_validity"): "seconds each issued CRL stays valid (next-update); agents and Mosquitto refuse it after",
+    ("pki", "crl_refresh"): "seconds between CRL re-issue + push to agents by `run` (must be < crl_validity)",
+}
+
+
 def render_toml(cfg: CoordinatorConfig) -> str:
     """The config as TOML, every key written so operators can see what to change."""
     lines = ["# edge-coordinator configuration; env EDGE_COORDINATOR_<SECTION>_<KEY> overrides", ""]
@@ -253,6 +287,8 @@ def render_toml(cfg: CoordinatorConfig) -> str:
         lines.append(f"[{section}]")
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
+            if (section, f.name) in NOTES:
+                lines.append(f"# {NOTES[(section, f.name)]}")
             lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
     return "\n".join(lines) + "\n"
 

@@ -73,6 +73,10 @@ class Coordinator:
             raise CoordinatorError(f"no fleet CA in {self.cfg.pki_dir}: run `edge-coordinator init --data-dir {self.cfg.data_dir}`")
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
         self._claim_pid_file()
+        self._warn_unsafe_acl()
+        if self.store.crl_due():  # Mosquitto and the agents refuse a CRL past its next-update
+            self.store.reissue_crl()
+            log.info("CRL %s re-issued (valid %gs)", self.cfg.crl_path, self.cfg.pki.crl_validity)
         self._start_broker()
         self._start_chain()
         self._start_ledger()
@@ -80,6 +84,45 @@ class Coordinator:
         t = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         t.start()
         self._threads.append(t)
+        t = threading.Thread(target=self._keep_crl_fresh, name="crl-keeper", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _warn_unsafe_acl(self) -> None:
+        if self.cfg.broker.acl_mode == "file":
+            log.warning(
+                "broker.acl_mode = \"file\" is UNSAFE for a fleet: Mosquitto's acl_file never checks SUBSCRIBE, so any "
+                "agent can join the ingest group and drop other agents' readings, and a revoked agent keeps its live "
+                "connection; set broker.acl_mode = \"dynsec\" in %s", self.cfg.config_path,
+            )
+
+    # -- CRL: re-issue before it goes stale, push to agents -----------------------
+    def _keep_crl_fresh(self) -> None:
+        """Push the CRL once at start (agents that were away catch up), then re-issue and
+        push it whenever it is older than pki.crl_refresh."""
+        from .crl_push import push_crl
+
+        check_every = max(1.0, min(60.0, self.cfg.pki.crl_refresh / 4))
+        # The pusher's signing app opens the same replay/quarantine files: let the worker
+        # create them first (two first opens in one process race on SQLite's WAL switch).
+        while not self.worker_ready.wait(1.0):
+            if self._stop.is_set():
+                return
+        first = True
+        while not self._stop.wait(0.0 if first else check_every):
+            try:
+                due = self.store.crl_due()
+                if due:
+                    self.store.reissue_crl()
+                    log.info("CRL %s re-issued (valid %gs)", self.cfg.crl_path, self.cfg.pki.crl_validity)
+                    if self.broker is not None:
+                        self.broker.signal(signal.SIGHUP)
+                if due or first:
+                    push_crl(self.cfg, self.store.active_agents())
+                first = False
+            except Exception as exc:  # noqa: BLE001 - keep trying; agents fail closed meanwhile
+                log.error("CRL refresh/push failed (retrying in %.0fs): %s", check_every, exc)
+                first = False
 
     def _claim_pid_file(self) -> None:
         try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .broker_acl import agent_enrolled
 from .config import load_config, save_config
 from .errors import CoordinatorError
 from .fleet_pki import FleetStore
@@ -108,6 +109,7 @@ class Demo:
         for i in range(1, self.n_agents + 1):
             name = f"sensor-{i}"
             bundle = store.make_bundle(name, self.base / "bundles" / name, self.cfg.broker_url)
+            agent_enrolled(self.cfg, name)  # dynsec (the default): the running broker learns its rights now
             agent = AgentProc(name=name, bundle=bundle, home=self.base / "agents" / name)
             enroll = subprocess.run(
                 [PY, "-m", "agent.cli", "--data-dir", str(agent.home), "enroll", "--bundle", str(bundle)],

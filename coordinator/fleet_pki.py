@@ -35,7 +35,8 @@ from .errors import CoordinatorError
 
 BROKER_IDENTITY = "broker"
 BROKER_HOSTS = ("127.0.0.1", "localhost")
-CRL_DAYS = 3650  # the CRL is rewritten on every revoke; a long next_update keeps a quiet fleet working
+#: Never agent names: they are (or may become) the coordinator's and the broker's identities.
+RESERVED_NAMES = ("coordinator", BROKER_IDENTITY)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -145,7 +146,7 @@ class FleetStore:
         return target.read_bytes()
 
     def _refuse_reserved(self, name: str) -> None:
-        if name in (self.cfg.identity, BROKER_IDENTITY):
+        if name in (self.cfg.identity, *RESERVED_NAMES):
             raise CoordinatorError(f"identity {name!r} is reserved for the coordinator/broker: pick another agent name")
 
     def make_bundle(self, name: str, out: Path | None, broker_url: str, days: int = 365) -> Path:
@@ -186,8 +187,36 @@ class FleetStore:
         for cert in issued:
             path = self._cert_file(cert)
             store.revoke(load_certificate(path) if path else cert.serial, reason="operator")
-        store.write_crl(self.ca(), self.cfg.crl_path, days=CRL_DAYS)
+        store.write_crl(self.ca(), self.cfg.crl_path, days=self._crl_days())
         return [c.serial for c in issued]
+
+    # -- CRL lifetime: re-issued before agents and Mosquitto would find it stale --
+    def _crl_days(self) -> float:
+        return self.cfg.pki.crl_validity / 86400.0
+
+    def crl(self) -> x509.CertificateRevocationList:
+        from security.revocation import load_crl
+
+        try:
+            return load_crl(self.cfg.crl_path)
+        except PKIError as exc:
+            raise CoordinatorError(f"{exc}: run `edge-coordinator init` or restore {self.cfg.crl_path}") from None
+
+    def crl_due(self, now: dt.datetime | None = None) -> bool:
+        """True when the CRL is older than pki.crl_refresh, or would expire within it."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        crl = self.crl()
+        refresh = dt.timedelta(seconds=self.cfg.pki.crl_refresh)
+        next_update = crl.next_update_utc
+        # last_update is back-dated 5 minutes by the CA: compare against issue time
+        issued_at = crl.last_update_utc + dt.timedelta(minutes=5)
+        return next_update is None or now - issued_at >= refresh or next_update - now <= refresh
+
+    def reissue_crl(self) -> Path:
+        """Same revocations, new validity window (written atomically)."""
+        revoked = self.revocations().revoked() if self.revoked_path.exists() else {}
+        self._write_crl(self.ca(), revoked)
+        return self.cfg.crl_path
 
     def _cert_file(self, cert: IssuedCert) -> Path | None:
         for path in (self.dir / "issued" / f"{cert.name}-{cert.serial:x}.pem", self.cfg.data_dir / "bundles" / cert.name / f"{cert.name}.pem"):
@@ -203,4 +232,10 @@ class FleetStore:
         return all(store.is_revoked(s) for s in mine)
 
     def _write_crl(self, ca: CertificateAuthority, revoked: dict[int, dt.datetime]) -> None:
-        write_crl_file(ca.crl(revoked, days=CRL_DAYS), self.cfg.crl_path)
+        write_crl_file(ca.crl(revoked, days=self._crl_days()), self.cfg.crl_path)
+
+    def active_agents(self) -> list[str]:
+        """Enrolled, unrevoked agent names (recipients of CRL pushes)."""
+        reserved = {self.cfg.identity, *RESERVED_NAMES}
+        names = sorted({c.name for c in self.issued() if c.name not in reserved})
+        return [n for n in names if not self.is_revoked(n)]

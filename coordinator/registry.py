@@ -18,7 +18,7 @@ import sqlite_utils
 
 from ledger.sqlite_files import read_only
 
-from .fleet_pki import FleetStore
+from .fleet_pki import RESERVED_NAMES, FleetStore
 
 AGENTS = "agents"
 NUMERIC_COLUMNS = frozenset({"cert_not_after", "first_seen", "last_seen", "outbox_backlog", "interval", "readings", "last_seq"})
@@ -121,7 +121,7 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.
     """Enrolled agents (from issued certificates) merged with what the daemon saw."""
     now = time.time() if now is None else now
     seen = read_registry(journal_path)
-    reserved = {store.cfg.identity, "broker"}
+    reserved = {store.cfg.identity, *RESERVED_NAMES}
     names = [c.name for c in store.issued() if c.name not in reserved]
     names += [n for n in seen if n not in names]
     views: list[AgentView] = []

@@ -24,6 +24,17 @@ from typing import Any
 from celery import Celery
 
 INGEST_QUEUE = "edge.ingest"
+#: Exit status when the broker refuses this identity for good (revoked / not authorized):
+#: the same code as `edge-agent run` (EX_CONFIG), so supervisors do not restart it.
+EXIT_REFUSED = 78
+
+
+class Refused(Exception):
+    """The broker refused this identity; retrying cannot fix it (security.refusal)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
 
 
 class SimAgent:
@@ -38,6 +49,12 @@ class SimAgent:
         conf = tomllib.loads((bundle / "agent.toml").read_text())
         self.agent_id: str = conf["agent_id"]
         url = broker_url or conf["broker_url"]
+        self.broker_url = url
+        self.tls: tuple[str, str, str] | None = (
+            str(bundle / conf.get("ca_file", "ca.pem")),
+            str(bundle / conf.get("cert_file", f"{self.agent_id}.pem")),
+            str(bundle / conf.get("key_file", f"{self.agent_id}.key")),
+        ) if url.startswith("mqtts") else None
         self.app = Celery(f"sim-{self.agent_id}", broker=url, set_as_current=False)
         self.app.conf.update(
             broker_use_ssl={
@@ -45,9 +62,11 @@ class SimAgent:
                 "certfile": str(bundle / conf.get("cert_file", f"{self.agent_id}.pem")),
                 "keyfile": str(bundle / conf.get("key_file", f"{self.agent_id}.key")),
             } if url.startswith("mqtts") else None,
-            broker_transport_options={"publish_timeout": 15.0, "reconnect_timeout": reconnect_timeout},
+            # max_retries=1: kombu's own reconnect loop would otherwise retry forever (the
+            # transport already retries for reconnect_timeout); send() decides what to retry.
+            broker_transport_options={"publish_timeout": 15.0, "reconnect_timeout": reconnect_timeout, "max_retries": 1},
             task_ignore_result=True,
-            task_publish_retry=retries > 1,
+            task_publish_retry=False,  # send() retries itself, and stops on a broker refusal
         )
         setup_signing(
             self.app,
@@ -76,7 +95,14 @@ class SimAgent:
             try:
                 self.app.send_task(name, kwargs=kwargs, queue=INGEST_QUEUE, task_id=task_id)
                 return task_id
-            except Exception:  # noqa: BLE001 - broker restarting: same id, so at most once stored
+            except Exception as exc:  # noqa: BLE001 - broker restarting: same id, so at most once stored
+                from security.refusal import broker_refusal, probe_certificate
+
+                reason = broker_refusal(exc)
+                if reason is None and self.tls is not None:  # TLS 1.3 hides the alert: ask directly
+                    reason = probe_certificate(self.broker_url, *self.tls, timeout=2.0)
+                if reason is not None:  # revoked / removed from the broker: stop, do not retry forever
+                    raise Refused(reason) from exc
                 if attempt == retries - 1:
                     raise
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
@@ -106,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sim = SimAgent(args.bundle, args.broker_url, reconnect_timeout=args.reconnect_timeout, retries=args.retries)
     seq, sent, end = args.start_seq, 0, time.monotonic() + args.duration
+    refused: str | None = None
     try:
         while (args.count and sent < args.count) or (not args.count and time.monotonic() < end):
             sim.ingest(seq)
@@ -119,10 +146,18 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(args.interval)
     except KeyboardInterrupt:
         pass
+    except Refused as exc:
+        from security.refusal import describe
+
+        refused = exc.reason
+        print(f"simagent {sim.agent_id}: {describe(exc.reason)}; stopping", file=sys.stderr, flush=True)
     if args.progress:
         args.progress.write_text(str(seq - 1))
-    print(json.dumps({"agent_id": sim.agent_id, "sent": sent, "last_seq": seq - 1}), flush=True)
-    return 0
+    summary = {"agent_id": sim.agent_id, "sent": sent, "last_seq": seq - 1}
+    if refused:
+        summary["refused"] = refused
+    print(json.dumps(summary), flush=True)
+    return EXIT_REFUSED if refused else 0
 
 
 if __name__ == "__main__":

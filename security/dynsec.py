@@ -25,6 +25,8 @@ from .pki import validate_identity
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
 COORDINATOR_ROLE = "edgeledger-coordinator"
+#: Never agents, whatever the coordinator identity is configured to.
+RESERVED_NAMES = ("coordinator", "broker")
 PLUGIN_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
     "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
@@ -89,7 +91,7 @@ def render_dynsec_config(
         for name in coordinator_identities
     ]
     roles: list[dict[str, Any]] = [{"rolename": COORDINATOR_ROLE, "acls": coordinator_acls()}]
-    for agent_id in sorted(set(agent_ids) - set(coordinator_identities)):
+    for agent_id in sorted(set(agent_ids) - set(coordinator_identities) - set(RESERVED_NAMES)):
         validate_identity(agent_id)
         clients.append({"username": agent_id, "roles": [{"rolename": agent_role_name(agent_id)}]})
         roles.append({"rolename": agent_role_name(agent_id),
@@ -106,6 +108,8 @@ def render_dynsec_config(
 def add_agent_commands(agent_id: str, *, prefix: str = "kombu", queue_prefix: str = "agent.",
                        ingest: str = "edge.ingest", reply: str = "c.rep") -> list[dict[str, Any]]:
     validate_identity(agent_id)
+    if agent_id in RESERVED_NAMES:
+        raise DynsecError(f"{agent_id!r} is reserved for the coordinator/broker and cannot get agent rights")
     role = agent_role_name(agent_id)
     return [
         {"command": "createRole", "rolename": role,

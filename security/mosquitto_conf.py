@@ -16,7 +16,7 @@ from .mosquitto_config import ACL_FILE, DYNSEC_FILE, MosquittoSettings, render_m
 
 def settings_for_coordinator(cfg: Any, store: Any, workdir: Path) -> MosquittoSettings:
     broker = cfg.broker
-    acl_mode = getattr(broker, "acl_mode", "file")
+    acl_mode = getattr(broker, "acl_mode", "dynsec")
     agent_ids: tuple[str, ...] = ()
     if acl_mode == "dynsec":  # agents enrolled later: security.dynsec.add_agent_commands at enrol time
         agent_ids = tuple(sorted({c.name for c in store.issued() if not store.is_revoked(c.name)}))

@@ -72,11 +72,14 @@ class MosquittoSettings:
     log_types: tuple[str, ...] = ("error", "warning", "notice")
     extra_listeners: tuple[tuple[str, int], ...] = field(default=())  # more (host, port) with the same TLS
     extra_config: str = ""
-    # "file": Mosquitto acl_file with %u patterns (no per-agent state; SUBSCRIBE unchecked).
-    # "dynsec": dynamic-security plugin, one role per agent in `agent_ids` (SUBSCRIBE and
-    # shared-subscription groups checked; agents enrolled later are added at runtime
-    # with security.dynsec.add_agent_commands + send_commands).
-    acl_mode: str = "file"
+    # "dynsec" (default): dynamic-security plugin, one role per agent in `agent_ids`
+    # (SUBSCRIBE and shared-subscription groups checked; agents enrolled later are added
+    # at runtime with security.dynsec.add_agent_commands + send_commands; removal cuts
+    # the live connection).
+    # "file": UNSAFE for fleets, kept for brokers without the plugin: Mosquitto acl_file
+    # with %u patterns never checks SUBSCRIBE (any agent can join the coordinator's or
+    # another agent's $share group and drop its messages) and cannot cut a connection.
+    acl_mode: str = "dynsec"
     agent_ids: tuple[str, ...] = ()
     dynsec_plugin: Path | None = None  # default: found in the usual library folders
 

@@ -169,3 +169,29 @@ def test_command_names_and_argument_parsing() -> None:
     assert parse_args(["5", "2.5", "null", '"temp"', "temp"]) == [5, 2.5, None, "temp", "temp"]
     with pytest.raises(CoordinatorError, match="unknown command"):
         command_name("edge.agent.reboot")
+
+
+def test_dynsec_is_the_default_and_file_mode_is_labelled_unsafe(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from coordinator.daemon import Coordinator
+
+    data = tmp_path / "d"
+    assert main(["init", "--data-dir", str(data)]) == 0
+    cfg = load_config(data_dir=data, require_file=True)
+    assert cfg.broker.acl_mode == "dynsec"
+    assert "UNSAFE" in (data / "coordinator.toml").read_text()
+    assert "UNSAFE" in run_cli("init", "--help").stdout
+    with caplog.at_level(logging.WARNING, logger="edgeledger.coordinator"):
+        Coordinator(cfg)._warn_unsafe_acl()
+        assert not caplog.records
+        cfg.broker.acl_mode = "file"
+        Coordinator(cfg)._warn_unsafe_acl()
+    assert any("UNSAFE" in r.getMessage() and "dynsec" in r.getMessage() for r in caplog.records)
+
+
+def test_crl_settings_are_validated_and_overridable(tmp_path: Path) -> None:
+    cfg = load_config(data_dir=tmp_path, env={"EDGE_COORDINATOR_PKI_CRL_VALIDITY": "3600", "EDGE_COORDINATOR_PKI_CRL_REFRESH": "600"})
+    assert (cfg.pki.crl_validity, cfg.pki.crl_refresh) == (3600.0, 600.0)
+    with pytest.raises(CoordinatorError, match="crl_refresh"):
+        load_config(data_dir=tmp_path, env={"EDGE_COORDINATOR_PKI_CRL_REFRESH": "7200", "EDGE_COORDINATOR_PKI_CRL_VALIDITY": "3600"})

@@ -24,7 +24,7 @@ INGEST = "kombu/d/edge.ingest/edge.ingest"
 def broker(signing_pki, tmp_path_factory):
     fleet = signing_pki.fleet
     b = fleet_broker(tmp_path_factory.mktemp("fleet-broker"), fleet.ca_path, fleet.server_cert, fleet.server_key,
-                     signing_pki.crl_path)
+                     signing_pki.crl_path, acl_mode="file")  # the unsafe, non-default mode these tests document
     yield b
     b.stop()
 
@@ -172,7 +172,7 @@ def test_rendered_config_has_the_settings_the_transport_needs(tmp_path):
     s = MosquittoSettings(cafile=tmp_path / "ca.pem", certfile=tmp_path / "b.pem", keyfile=tmp_path / "b.key",
                           crlfile=tmp_path / "crl.pem", host="127.0.0.1", port=18883, persistence=True,
                           persistence_location=tmp_path / "p", max_queued_messages=500000, run_as_root=True,
-                          coordinator_identities=("coordinator", "coordinator-2"))
+                          coordinator_identities=("coordinator", "coordinator-2"), acl_mode="file")
     conf, acl = render_mosquitto_config(s, tmp_path / "acl")
     lines = set(conf.splitlines())
     for expected in ("user root", "per_listener_settings false", "allow_anonymous false",
@@ -191,7 +191,7 @@ def test_coordinator_adapter_renders_acl_and_conf(tmp_path):
     from security.mosquitto_conf import render_for_coordinator
 
     cfg = SimpleNamespace(ca_path=tmp_path / "ca.pem", crl_path=tmp_path / "crl.pem", identity="coord-1",
-                          broker=SimpleNamespace(host="127.0.0.1", port=18884, max_queued_messages=123456))
+                          broker=SimpleNamespace(host="127.0.0.1", port=18884, max_queued_messages=123456, acl_mode="file"))
     store = SimpleNamespace(broker_cert=tmp_path / "broker.pem", broker_key=tmp_path / "broker.key")
     conf = render_for_coordinator(cfg, store, tmp_path / "mq")
     assert f"acl_file {tmp_path / 'mq' / 'acl'}" in conf.splitlines()
