@@ -90,6 +90,7 @@ class AgentView:
     outbox_backlog: int | None
     readings: int
     version: str | None
+    presented_not_after: float | None = None  # not-after of the certificate the agent last signed with
 
 
 def read_registry(journal_path: Path) -> dict[str, dict]:
@@ -117,9 +118,16 @@ def registry_column(journal_path: Path, column: str) -> list[tuple[str, float]]:
     return [(agent, float(value)) for agent, value in rows]
 
 
-def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.0, now: float | None = None) -> list[AgentView]:
-    """Enrolled agents (from issued certificates) merged with what the daemon saw."""
+def list_agents(store: FleetStore, journal_path: Path, stale_after: float | None = None,
+                now: float | None = None) -> list[AgentView]:
+    """Enrolled agents (from issued certificates) merged with what the daemon saw.
+
+    An agent is "online" when heard from within `stale_after` seconds (default: the
+    configured heartbeat interval times missed_heartbeats, `monitor` in coordinator.toml),
+    "expired" when its latest certificate is past its not-after (it can no longer sign).
+    """
     now = time.time() if now is None else now
+    stale_after = store.cfg.stale_after if stale_after is None else stale_after
     seen = read_registry(journal_path)
     reserved = {store.cfg.identity, "broker"}
     names = [c.name for c in store.issued() if c.name not in reserved]
@@ -129,8 +137,11 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.
         row = seen.get(name, {})
         cert = store.latest(name)
         last = row.get("last_seen")
+        not_after = cert.not_after if cert else row.get("cert_not_after")
         if store.is_revoked(name):
             status = "revoked"
+        elif not_after is not None and not_after < now:
+            status = "expired"
         elif last is None:
             status = "never-seen"
         elif now - last > stale_after:
@@ -142,10 +153,11 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.
                 agent_id=name,
                 status=status,
                 last_seen=last,
-                cert_not_after=cert.not_after if cert else row.get("cert_not_after"),
+                cert_not_after=not_after,
                 outbox_backlog=row.get("outbox_backlog"),
                 readings=int(row.get("readings") or 0),
                 version=row.get("version"),
+                presented_not_after=row.get("cert_not_after"),
             )
         )
     return views
