@@ -29,8 +29,8 @@ th,td{padding:4px 10px;border-bottom:1px solid #e1e4e8;text-align:left;vertical-
 th{background:#f1f3f5;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:#22863a;font-weight:600}.warn{color:#b08800;font-weight:600}.bad{color:#cb2431;font-weight:600}
 .muted{color:#6a737d}.na{color:#959da5;font-style:italic}
-.cards{display:flex;gap:12px;flex-wrap:wrap}
-.card{background:#fff;border:1px solid #d1d5da;padding:8px 14px;min-width:150px}
+.cards{display:flex;gap:10px;flex-wrap:wrap}
+.card{background:#fff;border:1px solid #d1d5da;padding:6px 12px;min-width:110px}
 .card b{display:block;font-size:20px}
 .detail{max-width:520px;word-break:break-all;font-family:ui-monospace,monospace;font-size:12px}
 .grid{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
@@ -97,20 +97,20 @@ def _agent_rows(rows: Iterable[AgentRow], now: float, colors: dict[str, str]) ->
     return "\n".join(out)
 
 
-def plot_svg(snap: FleetSnapshot, colors: dict[str, str], width: int = 760, height: int = 240) -> str:
+def plot_svg(snap: FleetSnapshot, colors: dict[str, str], width: int = 760, height: int = 200) -> str:
     """Readings per agent per bucket as polylines, with axes and a legend; no script."""
     left, right, top, bottom = 44, 150, 10, 28
     pw, ph = width - left - right, height - top - bottom
     n = max((len(v) for v in snap.series.values()), default=0)
     peak = max((max(v) for v in snap.series.values() if v), default=0)
-    ymax = max(1, peak)
+    ymax = max(4, -(-peak // 4) * 4)  # a multiple of 4: integer tick labels
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="readings per agent over time" style="background:#fff;border:1px solid #d1d5da">']
     for i in range(5):  # horizontal grid and y labels
         y = top + ph - ph * i / 4
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eaecef"/>')
         parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end" fill="#586069">'
-                     f'{_e(f"{ymax * i / 4:.0f}" if ymax >= 4 else f"{ymax * i / 4:.1f}")}</text>')
+                     f'{_e(ymax * i // 4)}</text>')
     parts.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#959da5"/>')
     for frac in (0.0, 0.5, 1.0):  # x labels: minutes before now
         x = left + pw * frac
