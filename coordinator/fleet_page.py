@@ -114,8 +114,8 @@ def plot_svg(snap: FleetSnapshot, colors: dict[str, str], width: int = 760, heig
     parts.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#959da5"/>')
     for frac in (0.0, 0.5, 1.0):  # x labels: minutes before now
         x = left + pw * frac
-        minutes = (1 - frac) * (snap.now - snap.plot_start) / 60
-        label = "now" if frac == 1.0 else f"-{minutes:.0f} min"
+        seconds = (1 - frac) * (snap.now - snap.plot_start)
+        label = "now" if frac == 1.0 else f"-{seconds / 60:.0f} min" if seconds >= 120 else f"-{seconds:.0f} s"
         parts.append(f'<text x="{x:.1f}" y="{height - 8}" font-size="11" text-anchor="middle" fill="#586069">{_e(label)}</text>')
     if n == 0:
         parts.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph / 2:.1f}" font-size="13" text-anchor="middle" '
@@ -124,7 +124,8 @@ def plot_svg(snap: FleetSnapshot, colors: dict[str, str], width: int = 760, heig
         color = colors.get(agent, PALETTE[k % len(PALETTE)])
         step = pw / max(1, n - 1)
         points = " ".join(f"{left + i * step:.1f},{top + ph - ph * v / ymax:.1f}" for i, v in enumerate(values))
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}">'
+        dash = ' stroke-dasharray="6 3"' if k % 2 else ""  # lines that coincide stay visible
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" stroke-opacity="0.85"{dash} points="{points}">'
                      f'<title>{_e(agent)}</title></polyline>')
         ly = top + 14 + 18 * k
         parts.append(f'<rect x="{left + pw + 12}" y="{ly - 9}" width="10" height="10" fill="{color}"/>')
@@ -208,7 +209,7 @@ def render(snap: FleetSnapshot) -> str:
 <tr><th>agent</th><th>state</th><th>last seen</th><th>readings/min</th><th>readings</th><th>backlog</th><th>gaps</th><th>dropped</th><th>certificate expires</th><th>version</th></tr>
 {_agent_rows(snap.agents, snap.now, colors)}
 </table>
-<h2>Readings per agent (per {_e(f"{snap.plot_step:.0f}")} s)</h2>
+<h2>Readings per agent (per {_e(f"{snap.plot_step:g}")} s)</h2>
 {plot_svg(snap, colors)}
 <h2>Refused messages by reason</h2>
 {_refusal_tables(snap)}

@@ -25,7 +25,8 @@ from .health import CheckResult
 from .registry import AgentView, list_agents
 
 RATE_WINDOW = 300.0  # seconds over which the page's rates are averaged
-PLOT_WINDOW = 1800.0  # seconds of readings history in the plot
+PLOT_WINDOW = 1800.0  # seconds of readings history in the plot, at most
+PLOT_WINDOWS = (60.0, 120.0, 300.0, 600.0, 900.0, PLOT_WINDOW)  # the shortest that holds every reading shown
 PLOT_BUCKETS = 60
 
 
@@ -81,16 +82,22 @@ def gather(
     journal = cfg.journal_path
     views = list_agents(store, journal, now=now)
     have_journal = journal.exists()
-    plot_step = PLOT_WINDOW / PLOT_BUCKETS
-    plot_start = now - PLOT_WINDOW
+    times_by_agent = {
+        v.agent_id: agent_activity(journal, v.agent_id, now - PLOT_WINDOW, "edge.ingest") if have_journal else []
+        for v in views
+    }
+    earliest = min((t[0] for t in times_by_agent.values() if t), default=now - PLOT_WINDOW)
+    window = next((w for w in PLOT_WINDOWS if w >= now - earliest), PLOT_WINDOW)  # zoom in on a young fleet
+    plot_step = window / PLOT_BUCKETS
+    plot_start = now - window
     rows: list[AgentRow] = []
     series: dict[str, list[int]] = {}
     for view in views:
-        times = agent_activity(journal, view.agent_id, plot_start, "edge.ingest") if have_journal else []
+        times = [t for t in times_by_agent[view.agent_id] if t >= plot_start]
         buckets = [0] * PLOT_BUCKETS
         for t in times:
             buckets[min(PLOT_BUCKETS - 1, max(0, int((t - plot_start) // plot_step)))] += 1
-        recent = sum(1 for t in times if t >= now - RATE_WINDOW)
+        recent = sum(1 for t in times_by_agent[view.agent_id] if t >= now - RATE_WINDOW)
         rows.append(AgentRow(view=view, readings_per_min=recent * 60.0 / RATE_WINDOW))
         if times:
             series[view.agent_id] = buckets

@@ -26,7 +26,7 @@ from pathlib import Path
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from security import metrics as security_metrics
@@ -86,7 +86,9 @@ def security_families() -> list[Metric]:
 class Metrics:
     """Every coordinator series on its own registry; `render()` is the /metrics body."""
 
-    content_type = CONTENT_TYPE_LATEST
+    # Our names and labels are all legacy-valid, so the body is the classic text format;
+    # say so, for scrapers that predate the 1.0.0 content type.
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
 
     def __init__(self, version: str | None = None, process: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
