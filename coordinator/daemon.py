@@ -52,13 +52,16 @@ class Coordinator:
         self.cfg = cfg
         self.store = FleetStore(cfg)
         self.metrics: Metrics = standard_metrics()
+        self.metrics_since = time.time()  # anchor latencies count from here (the writer starts before /metrics)
         self.broker: Child | None = None
         self.anvil: Any = None
         self.journal: Any = None
         self.writer: Any = None
         self.status: StatusServer | None = None
         self.health_checks: dict[str, Any] = {}
-        # hook for the transparency-log work: returns the latest checkpoint/audit state for the fleet page
+        # hooks for other parts (e.g. the transparency log): more HTTP routes ({path: handler},
+        # see coordinator/http.py) and the latest checkpoint/audit state for the fleet page
+        self.extra_routes: dict[str, Any] = {}
         self.checkpoint_provider: Any = None
         self.worker_ready = threading.Event()
         self._stop = threading.Event()
@@ -161,7 +164,7 @@ class Coordinator:
         from .registry import list_agents
 
         cfg, m = self.cfg, self.metrics
-        m.before_scrape(AnchorLatencyFeed(cfg.journal_path, m.anchor_latency))
+        m.before_scrape(AnchorLatencyFeed(cfg.journal_path, m.anchor_latency, now=self.metrics_since))
         m.add_families("ledger", lambda: ledger_families(cfg.journal_path))
         m.add_families("agents", lambda: agent_families(list_agents(self.store, cfg.journal_path),
                                                         fleet_view.latest_issued(self.store)))
@@ -185,6 +188,8 @@ class Coordinator:
         self.status = StatusServer(cfg.http.host, cfg.http.port, m, self.health)
         self.status.route("/", fleet)
         self.status.route("/fleet", fleet)
+        for path, handler in self.extra_routes.items():
+            self.status.route(path, handler)
         self.status.start()
         log.info("metrics on http://%s:%d/metrics, fleet page on /", cfg.http.host, self.status.port)
 

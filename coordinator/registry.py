@@ -9,7 +9,6 @@ reading the journal does not hold.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from ledger.sqlite_files import read_only
 from .fleet_pki import FleetStore
 
 AGENTS = "agents"
-NUMERIC_COLUMNS = frozenset({"cert_not_after", "first_seen", "last_seen", "outbox_backlog", "interval", "readings", "last_seq"})
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
@@ -102,20 +100,6 @@ def read_registry(journal_path: Path) -> dict[str, dict]:
         if AGENTS not in db.table_names():
             return {}
         return {row["agent_id"]: row for row in db[AGENTS].rows}
-
-
-def registry_column(journal_path: Path, column: str) -> list[tuple[str, float]]:
-    """(agent_id, value) of one numeric registry column, for per-agent gauges."""
-    if column not in NUMERIC_COLUMNS:
-        raise ValueError(f"{column!r} is not a numeric registry column: use one of {sorted(NUMERIC_COLUMNS)}")
-    if not Path(journal_path).exists():
-        return []
-    with read_only(journal_path, timeout=5) as conn:
-        try:
-            rows = conn.execute(f"SELECT agent_id, {column} FROM {AGENTS} WHERE {column} IS NOT NULL").fetchall()
-        except sqlite3.OperationalError:  # the daemon has not created the table yet
-            return []
-    return [(agent, float(value)) for agent, value in rows]
 
 
 def list_agents(store: FleetStore, journal_path: Path, stale_after: float | None = None,

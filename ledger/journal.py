@@ -291,14 +291,6 @@ def anchor_backlog(path: Path) -> dict[str, int]:
     return {state: int(rows.get(state, 0)) for state in (PENDING, SENT)}
 
 
-def recent_anchor_latencies(path: Path, limit: int = 1000) -> list[float]:
-    """Seconds from journal append to on-chain confirmation of the newest `limit` anchored rows."""
-    with read_only(path, timeout=5) as conn:
-        return [r[0] for r in conn.execute(
-            "SELECT anchored_at - appended_at FROM executions WHERE anchored_at IS NOT NULL ORDER BY id DESC LIMIT ?",
-            (int(limit),))]
-
-
 def oldest_unanchored(path: Path) -> float | None:
     """appended_at of the oldest row still pending or sent (the anchoring lag), None when all are anchored."""
     with read_only(path, timeout=5) as conn:
