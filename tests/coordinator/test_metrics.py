@@ -214,3 +214,31 @@ def test_the_agent_never_imports_prometheus_client() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_http_routes_extend_by_path_and_prefix_and_fail_soft() -> None:
+    import urllib.error
+    import urllib.request
+
+    from coordinator.http import Response, StatusServer
+
+    def boom(_req: object) -> Response:
+        raise RuntimeError("handler bug")
+
+    server = StatusServer("127.0.0.1", 0, standard_metrics(), lambda: (200, {"ok": True, "checks": {}}))
+    server.route("/tlog/", lambda req: Response(200, f"tlog {req.path} {req.query.get('n')}".encode()))
+    server.route("/boom", boom)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        with urllib.request.urlopen(base + "/tlog/checkpoint?n=3", timeout=10) as resp:
+            assert resp.read() == b"tlog /tlog/checkpoint ['3']"
+            assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        for path, code, words in (("/nope", 404, b"/healthz, /metrics, /tlog/..."), ("/boom", 500, b"coordinator log")):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + path, timeout=10)
+            assert err.value.code == code and words in err.value.read()
+    finally:
+        server.stop()
