@@ -8,9 +8,11 @@ but not getting rows on chain shows up as anchoring lag, not as a dead thread.
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,16 +79,28 @@ def broker_check(url: str, managed_alive: Callable[[], bool] | None) -> Check:
     return check
 
 
+def chain_block_number(url: str, timeout: float = 3.0) -> int:
+    """eth_blockNumber over JSON-RPC: the node answers, not just its port; raises OSError/ValueError/TypeError."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        answer = json.loads(resp.read())
+    if not isinstance(answer, dict) or "result" not in answer:
+        raise ValueError(f"no result in the JSON-RPC answer: {str(answer)[:200]}")
+    return int(answer["result"], 16)
+
+
 def chain_check(url: str, managed_alive: Callable[[], bool] | None) -> Check:
     def check() -> CheckResult:
         if managed_alive is not None and not managed_alive():
             return CheckResult(False, "the managed anvil is not running",
                                "see the coordinator log; it restarts anvil from its last snapshot")
-        error = tcp_reachable(url, 8545)
-        if error:
-            return CheckResult(False, f"chain {url} unreachable ({error})",
+        try:
+            block = chain_block_number(url)
+        except (OSError, ValueError, TypeError) as exc:
+            return CheckResult(False, f"chain {url} does not answer eth_blockNumber ({exc})",
                                "start the chain node or fix chain.url / chain.port in coordinator.toml")
-        return CheckResult(True, f"chain {url} reachable")
+        return CheckResult(True, f"chain {url} answers, block {block}")
     return check
 
 

@@ -242,3 +242,13 @@ def test_http_routes_extend_by_path_and_prefix_and_fail_soft() -> None:
             assert err.value.code == code and words in err.value.read()
     finally:
         server.stop()
+
+
+def test_broker_and_chain_checks_name_the_unreachable_endpoint() -> None:
+    port = free_port()  # nothing listens there
+    broker = health.broker_check(f"mqtts://127.0.0.1:{port}", None)()
+    assert not broker.ok and f"127.0.0.1:{port}" in broker.detail and "broker.url" in broker.fix
+    chain = health.chain_check(f"http://127.0.0.1:{port}", None)()
+    assert not chain.ok and "eth_blockNumber" in chain.detail and "chain.url" in chain.fix
+    dead = health.chain_check(f"http://127.0.0.1:{port}", lambda: False)()
+    assert not dead.ok and "managed anvil is not running" in dead.detail
