@@ -134,6 +134,7 @@ def test_per_agent_series_from_registry_and_issued_certificates(data_dir: Path) 
         touch(db, "m-a", task="edge.heartbeat", cert_not_after=2e9, heartbeat={"outbox_backlog": 7})
         touch(db, "m-a", task="edge.ingest", readings=1, seq=1)
         touch(db, "m-old", task="edge.ingest", readings=3, seq=3, now=time.time() - 10 * cfg.stale_after)
+        touch(db, "m-exp", task="edge.ingest", cert_not_after=time.time() - 60)  # signed with a now-expired cert
     all_samples = [s for f in agent_families(list_agents(store, cfg.journal_path), latest_issued(store))
                    for s in f.samples]
     journal.close()
@@ -149,6 +150,8 @@ def test_per_agent_series_from_registry_and_issued_certificates(data_dir: Path) 
     assert value("edgeledger_agent_state", agent="m-a", state="online") == 1
     assert value("edgeledger_agent_state", agent="m-b", state="never-seen") == 1
     assert value("edgeledger_agent_state", agent="m-old", state="stale") == 1
+    assert value("edgeledger_agent_state", agent="m-exp", state="expired") == 1
+    assert value("edgeledger_agent_state", agent="m-exp", state="online") == 0
     assert value("edgeledger_agent_last_seen_timestamp_seconds", agent="m-b") is None
     assert value("edgeledger_agent_certificate_expiry_timestamp_seconds", agent="m-a", source="presented") == 2e9
     issued = value("edgeledger_agent_certificate_expiry_timestamp_seconds", agent="m-b", source="issued")
