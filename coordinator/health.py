@@ -9,6 +9,7 @@ but not getting rows on chain shows up as anchoring lag, not as a dead thread.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import time
@@ -107,8 +108,9 @@ def chain_check(url: str, managed_alive: Callable[[], bool] | None) -> Check:
 def journal_write_probe(path: Path, timeout: float = 2.0) -> None:
     """Write and commit one row in a scratch table of the journal file; raises sqlite3.Error.
 
-    A fresh connection each time: an already-open connection would hide a file that
-    became read-only or was replaced. `mode=rw` never creates a missing journal.
+    A real commit through SQLite, so what would stop the next ingest commit stops the
+    probe too: a full disk, I/O errors, a read-only WAL file or file system, another
+    process holding the write lock. `mode=rw` never creates a missing journal.
     """
     conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
     try:
@@ -121,16 +123,23 @@ def journal_write_probe(path: Path, timeout: float = 2.0) -> None:
 
 
 def journal_check(path: Path, timeout: float) -> Check:
+    fix = ("free disk space, make the journal, its -wal/-shm files and its directory writable by the coordinator, "
+           "or stop the process holding the journal's write lock")
+
     def check() -> CheckResult:
         if not path.exists():
             return CheckResult(False, f"journal {path} does not exist",
                                "restore the journal or check data_dir in coordinator.toml")
+        # SQLite reuses this process's open descriptors, so a mode change would only bite at the
+        # next start; the access check catches it now (for a non-root service user).
+        for target in (path, path.parent):
+            if not os.access(target, os.W_OK):
+                return CheckResult(False, f"journal {path} is not writable ({target} denies write to uid "
+                                          f"{os.geteuid()})", fix)
         try:
             journal_write_probe(path, timeout)
         except sqlite3.Error as exc:
-            return CheckResult(False, f"journal {path} is not writable ({exc})",
-                               "free disk space, make the file and its directory writable by the coordinator, "
-                               "or stop the process holding the journal's write lock")
+            return CheckResult(False, f"journal {path} is not writable ({exc})", fix)
         return CheckResult(True, f"journal {path} writable")
     return check
 

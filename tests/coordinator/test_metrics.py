@@ -24,6 +24,7 @@ from ledger.journal import Journal, oldest_unanchored
 from ledger.record import ExecutionRecord
 from security import metrics as security_metrics
 from security.metrics import REFUSAL_REASONS
+from tests.support.files import immutable
 from tests.support.net import free_port
 from tests.support.prom import sample, samples
 
@@ -189,6 +190,11 @@ def test_journal_check_writes_a_probe_row_and_names_the_journal_when_it_cannot(t
         blocker.execute("ROLLBACK")
         blocker.close()
     assert not failed.ok and str(journal.path) in failed.detail and "write lock" in failed.fix
+    assert check().ok
+    with immutable(Path(f"{journal.path}-wal")) as applied:  # a WAL file nobody may write, root included
+        readonly = check() if applied else None
+    if applied:
+        assert not readonly.ok and "readonly" in readonly.detail and str(journal.path) in readonly.detail
     assert check().ok
     missing = health.journal_check(tmp_path / "nope.db", timeout=0.2)()
     assert not missing.ok and "does not exist" in missing.detail and not (tmp_path / "nope.db").exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from security.quarantine import Quarantine
+from tests.support.files import immutable
 from tests.support.prom import sample
 
 from .support import CoordinatorProcess, cli, simagent, wait_until
@@ -104,8 +105,8 @@ def test_healthz_names_an_unwritable_journal_and_recovers(daemon) -> None:
     assert set(body["checks"]) == {"broker", "chain", "journal", "anchoring", "writer", "worker"}
     assert all(c["ok"] for c in body["checks"].values())
     journal = proc.data_dir / "journal.db"
-    # Root ignores file modes, so the journal is made unwritable by taking its write lock,
-    # as a stuck writer (an open sqlite3 shell, a hung backup) would.
+    # Root ignores file modes: first the journal's write lock is taken, as a stuck writer
+    # (an open sqlite3 shell, a hung backup) would.
     blocker = sqlite3.connect(journal, isolation_level=None, timeout=30)
     try:
         blocker.execute("BEGIN IMMEDIATE")
@@ -120,6 +121,13 @@ def test_healthz_names_an_unwritable_journal_and_recovers(daemon) -> None:
     assert body["checks"]["broker"]["ok"] and body["checks"]["chain"]["ok"]
     status, body = wait_until(lambda: (r := _health(proc))[0] == 200 and r, 30, "/healthz back to 200")
     assert body["checks"]["journal"]["ok"]
+    # and truly unwritable, where the file system lets even root be refused: an immutable WAL file
+    with immutable(Path(f"{journal}-wal")) as applied:
+        status, body = _health(proc) if applied else (None, None)
+    if applied:
+        assert status == 503 and body["checks"]["journal"]["ok"] is False
+        assert str(journal) in body["checks"]["journal"]["detail"] and "readonly" in body["checks"]["journal"]["detail"]
+        wait_until(lambda: _health(proc)[0] == 200, 30, "/healthz back to 200 after the WAL file is writable again")
 
 
 def _png_size(path: Path) -> tuple[int, int]:
