@@ -60,6 +60,16 @@ class HttpConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """What /healthz, the fleet page and the per-agent metrics judge against."""
+
+    heartbeat_interval: float = 300.0  # the agents' heartbeat_interval (agent.toml); heard from within
+    missed_heartbeats: float = 2.0  # heartbeat_interval * missed_heartbeats -> "online", else "stale"
+    anchor_lag_max: float = 300.0  # /healthz fails when the oldest unanchored journal row is older (seconds)
+    journal_probe_timeout: float = 2.0  # /healthz: seconds the journal write probe may wait for the lock
+
+
+@dataclass
 class WorkerConfig:
     """The ingest worker: one queue, acks after the journal commit."""
 
@@ -92,6 +102,7 @@ class CoordinatorConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     pki: PkiConfig = field(default_factory=PkiConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     # -- derived paths: one layout, used by init/run/enroll/revoke alike --
     @property
@@ -123,6 +134,15 @@ class CoordinatorConfig:
         return self.data_dir / "journal.db"
 
     @property
+    def quarantine_path(self) -> Path:
+        return self.data_dir / "quarantine.sqlite"
+
+    @property
+    def stale_after(self) -> float:
+        """Seconds of silence after which an agent is no longer "online"."""
+        return self.monitor.heartbeat_interval * self.monitor.missed_heartbeats
+
+    @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
 
@@ -143,7 +163,8 @@ class CoordinatorConfig:
         return not self.chain.url
 
 
-SECTIONS = {"broker": BrokerConfig, "chain": ChainConfig, "http": HttpConfig, "worker": WorkerConfig, "pki": PkiConfig}
+SECTIONS = {"broker": BrokerConfig, "chain": ChainConfig, "http": HttpConfig, "worker": WorkerConfig,
+            "pki": PkiConfig, "monitor": MonitorConfig}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -254,6 +275,12 @@ def validate(cfg: CoordinatorConfig) -> None:
             f"pki.crl_refresh ({cfg.pki.crl_refresh:g}s) must be positive and shorter than pki.crl_validity "
             f"({cfg.pki.crl_validity:g}s): agents would see the CRL go stale between pushes"
         )
+    for name, value in (("monitor.heartbeat_interval", cfg.monitor.heartbeat_interval),
+                        ("monitor.missed_heartbeats", cfg.monitor.missed_heartbeats),
+                        ("monitor.anchor_lag_max", cfg.monitor.anchor_lag_max),
+                        ("monitor.journal_probe_timeout", cfg.monitor.journal_probe_timeout)):
+        if not value > 0:
+            raise CoordinatorError(f"config key {name!r} = {value!r} must be a positive number of seconds")
     if cfg.chain.batch_size < 1:
         raise CoordinatorError("chain.batch_size must be at least 1")
 

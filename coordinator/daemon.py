@@ -25,15 +25,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ledger.journal import anchor_backlog, recent_anchor_latencies
-
 from .broker import managed_broker
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
 from .fleet_pki import FleetStore
 from .http import StatusServer
 from .metrics import Metrics, standard_metrics
-from .registry import registry_column
 from .supervisor import Child, port_open
 
 log = logging.getLogger("edgeledger.coordinator")
@@ -55,11 +52,17 @@ class Coordinator:
         self.cfg = cfg
         self.store = FleetStore(cfg)
         self.metrics: Metrics = standard_metrics()
+        self.metrics_since = time.time()  # anchor latencies count from here (the writer starts before /metrics)
         self.broker: Child | None = None
         self.anvil: Any = None
         self.journal: Any = None
         self.writer: Any = None
         self.status: StatusServer | None = None
+        self.health_checks: dict[str, Any] = {}
+        # hooks for other parts (e.g. the transparency log): more HTTP routes ({path: handler},
+        # see coordinator/http.py) and the latest checkpoint/audit state for the fleet page
+        self.extra_routes: dict[str, Any] = {}
+        self.checkpoint_provider: Any = None
         self.worker_ready = threading.Event()
         self._stop = threading.Event()
         self.stopping = threading.Event()  # shutdown began: do not restart children any more
@@ -194,49 +197,58 @@ class Coordinator:
         self._writer_thread.start()
 
     def _start_status(self) -> None:
-        from security import metrics as security_metrics
+        """/metrics, /healthz and the fleet page on http.host:http.port (the metrics/health wiring)."""
+        from ledger.journal import oldest_unanchored
 
-        m = self.metrics
-        m.gauge_callback("edge_ledger_pending_rows", self._ledger_lag)
-        m.gauge_callback("edge_anchor_latency_seconds", self._anchor_latency)
-        m.gauge_callback("edge_agent_last_seen_timestamp", lambda: self._agent_gauge("last_seen"))
-        m.gauge_callback("edge_agent_outbox_backlog", lambda: self._agent_gauge("outbox_backlog"))
-        m.gauge_callback("edge_child_up", self._children_up)
-        m.describe("edge_anchor_latency_seconds", "gauge", "Quantiles of journal append -> on-chain confirmation over the last 1000 records")
-        m.extra_text(security_metrics.prometheus_text)
-        self.status = StatusServer(self.cfg.http.host, self.cfg.http.port, m, self.health).start()
-        log.info("metrics on http://%s:%d/metrics", self.cfg.http.host, self.status.port)
+        from . import fleet_page, fleet_view
+        from . import health as checks
+        from .http import Response
+        from .metrics import AnchorLatencyFeed, agent_families, child_families, ledger_families
+        from .registry import list_agents
 
-    # -- scrape-time gauges (own short-lived read connections: scrapes run in their own threads) --
-    def _ledger_lag(self) -> list[tuple[dict[str, str], float]]:
-        return [({"state": s}, float(n)) for s, n in anchor_backlog(self.cfg.journal_path).items()]
+        cfg, m = self.cfg, self.metrics
+        m.before_scrape(AnchorLatencyFeed(cfg.journal_path, m.anchor_latency, now=self.metrics_since))
+        m.add_families("ledger", lambda: ledger_families(cfg.journal_path))
+        m.add_families("agents", lambda: agent_families(list_agents(self.store, cfg.journal_path),
+                                                        fleet_view.latest_issued(self.store)))
+        m.add_families("children", lambda: child_families(self._children()))
+        self.health_checks = {
+            "broker": checks.broker_check(cfg.broker_url, self.broker.alive if self.broker is not None else None),
+            "chain": checks.chain_check(cfg.chain_url, (lambda: bool(self.anvil.running)) if self.anvil is not None else None),
+            "journal": checks.journal_check(cfg.journal_path, cfg.monitor.journal_probe_timeout),
+            "anchoring": checks.anchoring_check(cfg.journal_path, cfg.monitor.anchor_lag_max, oldest_unanchored),
+            "writer": checks.thread_check("chain writer", lambda: bool(self._writer_thread and self._writer_thread.is_alive()),
+                                          "the chain writer thread died: see the coordinator log and restart the coordinator"),
+            "worker": checks.thread_check("ingest worker", self.worker_ready.is_set,
+                                          "the ingest worker is starting or stopped: wait, or see the coordinator log"),
+        }
 
-    def _anchor_latency(self) -> list[tuple[dict[str, str], float]]:
-        values = sorted(recent_anchor_latencies(self.cfg.journal_path))
-        if not values:
-            return []
-        return [({"quantile": str(q)}, values[min(len(values) - 1, int(q * len(values)))]) for q in (0.5, 0.9, 0.99)]
+        def fleet(_req: object) -> Response:
+            snap = fleet_view.gather(cfg, self.store, health=checks.run_checks(self.health_checks),
+                                     checkpoint=self.checkpoint_provider)
+            return Response(200, fleet_page.render(snap).encode(), "text/html; charset=utf-8")
 
-    def _agent_gauge(self, column: str) -> list[tuple[dict[str, str], float]]:
-        return [({"agent": a}, v) for a, v in registry_column(self.cfg.journal_path, column)]
+        self.status = StatusServer(cfg.http.host, cfg.http.port, m, self.health)
+        self.status.route("/", fleet)
+        self.status.route("/fleet", fleet)
+        for path, handler in self.extra_routes.items():
+            self.status.route(path, handler)
+        self.status.start()
+        log.info("metrics on http://%s:%d/metrics, fleet page on /", cfg.http.host, self.status.port)
 
-    def _children_up(self) -> list[tuple[dict[str, str], float]]:
+    def _children(self) -> list[tuple[str, bool]]:
         out = []
         if self.broker is not None:
-            out.append(({"child": "mosquitto"}, 1.0 if self.broker.alive() else 0.0))
+            out.append(("mosquitto", self.broker.alive()))
         if self.anvil is not None:
-            out.append(({"child": "anvil"}, 1.0 if self.anvil.running else 0.0))
+            out.append(("anvil", bool(self.anvil.running)))
         return out
 
-    def health(self) -> dict[str, bool]:
-        broker_ok = self.broker.alive() and port_open(self.cfg.broker.port) if self.broker else _reachable(self.cfg.broker.url, 8883)
-        chain_ok = self.anvil.running if self.anvil is not None else _reachable(self.cfg.chain.url, 8545)
-        return {
-            "broker": bool(broker_ok),
-            "chain": bool(chain_ok),
-            "writer": bool(self._writer_thread and self._writer_thread.is_alive()),
-            "worker": self.worker_ready.is_set(),
-        }
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON) of every check; 503 names what failed and how to fix it."""
+        from .health import report, run_checks
+
+        return report(run_checks(self.health_checks))
 
     # -- supervision ----------------------------------------------------------------
     def _supervise(self) -> None:

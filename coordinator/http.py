@@ -1,61 +1,134 @@
-"""/metrics and /healthz on loopback, stdlib http.server in a thread.
+"""The coordinator's HTTP port: /metrics, /healthz, the fleet page, and routes others add.
 
-Why: Prometheus scrapes and service managers probe the daemon without any extra
-dependency; binding to 127.0.0.1 by default keeps it off the network.
+Why stdlib http.server in a thread: Prometheus scrapes, service managers probe and an
+operator opens a page without any web framework; binding to 127.0.0.1 by default keeps
+it off the network.
+
+Extending: `server.route("/path", handler)` for one path, `server.route("/prefix/",
+handler)` (trailing slash) for everything below it. A handler takes a `Request` and
+returns a `Response`; it runs in its own thread per request.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
 
 from .errors import CoordinatorError
-from .metrics import Metrics
 
-HealthCheck = Callable[[], dict[str, bool]]
+log = logging.getLogger("edgeledger.coordinator.http")
+
+
+@dataclass(frozen=True)
+class Request:
+    path: str
+    query: dict[str, list[str]]
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: int, value: Any) -> "Response":
+        return cls(status, json.dumps(value, indent=1).encode(), "application/json")
+
+
+Handler = Callable[[Request], Response]
+
+
+class MetricsSource(Protocol):
+    content_type: str
+
+    def render(self) -> bytes: ...
+
+
+# Headers on every answer: the pages show attacker-influenced strings (agent ids,
+# quarantine details); even escaped, forbid scripts and framing outright.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 class StatusServer:
-    """Serves metrics text and a JSON health report (503 when any check fails)."""
+    """Routes GET requests to handlers; 404 lists what exists."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics, health: HealthCheck) -> None:
-        self.metrics = metrics
-        self.health = health
+    def __init__(self, host: str, port: int, metrics: MetricsSource | None = None,
+                 health: Callable[[], tuple[int, dict[str, Any]]] | None = None) -> None:
+        self._routes: dict[str, Handler] = {}
+        self._prefixes: dict[str, Handler] = {}
+        if metrics is not None:
+            self.route("/metrics", lambda _req: Response(200, metrics.render(), metrics.content_type))
+        if health is not None:
+            self.route("/healthz", lambda _req: Response.json(*health()))
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class RequestHandler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server API
-                if self.path.split("?")[0] == "/metrics":
-                    body = server.metrics.render().encode()
-                    self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
-                elif self.path.split("?")[0] == "/healthz":
-                    checks = server.health()
-                    ok = all(checks.values())
-                    body = json.dumps({"ok": ok, "checks": checks}).encode()
-                    self._send(200 if ok else 503, body, "application/json")
-                else:
-                    self._send(404, b"not found: try /metrics or /healthz\n", "text/plain")
+                self._answer(server.dispatch(self.path))
 
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server API
+                self._answer(server.dispatch(self.path), body=False)
+
+            def _answer(self, resp: Response, body: bool = True) -> None:
+                self.send_response(resp.status)
+                self.send_header("Content-Type", resp.content_type)
+                self.send_header("Content-Length", str(len(resp.body)))
+                for name, value in {**SECURITY_HEADERS, **resp.headers}.items():
+                    self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(body)
+                if body:
+                    self.wfile.write(resp.body)
 
             def log_message(self, *args: object) -> None:  # quiet: scrapes every few seconds
                 return
 
         try:
-            self.httpd = ThreadingHTTPServer((host, port), Handler)
+            self.httpd = ThreadingHTTPServer((host, port), RequestHandler)
         except OSError as exc:
             raise CoordinatorError(
                 f"cannot serve metrics on {host}:{port} ({exc.strerror}): change http.port in coordinator.toml"
             ) from None
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="status-http", daemon=True)
+
+    def route(self, path: str, handler: Handler) -> None:
+        """Serve `path` (exact), or every path below it when it ends with "/" (and is not "/")."""
+        if path.endswith("/") and path != "/":
+            self._prefixes[path] = handler
+        else:
+            self._routes[path] = handler
+
+    def dispatch(self, raw_path: str) -> Response:
+        parts = urlsplit(raw_path)
+        request = Request(parts.path, parse_qs(parts.query))
+        handler = self._routes.get(parts.path)
+        if handler is None:
+            for prefix in sorted(self._prefixes, key=len, reverse=True):
+                if parts.path.startswith(prefix):
+                    handler = self._prefixes[prefix]
+                    break
+        if handler is None:
+            known = ", ".join(sorted([*self._routes, *(p + "..." for p in self._prefixes)]))
+            return Response(404, f"not found: try {known}\n".encode())
+        try:
+            return handler(request)
+        except Exception:  # noqa: BLE001 - one failing page must not kill the server thread
+            log.exception("HTTP handler for %s failed", parts.path)
+            return Response(500, b"internal error: see the coordinator log\n")
 
     @property
     def port(self) -> int:

@@ -134,7 +134,7 @@ class Ingestor:
 
     def run(self, ctx: TaskContext, payload: Any) -> dict[str, Any]:
         """Execute one task; returns {"status", "duplicate", ...}. Never raises Refused."""
-        self.metrics.inc("edge_tasks_received_total", task=ctx.task_name)
+        self.metrics.inc("edgeledger_tasks_received_total", task=ctx.task_name)
         started = time.time()
         claimed = payload.get("agent_id") if isinstance(payload, dict) else None
         status, reason, detail = "SUCCESS", "", ""
@@ -173,14 +173,16 @@ class Ingestor:
                 record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem
             )
             if not inserted:
-                self.metrics.inc("edge_tasks_duplicate_total", task=ctx.task_name)
+                self.metrics.inc("edgeledger_tasks_duplicate_total", task=ctx.task_name)
                 return {**result, "duplicate": True}
             if status != "REJECTED":
                 self._apply(db, ctx, payload)
+        self.metrics.observe("edgeledger_ingest_latency_seconds", max(0.0, time.time() - ctx.received_at),
+                             task=ctx.task_name)
         if status != "REJECTED":
-            self.metrics.inc("edge_tasks_executed_total", task=ctx.task_name)
+            self.metrics.inc("edgeledger_tasks_executed_total", task=ctx.task_name)
         else:
-            self.metrics.inc("edge_tasks_refused_total", reason=reason)
+            self.metrics.inc("edgeledger_tasks_refused_total", reason=reason)
         return {**result, "duplicate": False}
 
     @staticmethod

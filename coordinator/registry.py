@@ -9,7 +9,6 @@ reading the journal does not hold.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from ledger.sqlite_files import read_only
 from .fleet_pki import RESERVED_NAMES, FleetStore
 
 AGENTS = "agents"
-NUMERIC_COLUMNS = frozenset({"cert_not_after", "first_seen", "last_seen", "outbox_backlog", "interval", "readings", "last_seq"})
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
@@ -90,6 +88,7 @@ class AgentView:
     outbox_backlog: int | None
     readings: int
     version: str | None
+    presented_not_after: float | None = None  # not-after of the certificate the agent last signed with
 
 
 def read_registry(journal_path: Path) -> dict[str, dict]:
@@ -103,23 +102,16 @@ def read_registry(journal_path: Path) -> dict[str, dict]:
         return {row["agent_id"]: row for row in db[AGENTS].rows}
 
 
-def registry_column(journal_path: Path, column: str) -> list[tuple[str, float]]:
-    """(agent_id, value) of one numeric registry column, for per-agent gauges."""
-    if column not in NUMERIC_COLUMNS:
-        raise ValueError(f"{column!r} is not a numeric registry column: use one of {sorted(NUMERIC_COLUMNS)}")
-    if not Path(journal_path).exists():
-        return []
-    with read_only(journal_path, timeout=5) as conn:
-        try:
-            rows = conn.execute(f"SELECT agent_id, {column} FROM {AGENTS} WHERE {column} IS NOT NULL").fetchall()
-        except sqlite3.OperationalError:  # the daemon has not created the table yet
-            return []
-    return [(agent, float(value)) for agent, value in rows]
+def list_agents(store: FleetStore, journal_path: Path, stale_after: float | None = None,
+                now: float | None = None) -> list[AgentView]:
+    """Enrolled agents (from issued certificates) merged with what the daemon saw.
 
-
-def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.0, now: float | None = None) -> list[AgentView]:
-    """Enrolled agents (from issued certificates) merged with what the daemon saw."""
+    An agent is "online" when heard from within `stale_after` seconds (default: the
+    configured heartbeat interval times missed_heartbeats, `monitor` in coordinator.toml),
+    "expired" when its latest certificate is past its not-after (it can no longer sign).
+    """
     now = time.time() if now is None else now
+    stale_after = store.cfg.stale_after if stale_after is None else stale_after
     seen = read_registry(journal_path)
     reserved = {store.cfg.identity, *RESERVED_NAMES}
     names = [c.name for c in store.issued() if c.name not in reserved]
@@ -129,8 +121,11 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.
         row = seen.get(name, {})
         cert = store.latest(name)
         last = row.get("last_seen")
+        not_after = cert.not_after if cert else row.get("cert_not_after")
         if store.is_revoked(name):
             status = "revoked"
+        elif not_after is not None and not_after < now:
+            status = "expired"
         elif last is None:
             status = "never-seen"
         elif now - last > stale_after:
@@ -142,10 +137,11 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float = 120.
                 agent_id=name,
                 status=status,
                 last_seen=last,
-                cert_not_after=cert.not_after if cert else row.get("cert_not_after"),
+                cert_not_after=not_after,
                 outbox_backlog=row.get("outbox_backlog"),
                 readings=int(row.get("readings") or 0),
                 version=row.get("version"),
+                presented_not_after=row.get("cert_not_after"),
             )
         )
     return views

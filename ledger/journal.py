@@ -291,12 +291,53 @@ def anchor_backlog(path: Path) -> dict[str, int]:
     return {state: int(rows.get(state, 0)) for state in (PENDING, SENT)}
 
 
-def recent_anchor_latencies(path: Path, limit: int = 1000) -> list[float]:
-    """Seconds from journal append to on-chain confirmation of the newest `limit` anchored rows."""
+def oldest_unanchored(path: Path) -> float | None:
+    """appended_at of the oldest row still pending or sent (the anchoring lag), None when all are anchored."""
     with read_only(path, timeout=5) as conn:
-        return [r[0] for r in conn.execute(
-            "SELECT anchored_at - appended_at FROM executions WHERE anchored_at IS NOT NULL ORDER BY id DESC LIMIT ?",
-            (int(limit),))]
+        found = conn.execute(
+            "SELECT MIN(appended_at) FROM executions WHERE anchor_state IN (?, ?)", (PENDING, SENT)).fetchone()
+    return None if found is None or found[0] is None else float(found[0])
+
+
+def anchored_since(path: Path, after: float, from_id: int = 0) -> tuple[list[float], float, int]:
+    """Append-to-confirmation seconds of rows confirmed after `after` with id >= `from_id`.
+
+    Returns (latencies, new `after`, new `from_id`) for the next call: rows below the
+    lowest still-unanchored id were confirmed already, so a scrape reads only the tail
+    through the (anchor_state, id) index instead of the whole journal.
+    """
+    with read_only(path, timeout=5) as conn:
+        conn.execute("BEGIN")  # one snapshot for the rows and the next low-water mark
+        rows = conn.execute(
+            "SELECT anchored_at, anchored_at - appended_at FROM executions "
+            "WHERE anchor_state = ? AND id >= ? AND anchored_at > ?", (CONFIRMED, int(from_id), float(after))).fetchall()
+        low = conn.execute("SELECT MIN(id) FROM executions WHERE anchor_state IN (?, ?)", (PENDING, SENT)).fetchone()[0]
+        if low is None:
+            low = (conn.execute("SELECT MAX(id) FROM executions").fetchone()[0] or 0) + 1
+        conn.execute("COMMIT")
+    newest = max([float(a) for a, _ in rows], default=float(after))
+    return [float(lat) for _, lat in rows], newest, int(low)
+
+
+RATE_SCAN_ROWS = 200_000  # rate queries look at the newest rows only (ids are in append order)
+
+
+def activity_since(path: Path, since: float) -> tuple[int, int]:
+    """(rows journaled, rows anchored) since the unix time `since`: the ingestion and anchoring rates."""
+    with read_only(path, timeout=5) as conn:
+        top = conn.execute("SELECT MAX(id) FROM executions").fetchone()[0] or 0
+        journaled, anchored = conn.execute(
+            "SELECT COALESCE(SUM(appended_at >= ?), 0), COALESCE(SUM(anchored_at >= ?), 0) FROM executions WHERE id > ?",
+            (since, since, top - RATE_SCAN_ROWS)).fetchone()
+    return int(journaled), int(anchored)
+
+
+def agent_activity(path: Path, agent_id: str, since: float, task_name: str) -> list[float]:
+    """received_at of the agent's successfully journaled `task_name` rows since `since` (indexed by agent)."""
+    with read_only(path, timeout=5) as conn:
+        return [float(r[0]) for r in conn.execute(
+            "SELECT received_at FROM executions WHERE agent_id = ? AND received_at >= ? AND task_name = ? "
+            "AND status = 'SUCCESS' ORDER BY received_at", (agent_id, since, task_name))]
 
 
 @contextmanager

@@ -103,6 +103,35 @@ class Quarantine:
             return int(db.execute(f"select count(*) from [{TABLE}]").fetchone()[0])
 
 
+def read_summary(path: Path | str, recent: int = 10) -> tuple[dict[str, int], list[QuarantinedMessage]]:
+    """(count by reason, newest `recent` messages) without creating or locking the file.
+
+    For status pages that must never write: a missing file or table reads as empty.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}, []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        counts = dict(conn.execute(f"select reason, count(*) from [{TABLE}] group by reason").fetchall())
+        found = conn.execute(
+            f"select id, {', '.join(_COLUMNS)} from [{TABLE}] order by id desc limit ?", (int(recent),)).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return {}, []
+        raise
+    finally:
+        conn.close()
+    newest = [
+        QuarantinedMessage(
+            id=r[0], received_at=r[1], reason=r[2], detail=r[3], signer=r[4], task_id=r[5], task_name=r[6],
+            headers=json.loads(r[7] or "{}"), body=bytes(r[8] or b""),
+        )
+        for r in found
+    ]
+    return {str(k): int(v) for k, v in counts.items()}, newest
+
+
 class _Conn:
     """A per-thread connection; each `with` block is one committed transaction."""
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.prom import sample
+
 from .support import CoordinatorProcess, audit, cli, simagent, wait_until
 
 pytestmark = pytest.mark.slow
@@ -33,12 +35,15 @@ def test_full_flow_ingest_journal_chain_audit_revoke_and_clean_stop(coordinator:
     wait_until(coordinator.all_confirmed, 90, "every journal row confirmed on chain")
     assert coordinator.query("SELECT agent_id, COUNT(DISTINCT seq) FROM readings GROUP BY 1") == [("e2e-a", 60), ("e2e-b", 60)]
 
-    metrics = coordinator.metrics()
-    assert 'edge_tasks_executed_total{task="edge.ingest"} 120' in metrics
-    assert 'edge_tasks_executed_total{task="edge.heartbeat"} 6' in metrics
-    assert 'edge_ledger_pending_rows{state="pending"} 0' in metrics
-    assert 'edge_agent_last_seen_timestamp{agent="e2e-a"}' in metrics
-    assert 'edge_anchor_latency_seconds{quantile="0.5"}' in metrics
+    # anchor latencies reach the histogram at the scrape after their confirmation
+    metrics = wait_until(lambda: (text := coordinator.metrics()) and
+                         (sample(text, "edgeledger_anchor_latency_seconds_count") or 0) >= 126 and text, 30,
+                         "every anchored row observed in the anchor latency histogram")
+    assert sample(metrics, "edgeledger_tasks_executed_total", task="edge.ingest") == 120
+    assert sample(metrics, "edgeledger_tasks_executed_total", task="edge.heartbeat") == 6
+    assert sample(metrics, "edgeledger_ledger_pending_rows", state="pending") == 0
+    assert sample(metrics, "edgeledger_agent_last_seen_timestamp_seconds", agent="e2e-a") is not None
+    assert sample(metrics, "edgeledger_anchor_latency_seconds_count") == 126
 
     listing = cli("agents", "--data-dir", str(coordinator.data_dir), "--json")
     agents = {a["agent_id"]: a for a in json.loads(listing.stdout)}

@@ -68,8 +68,8 @@ def test_reading_stored_and_journaled_once(ingestor: Ingestor, test_pki) -> None
     assert row["envelope"] == b'{"signed": 1}' and row["signer_fingerprint"] == s.fingerprint
     assert ingestor.journal.certificate(s.fingerprint) == s.certificate_pem
     m = ingestor.metrics
-    assert m.get("edge_tasks_executed_total", task=INGEST) == 1
-    assert m.get("edge_tasks_duplicate_total", task=INGEST) == 1
+    assert m.get("edgeledger_tasks_executed_total", task=INGEST) == 1
+    assert m.get("edgeledger_tasks_duplicate_total", task=INGEST) == 1
     reg = read_registry(ingestor.journal.path)
     assert reg["ing-a"]["readings"] == 1 and reg["ing-a"]["last_seq"] == 1
 
@@ -81,7 +81,7 @@ def test_identity_mismatch_is_journaled_as_rejected_not_stored(ingestor: Ingesto
     assert ingestor.journal.db["readings"].count == 0
     row = ingestor.journal.get("t-2")
     assert row["status"] == "REJECTED" and row["agent_id"] == "ing-b"
-    assert ingestor.metrics.get("edge_tasks_refused_total", reason="identity_mismatch") == 1
+    assert ingestor.metrics.get("edgeledger_tasks_refused_total", reason="identity_mismatch") == 1
 
 
 def test_same_seq_under_new_task_id_is_rejected(ingestor: Ingestor, test_pki) -> None:
@@ -122,7 +122,7 @@ def test_command_result_for_a_command_never_sent_is_rejected(ingestor: Ingestor,
     assert (out["status"], out["reason"]) == ("REJECTED", "unknown_command")
     assert ingestor.journal.get("r-2")["status"] == "REJECTED"
     assert ingestor.journal.db["command_results"].count == 0
-    assert ingestor.metrics.get("edge_tasks_refused_total", reason="unknown_command") == 1
+    assert ingestor.metrics.get("edgeledger_tasks_refused_total", reason="unknown_command") == 1
 
 
 def test_command_result_must_come_from_the_commanded_agent_and_name_its_command(ingestor: Ingestor, test_pki) -> None:

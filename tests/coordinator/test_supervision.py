@@ -19,8 +19,11 @@ from coordinator.cli import main
 from coordinator.config import load_config
 from coordinator.fleet_pki import FleetStore
 from coordinator.http import StatusServer
-from coordinator.metrics import standard_metrics
+from coordinator.health import CheckResult, report
+from coordinator.metrics import agent_families, standard_metrics
+from coordinator.registry import AgentView
 from tests.support.net import free_port
+from tests.support.prom import sample
 
 
 def connects(bundle: Path, name: str, port: int) -> bool:
@@ -85,24 +88,29 @@ def test_broker_left_by_a_killed_coordinator_is_adopted(data_dir: Path) -> None:
 
 def test_status_server_metrics_and_health() -> None:
     metrics = standard_metrics()
-    metrics.inc("edge_tasks_received_total", task="edge.ingest")
-    metrics.inc("edge_tasks_refused_total", reason="identity_mismatch")
-    metrics.observe("edge_anchor_latency_seconds", 0.25)
-    metrics.gauge_callback("edge_agent_last_seen_timestamp", lambda: [({"agent": "a1"}, 123.0)])
-    healthy = {"broker": True, "chain": True}
-    server = StatusServer("127.0.0.1", 0, metrics, lambda: dict(healthy)).start()
+    metrics.inc("edgeledger_tasks_received_total", task="edge.ingest")
+    metrics.inc("edgeledger_tasks_refused_total", reason="identity_mismatch")
+    metrics.observe("edgeledger_anchor_latency_seconds", 0.25)
+    metrics.add_families("agents", lambda: agent_families(
+        [AgentView("a1", "online", 123.0, None, 0, 5, None)], []))
+    healthy = {"broker": CheckResult(True, "reachable"), "chain": CheckResult(True, "reachable")}
+    server = StatusServer("127.0.0.1", 0, metrics, lambda: report(dict(healthy))).start()
     try:
         base = f"http://127.0.0.1:{server.port}"
         text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
-        assert 'edge_tasks_received_total{task="edge.ingest"} 1' in text
-        assert 'edge_tasks_refused_total{reason="identity_mismatch"} 1' in text
-        assert 'edge_agent_last_seen_timestamp{agent="a1"} 123' in text
-        assert "# TYPE edge_anchor_latency_seconds summary" in text
+        assert sample(text, "edgeledger_tasks_received_total", task="edge.ingest") == 1
+        assert sample(text, "edgeledger_tasks_refused_total", reason="identity_mismatch") == 1
+        assert sample(text, "edgeledger_agent_last_seen_timestamp_seconds", agent="a1") == 123
+        assert "# TYPE edgeledger_anchor_latency_seconds histogram" in text
+        assert sample(text, "edgeledger_anchor_latency_seconds_bucket", le="0.5") == 1
         ok = json.loads(urllib.request.urlopen(base + "/healthz", timeout=10).read())
-        assert ok == {"ok": True, "checks": healthy}
-        healthy["chain"] = False
+        assert ok == {"ok": True, "checks": {"broker": {"ok": True, "detail": "reachable"},
+                                             "chain": {"ok": True, "detail": "reachable"}}}
+        healthy["chain"] = CheckResult(False, "chain unreachable", "start it")
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(base + "/healthz", timeout=10)
         assert err.value.code == 503
+        assert json.loads(err.value.read())["checks"]["chain"] == {"ok": False, "detail": "chain unreachable",
+                                                                   "fix": "start it"}
     finally:
         server.stop()
