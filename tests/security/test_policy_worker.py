@@ -106,12 +106,10 @@ def test_refusals_celery_would_only_log_are_quarantined(worker, redis_url, signi
     not_a_task = json.dumps({"hello": "world"}).encode()
     publish_raw(redis_url, worker.queue, {}, not_a_task, content_type="application/json")
     publish_raw(redis_url, worker.queue, *reading_msg(agent, 10, "agent.agent-b"))  # signed for another queue
-    squat_headers, squat_body = reading_msg(agent, 11, worker.queue)
+    own_reading = {"agent_id": "agent-a", "sensor": "t", "seq": 11, "value": 1.0, "unit": "C", "sampled_at": 1.0}
     squat_headers, squat_body = craft(agent, contract.INGEST_TASK, [], routing_key=worker.queue,
-                                      kwargs=json.loads(json.dumps({"reading": {"agent_id": "agent-a", "sensor": "t",
-                                                                                "seq": 11, "value": 1.0, "unit": "C",
-                                                                                "sampled_at": 1.0}})),
-                                      task_id=contract.reading_task_id("agent-b", 11))
+                                      kwargs={"reading": own_reading},
+                                      task_id=contract.reading_task_id("agent-b", 11))  # B's id, A's reading
     publish_raw(redis_url, worker.queue, squat_headers, squat_body)
     publish_raw(redis_url, worker.queue, *reading_msg(agent, 12, worker.queue))  # sentinel
     wait_until(lambda: executed(worker.side_effects))
