@@ -20,15 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from security.contract import (  # noqa: F401  (re-exported: the agent's names for the wire contract)
-    COMMAND_RESULT_TASK,
-    HEARTBEAT_TASK,
-    INGEST_TASK,
-    TASK_ID_NAMESPACE,
-    command_result_task_id,
-    heartbeat_task_id,
-    reading_task_id,
-)
+# Task ids come from the wire contract: the coordinator refuses any other (id_not_bound).
+from security.contract import INGEST_TASK, reading_task_id
 
 from .sensors.base import Sample
 

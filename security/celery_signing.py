@@ -152,8 +152,13 @@ class Verifier:
         self._cache: "OrderedDict[str, tuple[float, int, VerifiedMessage]]" = OrderedDict()
         self._cache_lock = threading.Lock()
 
-    def verify(self, data: bytes | str) -> VerifiedMessage:
-        """Full check (crypto once per distinct message; repeats hit a short-lived cache)."""
+    def verify(self, data: bytes | str, any_policy: bool = False) -> VerifiedMessage:
+        """Full check (crypto once per distinct message; repeats hit a short-lived cache).
+
+        any_policy: kept for callers written when the cache was process-wide (it let a
+        verdict of another app's verifier count); the cache is per verifier now, so it
+        changes nothing.
+        """
         raw = data.encode() if isinstance(data, str) else bytes(data)
         digest = hashlib.sha256(raw).hexdigest()
         now = time.time()

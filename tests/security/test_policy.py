@@ -60,7 +60,7 @@ def test_agent_modules_use_the_contract():
     from agent import outbox, runtime
 
     assert outbox.reading_task_id is contract.reading_task_id
-    assert outbox.command_result_task_id is contract.command_result_task_id
+    assert outbox.INGEST_TASK == contract.INGEST_TASK
     assert runtime.INGEST_QUEUE == contract.INGEST_QUEUE
 
 
