@@ -45,7 +45,7 @@ from kombu.serialization import register as register_serializer
 from kombu.utils import json as kjson
 from kombu.utils.imports import symbol_by_name
 
-from . import metrics
+from . import contract, metrics
 from .envelope import (
     certificate_pem,
     check_signature,
@@ -54,7 +54,7 @@ from .envelope import (
     sign_envelope,
 )
 from .pki import PrivateKey, load_certificate, load_private_key
-from .policy import CANVAS_EMBED_FIELDS, AllOf, Policy, TaskMessage, baseline_policy
+from .policy import BUILTIN_PREFIX, CANVAS_EMBED_FIELDS, AllOf, Policy, TaskMessage, baseline_policy
 from .quarantine import Quarantine
 from .replay import ReplayGuard, check_fresh
 from .signing import SignatureRefused, SignerInfo, SigningError
@@ -592,8 +592,12 @@ class SignedConsumer(Consumer):
         self._refuse("not_a_task", "message has no task header and is not a task", message)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        name = (message.headers or {}).get("task") if isinstance(message.headers, dict) else None
-        self._refuse("unknown_task", f"task {name!r} is not registered on this worker", message)
+        name = message.headers.get("task") if isinstance(message.headers, dict) else None
+        if isinstance(name, str) and (name.startswith(BUILTIN_PREFIX) or contract.is_fleet_task(name)):
+            # a fleet task of another role (e.g. an agent command sent to the ingest queue)
+            self._refuse("task_not_allowed", f"{name!r} is not a task this worker runs for any signer", message)
+        else:
+            self._refuse("unknown_task", f"task {name!r} is not registered on this worker", message)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         self._refuse("malformed", f"invalid task message: {exc}", message)
@@ -605,6 +609,24 @@ class SignedConsumer(Consumer):
             message.ack_log_error(log, self.connection_errors)  # recorded by the decoder already
             return
         self._refuse("not_a_task", f"message without a task header could not be decoded: {exc}", message)
+
+
+class DeadLetterRecorder:
+    """The MQTT transport's `dead_letter_handler` (kombu_mqtt): payloads it refuses to
+    deliver (not kombu messages, messages of a stale subscription) are kept in this
+    app's quarantine and counted, like every other refusal; not kombu messages as
+    `not_a_task`, the others under the transport's reason. Never raises, so the
+    transport acks them."""
+
+    NOT_KOMBU = "not_a_kombu_message"  # kombu_mqtt.deadletter.NOT_KOMBU_MESSAGE
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+
+    def __call__(self, queue: str, topic: str, payload: bytes, reason: str) -> None:
+        label = "not_a_task" if reason == self.NOT_KOMBU else str(reason)
+        detail = f"the transport refused a message on {topic!r} for queue {queue!r}: {reason}"
+        self.verifier.record(SignatureRefused(label, detail), bytes(payload), headers={})
 
 
 def _delay_limited_amqp(base: type) -> type:
@@ -679,6 +701,10 @@ def setup_signing(app: Celery, config: SigningConfig) -> _AppContext:
         accept_content=[CONTENT_TYPE], result_accept_content=[CONTENT_TYPE],
         event_serializer="json",
     )
+    transport_options = dict(app.conf.broker_transport_options or {})
+    if "dead_letter_handler" not in transport_options:  # used by kombu_mqtt, ignored elsewhere
+        transport_options["dead_letter_handler"] = DeadLetterRecorder(verifier)
+        app.conf.broker_transport_options = transport_options
     if str(app.conf.worker_consumer or "") in ("", "celery.worker.consumer:Consumer"):
         app.conf.worker_consumer = f"{__name__}:SignedConsumer"
     amqp_base = symbol_by_name(app.amqp_cls)

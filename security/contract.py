@@ -38,6 +38,12 @@ DEFAULT_COORDINATOR_IDENTITY = "coordinator"
 RESERVED_IDENTITIES = frozenset({"coordinator", "broker"})
 
 
+def is_fleet_task(name: str) -> bool:
+    """A task name of this contract (either direction): a worker that does not run it
+    was sent a task of another role (`task_not_allowed`, not `unknown_task`)."""
+    return name in AGENT_TO_COORDINATOR_TASKS or name in AGENT_COMMANDS
+
+
 def agent_queue(agent_id: str) -> str:
     """The queue only `agent_id` consumes its commands from."""
     return f"{AGENT_QUEUE_PREFIX}{agent_id}"

@@ -191,3 +191,24 @@ def test_agent_side_policy(signing_pki, tmp_path):
     headers, body = craft(coord, "edge.agent.status", [], routing_key="agent.agent-b")  # meant for agent B
     refused(agent, headers, body, "routing_key_mismatch", Delivery(routing_key="agent.agent-b",
                                                                     queues=frozenset({"agent.agent-a"})))
+
+
+def test_the_transports_dead_letters_are_quarantined(coordinator):
+    """kombu_mqtt hands payloads that are not kombu messages to `dead_letter_handler`
+    (before acking them): setup_signing points it at the app's quarantine."""
+    handler = coordinator.conf.broker_transport_options["dead_letter_handler"]
+    quarantine = get_verifier(coordinator).quarantine
+    before, counted = quarantine.count("not_a_task"), metrics.REFUSALS.get("not_a_task")
+    handler("edge.ingest", "kombu/d/edge.ingest/edge.ingest", b"\x00\xffnot kombu", "not_a_kombu_message")
+    assert quarantine.count("not_a_task") == before + 1 and metrics.REFUSALS.get("not_a_task") == counted + 1
+    row = quarantine.rows("not_a_task")[-1]
+    assert row.body == b"\x00\xffnot kombu" and "edge.ingest" in row.detail
+    handler("kombu/d/x/x", "kombu/d/x/x", b"{}", "stale_subscription")
+    assert quarantine.rows("stale_subscription")[-1].body == b"{}"
+
+
+def test_a_transport_dead_letter_handler_set_by_the_app_is_kept(signing_pki, tmp_path):
+    app = Celery("own-handler", broker="memory://", set_as_current=False)
+    app.conf.broker_transport_options = {"dead_letter_handler": "my.module:handler", "keepalive": 6}
+    setup_signing(app, signing_config(signing_pki, signing_pki.identity("coordinator"), tmp_path))
+    assert app.conf.broker_transport_options == {"dead_letter_handler": "my.module:handler", "keepalive": 6}

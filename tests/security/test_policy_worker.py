@@ -99,10 +99,13 @@ def test_confused_deputy_publishes_nothing(worker, redis_url, signing_pki):
 def test_refusals_celery_would_only_log_are_quarantined(worker, redis_url, signing_pki):
     agent = signing_pki.identity("agent-a")
     quarantine = get_verifier(worker.app).quarantine
-    reasons = ("unknown_task", "not_a_task", "routing_key_mismatch", "id_not_bound")
+    reasons = ("unknown_task", "not_a_task", "routing_key_mismatch", "id_not_bound", "task_not_allowed")
     before = {r: quarantine.count(r) for r in reasons}
     unknown_headers, unknown_body = craft(agent, "t.not_registered", ["x"], routing_key=worker.queue)
     publish_raw(redis_url, worker.queue, unknown_headers, unknown_body)
+    # an agent command sent to the ingest queue: not registered here, and a task of another role
+    command_headers, command_body = craft(agent, "edge.agent.set_interval", [9.0], routing_key=worker.queue)
+    publish_raw(redis_url, worker.queue, command_headers, command_body)
     not_a_task = json.dumps({"hello": "world"}).encode()
     publish_raw(redis_url, worker.queue, {}, not_a_task, content_type="application/json")
     publish_raw(redis_url, worker.queue, *reading_msg(agent, 10, "agent.agent-b"))  # signed for another queue
@@ -118,6 +121,7 @@ def test_refusals_celery_would_only_log_are_quarantined(worker, redis_url, signi
     assert quarantine.rows("unknown_task")[-1].body == unknown_body
     assert quarantine.rows("unknown_task")[-1].task_name == "t.not_registered"
     assert quarantine.rows("not_a_task")[-1].body == not_a_task
+    assert quarantine.rows("task_not_allowed")[-1].task_name == "edge.agent.set_interval"
     r = redis.Redis.from_url(redis_url)
     wait_until(lambda: r.llen(worker.queue) == 0 and not r.hlen("unacked"))
 
