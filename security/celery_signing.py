@@ -315,7 +315,7 @@ class _AppContext:
             self.check_delay(vm)
             refusal = self.policy.check(TaskMessage(
                 task=str(headers.get("task")), task_id=str(headers.get("id")), signer=signer_id,
-                args=tuple(args), kwargs=kwargs, embed=embed, headers=headers,
+                args=tuple(args), kwargs=kwargs, embed=embed, headers=headers, sent_at=vm.sent_at, eta=vm.eta,
             ))
             if refusal is not None:
                 raise SignatureRefused(refusal.reason, refusal.detail)

@@ -53,6 +53,8 @@ class TaskMessage:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     embed: Mapping[str, Any] = field(default_factory=dict)
     headers: Mapping[str, Any] = field(default_factory=dict)
+    sent_at: float | None = None  # signed send time (unix seconds)
+    eta: float | None = None  # signed eta (unix seconds), None when not delayed
 
     def argument(self, name: str, position: int = 0) -> Any:
         """A task argument given by keyword or at `position` (None when absent)."""
@@ -147,6 +149,21 @@ class SignerIn:
         return Refusal("signer_not_allowed", f"{message.signer!r} may not send tasks here (only {', '.join(sorted(self.names))})")
 
 
+@dataclass(frozen=True)
+class EtaWithin:
+    """The eta may be at most `seconds` after sending: a task parked in the worker's
+    timer waits there unjournaled, holding a prefetch slot, for as long as its sender
+    chose (max_delay_seconds bounds every signer; a role may be bound tighter)."""
+
+    seconds: float
+
+    def check(self, message: TaskMessage) -> Refusal | None:
+        if message.eta is None or message.sent_at is None or message.eta - message.sent_at <= self.seconds:
+            return None
+        return Refusal("eta_too_far", f"eta is {message.eta - message.sent_at:.0f}s after sending; "
+                                      f"{message.signer!r} may delay {message.task} by at most {self.seconds:g}s")
+
+
 def _reading_id(signer: str, message: TaskMessage) -> str | None:
     reading = message.argument("reading")
     seq = reading.get("seq") if isinstance(reading, dict) else None
@@ -215,16 +232,23 @@ def baseline_policy() -> Policy:
     return AllOf(NoBuiltinTasks(), NoCanvas())
 
 
-def coordinator_policy(identity: str = contract.DEFAULT_COORDINATOR_IDENTITY) -> Policy:
+AGENT_MAX_DELAY = 300.0  # seconds an agent may delay a task at the coordinator (it needs none)
+
+
+def coordinator_policy(identity: str = contract.DEFAULT_COORDINATOR_IDENTITY,
+                       agent_max_delay: float = AGENT_MAX_DELAY) -> Policy:
     """The ingest worker: an agent may cause only edge.ingest / edge.command_result /
-    edge.heartbeat, under its own contract ids; the coordinator identity causes nothing."""
+    edge.heartbeat, under its own contract ids, delayed by at most `agent_max_delay`
+    (agents send no delayed tasks; this only bounds how long one can sit in the
+    coordinator's timer); the coordinator identity causes nothing."""
     return AllOf(
         NoBuiltinTasks(),
         NoCanvas(),
         ByRole(
             coordinators=frozenset({identity}),
             coordinator=Refuse("task_not_allowed", "the coordinator identity causes no tasks on its ingest worker"),
-            agent=AllOf(TasksAllowed(contract.AGENT_TO_COORDINATOR_TASKS, role="an agent"), IdBoundToSigner()),
+            agent=AllOf(TasksAllowed(contract.AGENT_TO_COORDINATOR_TASKS, role="an agent"), IdBoundToSigner(),
+                        EtaWithin(agent_max_delay)),
         ),
     )
 

@@ -13,6 +13,7 @@ from security import contract
 from security.policy import (
     AllOf,
     ByRole,
+    EtaWithin,
     IdBoundToSigner,
     NoBuiltinTasks,
     NoCanvas,
@@ -137,6 +138,14 @@ def test_id_bound_to_signer_refuses_tasks_without_a_derivation():
     assert reason(IdBoundToSigner().check(TaskMessage(task="edge.other", task_id="x", signer="a"))) == "id_not_bound"
 
 
+def test_eta_within():
+    policy = EtaWithin(60.0)
+    assert policy.check(ingest("agent-a", 1)) is None  # not delayed
+    assert policy.check(ingest("agent-a", 1, sent_at=1000.0, eta=1060.0)) is None
+    refusal = policy.check(ingest("agent-a", 1, sent_at=1000.0, eta=1061.0))
+    assert reason(refusal) == "eta_too_far" and "60" in refusal.detail
+
+
 def test_by_role_dispatches_and_keeps_reserved_names_out():
     policy = ByRole(coordinators=frozenset({"coordinator"}), coordinator=Refuse("task_not_allowed", "no"),
                     agent=TasksAllowed(frozenset({"edge.ingest"})))
@@ -161,6 +170,9 @@ def test_coordinator_policy():
         assert reason(policy.check(TaskMessage(task=name, task_id="x", signer="agent-a"))) == "task_not_allowed"
     assert reason(policy.check(ingest("agent-a", 1, embed={"chain": [{"task": "x"}]}))) == "canvas_refused"
     assert reason(policy.check(ingest("agent-a", 1, task_id=contract.reading_task_id("agent-b", 1)))) == "id_not_bound"
+    # an agent may not park a task in the coordinator's timer for longer than 300 s
+    assert reason(policy.check(ingest("agent-a", 1, sent_at=1000.0, eta=1301.0))) == "eta_too_far"
+    assert policy.check(ingest("agent-a", 1, sent_at=1000.0, eta=1300.0)) is None
     # the coordinator identity itself causes nothing on its ingest worker
     own = TaskMessage(task=contract.INGEST_TASK, task_id=contract.reading_task_id("coordinator", 1),
                       signer="coordinator", kwargs={"reading": reading("coordinator", 1)})

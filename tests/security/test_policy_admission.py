@@ -24,10 +24,12 @@ ON_INGEST = Delivery(routing_key=INGEST, queues=frozenset({INGEST}))
 
 @pytest.fixture
 def coordinator(signing_pki, tmp_path: Path) -> Celery:
+    """The coordinator's role policy, here letting agents delay tasks by up to an hour
+    (the default allows 300 s) to test the eta rules of the signing layer."""
     app = Celery("coordinator-policy", broker="memory://", set_as_current=False)
     setup_signing(app, signing_config(signing_pki, signing_pki.identity("coordinator"), tmp_path,
-                                      policy=coordinator_policy("coordinator"), max_age_seconds=60,
-                                      max_delay_seconds=3600))
+                                      policy=coordinator_policy("coordinator", agent_max_delay=3600),
+                                      max_age_seconds=60, max_delay_seconds=7200))
     return app
 
 
@@ -142,8 +144,16 @@ def test_a_delayed_task_is_fresh_until_its_eta_plus_max_age(coordinator, signing
 
 
 def test_an_eta_beyond_max_delay_is_refused_on_receipt(coordinator, signing_pki):
-    headers, body = ingest_msg(signing_pki, "agent-a", 10, headers_override={"eta": _iso(time.time() + 7200)})
+    headers, body = ingest_msg(signing_pki, "agent-a", 10, headers_override={"eta": _iso(time.time() + 9000)})
     refused(coordinator, headers, body, "eta_too_far")
+    assert "max_delay_seconds=7200" in get_verifier(coordinator).quarantine.rows("eta_too_far")[-1].detail
+
+
+def test_an_agent_may_not_park_tasks_at_the_coordinator(coordinator, signing_pki, tmp_path):
+    """Within max_delay_seconds, but beyond what the role policy lets an agent delay."""
+    headers, body = ingest_msg(signing_pki, "agent-a", 11, headers_override={"eta": _iso(time.time() + 5400)})
+    refused(coordinator, headers, body, "eta_too_far")
+    assert "at most 3600s" in get_verifier(coordinator).quarantine.rows("eta_too_far")[-1].detail
 
 
 def test_an_eta_beyond_max_delay_is_refused_at_send_time(signing_pki, tmp_path):
