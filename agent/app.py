@@ -17,13 +17,15 @@ from celery import Celery, bootsteps
 from celery.signals import task_postrun, worker_shutting_down
 from kombu import Exchange, Queue
 
+from security.contract import AGENT_COMMANDS, INGEST_QUEUE
+
 from .config import AgentConfig
 from .errors import AgentError
-from .runtime import INGEST_QUEUE, AgentRuntime
+from .runtime import AgentRuntime
 
 log = logging.getLogger("edge.agent")
 
-COMMANDS = ("edge.agent.sample_now", "edge.agent.set_interval", "edge.agent.status")
+COMMANDS = AGENT_COMMANDS
 
 
 def _load_transport() -> None:
@@ -52,6 +54,12 @@ def _setup_signing(app: Celery, cfg: AgentConfig) -> None:
 
 
 def _call_setup(setup_signing: Any, SigningConfig: Any, app: Celery, cfg: AgentConfig) -> None:
+    from security.contract import DEFAULT_COORDINATOR_IDENTITY
+    from security.policy import agent_policy
+
+    # Only the coordinator identity may command this agent, and only with edge.agent.*
+    # tasks (no built-ins, no canvas); an empty list means the default identity.
+    signers = frozenset(cfg.command_signers or [DEFAULT_COORDINATOR_IDENTITY])
     setup_signing(
         app,
         SigningConfig(
@@ -59,7 +67,8 @@ def _call_setup(setup_signing: Any, SigningConfig: Any, app: Celery, cfg: AgentC
             cert_path=cfg.cert_file,
             ca_path=cfg.ca_file,
             crl_path=cfg.crl_file if cfg.crl_file.exists() else None,
-            allowed_signers=frozenset(cfg.command_signers) if cfg.command_signers else None,
+            allowed_signers=signers,
+            policy=agent_policy(signers),
         ),
     )
 

@@ -16,21 +16,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ledger.sqlite_files import enable_wal
+# Task ids come from the wire contract: the coordinator refuses any other (id_not_bound).
+from security.contract import INGEST_TASK, reading_task_id
 
 from .sensors.base import Sample
-
-# Fixed namespace: task ids are uuid5(namespace, "<agent_id>/<kind>/<key>").
-TASK_ID_NAMESPACE = uuid.UUID("6f1c1d2e-5b7a-4c5e-9a51-3c1f0e2d7a44")
-
-INGEST_TASK = "edge.ingest"
-COMMAND_RESULT_TASK = "edge.command_result"
-HEARTBEAT_TASK = "edge.heartbeat"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -42,15 +36,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-def reading_task_id(agent_id: str, seq: int) -> str:
-    """Deterministic: a re-sent reading carries the same id, so the receiver dedupes."""
-    return str(uuid.uuid5(TASK_ID_NAMESPACE, f"{agent_id}/reading/{seq}"))
-
-
-def command_result_task_id(agent_id: str, command_task_id: str) -> str:
-    return str(uuid.uuid5(TASK_ID_NAMESPACE, f"{agent_id}/command_result/{command_task_id}"))
 
 
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another thread's transaction

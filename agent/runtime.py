@@ -12,27 +12,26 @@ import signal
 import threading
 import time
 import tracemalloc
-import uuid
 from typing import Any
 
 from .config import AgentConfig
 from .errors import AgentError
 from .forwarder import Backoff, Forwarder
 from .memory import trim
-from .outbox import (
+from security.contract import (
     COMMAND_RESULT_TASK,
     HEARTBEAT_TASK,
+    INGEST_QUEUE,
     INGEST_TASK,
-    TASK_ID_NAMESPACE,
-    Outbox,
-    OutboxItem,
     command_result_task_id,
+    heartbeat_task_id,
 )
+
+from .outbox import Outbox, OutboxItem
 from .sensors import load_sensors
 
 log = logging.getLogger("edge.agent")
 
-INGEST_QUEUE = "edge.ingest"
 MIN_INTERVAL = 0.05  # seconds; below this a device does nothing but sample
 
 
@@ -305,8 +304,7 @@ class AgentRuntime:
             "version": agent_version(),
             "sent_at": now,
         }
-        task_id = str(uuid.uuid5(TASK_ID_NAMESPACE, f"{self.cfg.agent_id}/heartbeat/{now!r}"))
-        outbox.replace_task(HEARTBEAT_TASK, task_id, {"status": status})
+        outbox.replace_task(HEARTBEAT_TASK, heartbeat_task_id(self.cfg.agent_id, now), {"status": status})
 
     def report_command(self, command: str, command_task_id: str, status: str, result: Any) -> None:
         """Queue an `edge.command_result` through the outbox (same PUBACK guarantee)."""

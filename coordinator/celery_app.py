@@ -39,6 +39,7 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
     """A signing Celery app. `consumer=True` for the ingest worker (stable MQTT session)."""
     require_mqtt_transport()
     from security.celery_signing import SigningConfig, setup_signing
+    from security.policy import coordinator_policy
     from security.signing import SigningError
     from security.pki import PKIError
 
@@ -76,6 +77,9 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
         crl_path=cfg.crl_path,
         replay_db=cfg.data_dir / "replay.sqlite",
         quarantine_db=cfg.data_dir / "quarantine.sqlite",
+        # agents may cause only edge.ingest / edge.command_result / edge.heartbeat, under
+        # their own contract ids, with no callbacks or canvas (security.policy)
+        policy=coordinator_policy(cfg.identity),
     )
     try:
         setup_signing(app, signing)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import sqlite_utils
 
 from ledger.journal import Journal
+from security.contract import COMMAND_RESULT_TASK, HEARTBEAT_TASK, INGEST_TASK
 from security.signing import IdentityMismatch, ensure_bound
 from ledger.record import ExecutionRecord
 
@@ -31,7 +32,9 @@ from .metrics import Metrics
 READINGS = "readings"
 COMMAND_RESULTS = "command_results"
 
-INGEST, COMMAND_RESULT, HEARTBEAT = "edge.ingest", "edge.command_result", "edge.heartbeat"
+# The wire names (security.contract); the coordinator's policy binds each agent task id
+# to its signer before the task reaches the Ingestor (security.policy.IdBoundToSigner).
+INGEST, COMMAND_RESULT, HEARTBEAT = INGEST_TASK, COMMAND_RESULT_TASK, HEARTBEAT_TASK
 
 
 class Signer(Protocol):

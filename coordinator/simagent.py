@@ -17,13 +17,19 @@ import random
 import sys
 import time
 import tomllib
-import uuid
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-INGEST_QUEUE = "edge.ingest"
+from security.contract import (
+    HEARTBEAT_TASK,
+    INGEST_QUEUE,
+    INGEST_TASK,
+    heartbeat_task_id,
+    reading_task_id,
+)
+
 #: Exit status when the broker refuses this identity for good (revoked / not authorized):
 #: the same code as `edge-agent run` (EX_CONFIG), so supervisors do not restart it.
 EXIT_REFUSED = 78
@@ -87,9 +93,11 @@ class SimAgent:
             "value": round(20 + 5 * self.rng.random(), 3), "unit": "C", "sampled_at": time.time(),
         }
 
-    def send(self, name: str, kwargs: dict[str, Any]) -> str:
-        """Publish one task (QoS 1, PUBACK awaited); retry the same id while the broker is away."""
-        task_id = str(uuid.uuid4())
+    def send(self, name: str, kwargs: dict[str, Any], task_id: str) -> str:
+        """Publish one task (QoS 1, PUBACK awaited); retry the same id while the broker is away.
+
+        task_id: the contract's id for this message (the coordinator refuses any other).
+        """
         retries = self.retries
         for attempt in range(retries):
             try:
@@ -109,12 +117,13 @@ class SimAgent:
         return task_id
 
     def ingest(self, seq: int) -> str:
-        return self.send("edge.ingest", {"reading": self.reading(seq)})
+        return self.send(INGEST_TASK, {"reading": self.reading(seq)}, reading_task_id(self.agent_id, seq))
 
     def heartbeat(self, backlog: int = 0, interval: float = 0.0) -> str:
-        return self.send("edge.heartbeat", {"status": {
+        sent_at = time.time()
+        return self.send(HEARTBEAT_TASK, {"status": {
             "agent_id": self.agent_id, "outbox_backlog": backlog, "interval": interval,
-            "version": "sim", "sent_at": time.time()}})
+            "version": "sim", "sent_at": sent_at}}, heartbeat_task_id(self.agent_id, sent_at))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
-"""Replay guard: a task (id, retry number) is accepted once, and only while fresh.
+"""Replay guard: a task (signer, id, retry number) is accepted once, and only while fresh.
 
 Why: a captured message re-sent later must not run again. The guard persists in
-SQLite so a restart does not forget, and prunes entries once the freshness window
-alone would refuse them. A broker redelivery after a worker crash carries the same
+SQLite so a restart does not forget, and prunes an entry only once the message could
+no longer be fresh: a delayed task (eta) stays fresh until eta + max_age, so its entry
+is kept that long too. A broker redelivery after a worker crash carries the same
 envelope and is let through once, but only when the acceptor was a previous process
-and the task never finished.
+and the task never finished. Callers key entries by signer + task id, so nothing one
+signer sends can make another signer's ids look replayed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class ReplayGuard:
                 " done integer not null default 0)"
             )
             conn.execute("create index if not exists seen_sent_at on seen (sent_at)")
+            columns = {row[1] for row in conn.execute("pragma table_info(seen)")}
+            if "fresh_until" not in columns:  # files written before delayed tasks were kept
+                conn.execute("alter table seen add column fresh_until real")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -46,23 +51,20 @@ class ReplayGuard:
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
-    def check_fresh(self, sent_at: float, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        if abs(now - sent_at) > self.max_age:
-            raise SignatureRefused(
-                "stale", f"message sent at {sent_at:.3f} is {now - sent_at:+.1f}s from now; limit ±{self.max_age:g}s"
-            )
+    def check_fresh(self, sent_at: float, now: float | None = None, eta: float | None = None) -> None:
+        check_fresh(sent_at, self.max_age, now, eta)
 
-    def accept(self, key: str, envelope_digest: str, sent_at: float, signer: str) -> None:
-        """Record `key` as accepted or raise SignatureRefused('replay')."""
+    def accept(self, key: str, envelope_digest: str, sent_at: float, signer: str, eta: float | None = None) -> None:
+        """Record `key` as accepted or raise SignatureRefused('replay' | 'stale')."""
         now = time.time()
-        self.check_fresh(sent_at, now)
+        self.check_fresh(sent_at, now, eta)
+        fresh_until = max(sent_at, eta or sent_at) + self.max_age
         conn = self._conn()
         # Fast path: one autocommit statement for a key never seen.
         cur = conn.execute(
-            "insert into seen (key, envelope_digest, signer, sent_at, accepted_at, boot_id) values (?,?,?,?,?,?)"
-            " on conflict(key) do nothing",
-            (key, envelope_digest, signer, sent_at, now, self.boot_id),
+            "insert into seen (key, envelope_digest, signer, sent_at, accepted_at, boot_id, fresh_until)"
+            " values (?,?,?,?,?,?,?) on conflict(key) do nothing",
+            (key, envelope_digest, signer, sent_at, now, self.boot_id, fresh_until),
         )
         if cur.rowcount == 1:
             if now - self._last_prune > 60:
@@ -73,8 +75,9 @@ class ReplayGuard:
             row = conn.execute("select envelope_digest, boot_id, done from seen where key = ?", (key,)).fetchone()
             if row is None:  # pruned in between: accept
                 conn.execute(
-                    "insert into seen (key, envelope_digest, signer, sent_at, accepted_at, boot_id) values (?,?,?,?,?,?)",
-                    (key, envelope_digest, signer, sent_at, now, self.boot_id),
+                    "insert into seen (key, envelope_digest, signer, sent_at, accepted_at, boot_id, fresh_until)"
+                    " values (?,?,?,?,?,?,?)",
+                    (key, envelope_digest, signer, sent_at, now, self.boot_id, fresh_until),
                 )
             elif row[0] == envelope_digest and row[1] != self.boot_id and not row[2]:
                 # Redelivery of an unfinished task accepted by a previous process.
@@ -92,14 +95,35 @@ class ReplayGuard:
         self._conn().execute("update seen set done = 1 where key = ?", (key,))
 
     def prune(self, now: float | None = None) -> int:
-        """Forget entries the freshness window already refuses (keeps the file small)."""
+        """Forget entries whose message the freshness window already refuses (keeps the
+        file small); a margin of one more window absorbs clock skew between hosts."""
         now = time.time() if now is None else now
         self._last_prune = now
-        cur = self._conn().execute("delete from seen where sent_at < ?", (now - 2 * self.max_age - 60,))
+        cur = self._conn().execute(
+            "delete from seen where coalesce(fresh_until, sent_at + ?) < ?", (self.max_age, now - self.max_age - 60)
+        )
         return cur.rowcount
 
     def seen(self, key: str) -> bool:
         return self._conn().execute("select 1 from seen where key = ?", (key,)).fetchone() is not None
+
+
+def check_fresh(sent_at: float, max_age: float, now: float | None = None, eta: float | None = None) -> None:
+    """Raise SignatureRefused('stale') unless the message is fresh.
+
+    Fresh: not sent more than `max_age` in the future, and not older than `max_age`
+    measured from max(sent_at, eta): a delayed task waits for its eta legitimately and
+    is fresh until eta + max_age (the eta itself is bounded by max_delay_seconds).
+    """
+    now = time.time() if now is None else now
+    if sent_at - now > max_age:
+        raise SignatureRefused("stale", f"message sent at {sent_at:.3f} is {sent_at - now:.1f}s in the future; limit {max_age:g}s")
+    reference = max(sent_at, eta) if eta is not None else sent_at
+    if now - reference > max_age:
+        what = "its eta" if reference != sent_at else "sending"
+        raise SignatureRefused(
+            "stale", f"message sent at {sent_at:.3f} is {now - reference:.1f}s past {what}; limit {max_age:g}s"
+        )
 
 
 def _fmt(conn: sqlite3.Connection, key: str) -> str:

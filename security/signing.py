@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
 
 log = logging.getLogger("edgeledger.security")
 
@@ -47,14 +46,14 @@ class SignerInfo:
         return f"SignerInfo(agent_id={self.agent_id!r}, fingerprint={self.fingerprint[:16]}...)"
 
 
-# Set by celery_signing.setup_signing: records (log + count + quarantine) a refusal.
-RefusalSink = Callable[[SignatureRefused, "SignerInfo | None"], None]
-_refusal_sink: RefusalSink | None = None
-
-
-def set_refusal_sink(sink: RefusalSink | None) -> None:
-    global _refusal_sink
-    _refusal_sink = sink
+def _record(exc: SignatureRefused, signer: SignerInfo | None) -> None:
+    """Log, count and quarantine with the settings of the running task's app (no state here)."""
+    try:
+        from .celery_signing import record_for_current_task
+    except ImportError:  # Celery not installed: nobody to record with but the log
+        log.warning("refused message: %s", exc)
+        return
+    record_for_current_task(exc, signer)
 
 
 def ensure_bound(signer: SignerInfo | None, claimed_agent_id: str) -> SignerInfo:
@@ -70,8 +69,5 @@ def ensure_bound(signer: SignerInfo | None, claimed_agent_id: str) -> SignerInfo
         )
     else:
         return signer
-    if _refusal_sink is not None:
-        _refusal_sink(exc, signer)
-    else:
-        log.warning("refused message: %s", exc)
+    _record(exc, signer)
     raise exc

@@ -50,8 +50,9 @@ class TrustStore:
         self._cache: dict[object, TrustedSigner] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._crl_stamp: tuple[int, int] | None = None
+        self._crl_stamp: tuple[int, int, int] | None = None
         self._revoked: frozenset[int] = frozenset()
+        self._generation = 0  # bumped whenever a changed CRL is loaded
         if self.crl_path:
             self._reload_crl()
 
@@ -62,7 +63,9 @@ class TrustStore:
             st = os.stat(self.crl_path)
         except FileNotFoundError as exc:
             raise PKIError(f"CRL {self.crl_path} not found: write one with RevocationStore.write_crl") from exc
-        stamp = (st.st_mtime_ns, st.st_size)
+        # The inode too: `revoke` replaces the file (rename), which may keep size and,
+        # on a coarse clock, mtime.
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp == self._crl_stamp:
             return
         crl = load_crl(self.crl_path)
@@ -70,6 +73,16 @@ class TrustStore:
             raise PKIError(f"CRL {self.crl_path} is not signed by the fleet CA: regenerate it with the CA")
         self._revoked = frozenset(r.serial_number for r in crl)
         self._crl_stamp = stamp
+        self._generation += 1
+
+    def crl_generation(self) -> int:
+        """Changes whenever the CRL file changed (re-read now): verdicts cached under an
+        older generation must be re-checked."""
+        if self.crl_path is None:
+            return 0
+        with self._lock:
+            self._reload_crl()
+            return self._generation
 
     def is_revoked(self, serial: int) -> bool:
         if self.crl_path is None:

@@ -94,8 +94,14 @@ def make_sender_app(broker_url: str, pki: SigningPKI, ident: Identity, workdir: 
 
 
 def craft(ident: Identity, task: str, args: list, *, task_id: str | None = None,
-          meta: dict | None = None, sent_at: float | None = None, drop_meta: bool = False) -> tuple[dict, bytes]:
-    """A protocol-2 task message signed by `ident` with the real encoder: (headers, body)."""
+          meta: dict | None = None, sent_at: float | None = None, drop_meta: bool = False,
+          routing_key: str | None = None, kwargs: dict | None = None, embed: dict | None = None,
+          headers_override: dict | None = None) -> tuple[dict, bytes]:
+    """A protocol-2 task message signed by `ident` with the real encoder: (headers, body).
+
+    routing_key: the queue it is signed for (a worker refuses it on any other queue);
+    kwargs / embed / headers_override: added to the body's kwargs, embed and the message headers.
+    """
     task_id = task_id or str(uuid.uuid4())
     headers = {
         "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None, "expires": None,
@@ -103,13 +109,15 @@ def craft(ident: Identity, task: str, args: list, *, task_id: str | None = None,
         "root_id": task_id, "parent_id": None, "argsrepr": repr(args), "kwargsrepr": "{}",
         "origin": "test", "ignore_result": True,
     }
-    signed_meta = {"task": task, "id": task_id, "eta": None, "expires": None, "retries": 0, "routing_key": None}
+    headers.update(headers_override or {})
+    signed_meta = {"task": task, "id": task_id, "eta": headers.get("eta"), "expires": None, "retries": 0,
+                   "routing_key": routing_key}
     signed_meta.update(meta or {})
-    embed: dict = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    full_embed: dict = {"callbacks": None, "errbacks": None, "chain": None, "chord": None, **(embed or {})}
     if not drop_meta:
-        embed[META_KEY] = signed_meta
+        full_embed[META_KEY] = signed_meta
     identity = _Identity(load_private_key(ident.key), certificate_pem(load_certificate(ident.cert)))
-    body = identity.encode([args, {}, embed], sent_at=sent_at)
+    body = identity.encode([args, dict(kwargs or {}), full_embed], sent_at=sent_at)
     return headers, body
 
 

@@ -136,7 +136,8 @@ def test_forged_and_replayed_tasks_over_mqtts_are_quarantined(broker, signing_pk
 
     def signed(value: float, task_id: str) -> tuple[dict, bytes]:
         headers, _ = craft(agent, "t.ingest", [], task_id=task_id)
-        meta = {"task": "t.ingest", "id": task_id, "eta": None, "expires": None, "retries": 0, "routing_key": None}
+        meta = {"task": "t.ingest", "id": task_id, "eta": None, "expires": None, "retries": 0,
+                "routing_key": "edge.ingest"}
         embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None, META_KEY: meta}
         return headers, identity.encode([[], {"reading": {"agent_id": "agent-a", "value": value}}, embed])
 

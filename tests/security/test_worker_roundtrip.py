@@ -60,7 +60,7 @@ def test_agent_signing_as_another_agent_is_refused(worker_side, redis_url, signi
 
 def test_replayed_message_runs_once(worker_side, redis_url, signing_pki):
     agent = signing_pki.identity("agent-a")
-    headers, body = craft(agent, "t.other", ["agent-a", "once"])
+    headers, body = craft(agent, "t.other", ["agent-a", "once"], routing_key=worker_side.queue)
     publish_raw(redis_url, worker_side.queue, headers, body)
     wait_until(lambda: executed(worker_side.side_effects))
     quarantine = get_verifier(worker_side.app).quarantine
@@ -80,8 +80,9 @@ def test_bad_messages_through_the_worker_are_refused_and_quarantined(worker_side
 
     agent = signing_pki.identity("agent-a")
     cases: list[tuple[str, dict, bytes, str]] = []
+    rk = worker_side.queue  # the queue the messages are signed for
 
-    headers, body = craft(agent, "t.other", ["agent-a", "tampered"])
+    headers, body = craft(agent, "t.other", ["agent-a", "tampered"], routing_key=rk)
     doc = json.loads(body)
     payload = bytearray(base64.b64decode(doc["payload"]))
     payload[10] ^= 1
@@ -89,33 +90,33 @@ def test_bad_messages_through_the_worker_are_refused_and_quarantined(worker_side
     cases.append(("bad_signature", headers, json.dumps(doc, separators=(",", ":")).encode(), "tampered"))
 
     rogue = signing_pki.issue("agent-a", ca=CertificateAuthority.create("rogue"))
-    cases.append(("cert_untrusted", *craft(rogue, "t.other", ["agent-a", "rogue"]), "rogue"))
+    cases.append(("cert_untrusted", *craft(rogue, "t.other", ["agent-a", "rogue"], routing_key=rk), "rogue"))
 
     expired = signing_pki.issue("agent-exp", not_before=utcnow() - dt.timedelta(days=5),
                                 not_after=utcnow() - dt.timedelta(days=1))
-    cases.append(("cert_expired", *craft(expired, "t.other", ["agent-exp", "expired"]), "expired"))
+    cases.append(("cert_expired", *craft(expired, "t.other", ["agent-exp", "expired"], routing_key=rk), "expired"))
 
     revoked = signing_pki.issue("agent-rev")
     signing_pki.revoke(revoked)
-    cases.append(("cert_revoked", *craft(revoked, "t.other", ["agent-rev", "revoked"]), "revoked"))
+    cases.append(("cert_revoked", *craft(revoked, "t.other", ["agent-rev", "revoked"], routing_key=rk), "revoked"))
 
-    headers, body = craft(agent, "t.record", ["agent-a", "swapped"])
+    headers, body = craft(agent, "t.record", ["agent-a", "swapped"], routing_key=rk)
     cases.append(("header_mismatch", dict(headers, task="t.other"), body, "swapped"))
 
-    headers, body = craft(agent, "t.other", ["agent-a", "stale"], sent_at=time.time() - 3600)
+    headers, body = craft(agent, "t.other", ["agent-a", "stale"], sent_at=time.time() - 3600, routing_key=rk)
     cases.append(("stale", headers, body, "stale"))
 
-    headers, body = craft(agent, "t.other", ["agent-a", "x" * 300_000])
+    headers, body = craft(agent, "t.other", ["agent-a", "x" * 300_000], routing_key=rk)
     cases.append(("oversize", headers, body, "oversize"))
 
-    headers, _ = craft(agent, "t.other", ["agent-a", "malformed"])
+    headers, _ = craft(agent, "t.other", ["agent-a", "malformed"], routing_key=rk)
     cases.append(("malformed", headers, b"{this is not json", "malformed"))
 
     quarantine = get_verifier(worker_side.app).quarantine
     before = {reason: quarantine.count(reason) for reason, *_ in cases}
     for _reason, headers, body, _label in cases:
         publish_raw(redis_url, worker_side.queue, headers, body)
-    sentinel_headers, sentinel_body = craft(agent, "t.other", ["agent-a", "sentinel"])
+    sentinel_headers, sentinel_body = craft(agent, "t.other", ["agent-a", "sentinel"], routing_key=rk)
     publish_raw(redis_url, worker_side.queue, sentinel_headers, sentinel_body)
 
     wait_until(lambda: executed(worker_side.side_effects))  # solo pool: in order, so all were seen
