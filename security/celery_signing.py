@@ -152,13 +152,8 @@ class Verifier:
         self._cache: "OrderedDict[str, tuple[float, int, VerifiedMessage]]" = OrderedDict()
         self._cache_lock = threading.Lock()
 
-    def verify(self, data: bytes | str, any_policy: bool = False) -> VerifiedMessage:
-        """Full check (crypto once per distinct message; repeats hit a short-lived cache).
-
-        any_policy: kept for callers written when the cache was process-wide (it let a
-        verdict of another app's verifier count); the cache is per verifier now, so it
-        changes nothing.
-        """
+    def verify(self, data: bytes | str) -> VerifiedMessage:
+        """Full check (crypto once per distinct message; repeats hit a short-lived cache)."""
         raw = data.encode() if isinstance(data, str) else bytes(data)
         digest = hashlib.sha256(raw).hexdigest()
         now = time.time()
@@ -352,26 +347,6 @@ class _AppContext:
 def signing_context(app: Celery | None) -> _AppContext | None:
     """The signing state of `app`, or None when setup_signing was not called for it."""
     return getattr(app, _CTX_ATTR, None) if app is not None else None
-
-
-class _AppContexts:
-    """Read-only lookup kept for callers of the former `_apps` mapping; holds nothing."""
-
-    def get(self, app: Celery | None, default: Any = None) -> Any:
-        ctx = signing_context(app)
-        return default if ctx is None else ctx
-
-    def __contains__(self, app: object) -> bool:
-        return signing_context(app) is not None  # type: ignore[arg-type]
-
-    def __getitem__(self, app: Celery) -> _AppContext:
-        ctx = signing_context(app)
-        if ctx is None:
-            raise KeyError(app)
-        return ctx
-
-
-_apps = _AppContexts()
 
 
 class _ProcessSigning:

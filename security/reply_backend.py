@@ -46,9 +46,9 @@ class ReplyExchangeRPCBackend(RPCBackend):
         super().__init__(*args, **kwargs)
 
     def _create_exchange(self, name, type="direct", delivery_mode=2):  # noqa: A002 - celery's signature
-        from .celery_signing import _apps
+        from .celery_signing import signing_context
 
-        ctx = _apps.get(self.app)
+        ctx = signing_context(self.app)
         exchange = (ctx.config.rpc_reply_exchange if ctx else None) or self.reply_exchange
         return self.Exchange(exchange, type="direct", durable=False, auto_delete=True, delivery_mode=delivery_mode)
 
@@ -74,7 +74,7 @@ class ReplyExchangeRPCBackend(RPCBackend):
             props = getattr(message, "properties", None) or {}
             verdict = self.result_guard.admit(
                 meta, message.body, props.get("correlation_id"),
-                verify=lambda raw: verifier.verify(raw, any_policy=True), record=verifier.record,
+                verify=verifier.verify, record=verifier.record,
             )
             setattr(message, _VERDICT, verdict)
         return verdict
