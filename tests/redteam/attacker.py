@@ -300,3 +300,18 @@ def decode_message(payload: bytes) -> tuple[dict, dict]:
     message = json.loads(payload)
     envelope = base64.b64decode(message["body"])
     return message, signed_payload(envelope)
+
+
+def replay(envelope: bytes, queue: str = INGEST) -> dict:
+    """Someone else's captured envelope, republished with the headers its signed meta names."""
+    from security.envelope import signed_payload
+
+    meta = signed_payload(envelope)["meta"]
+    task_id = meta["id"]
+    headers = {
+        "lang": "py", "task": meta["task"], "id": task_id, "shadow": None, "eta": meta.get("eta"),
+        "expires": meta.get("expires"), "group": None, "group_index": None, "retries": meta.get("retries") or 0,
+        "timelimit": [None, None], "root_id": task_id, "parent_id": None, "argsrepr": "()", "kwargsrepr": "{}",
+        "origin": "replayer", "ignore_result": True,
+    }
+    return kombu_message(envelope, headers, queue, correlation_id=task_id)

@@ -145,15 +145,18 @@ class Fleet:
         return self.metric("edgeledger_signing_refusals_total", reason=reason)
 
     # -- victim health ---------------------------------------------------------------
-    def victim_lossless(self, timeout: float = 60) -> int:
-        """Every reading the victim made so far reaches the journal: the exact count of
-        seqs 1..n-1 (n = its next seq now) is stored under its identity."""
+    def victim_lossless(self, since: int = 1, timeout: float = 60) -> int:
+        """Every reading the victim made from seq `since` up to now reaches the journal:
+        the exact count of seqs since..n-1 (n = its next seq now) is stored under its id."""
         upto = self.victim.next_seq()
-        assert upto > 1, "the victim has made no reading yet"
-        wait_until(lambda: self.readings_below(self.victim.agent_id, upto) == upto - 1, timeout,
-                   f"all {upto - 1} readings of {self.victim.agent_id} journaled "
-                   f"(have {self.readings_below(self.victim.agent_id, upto)})")
-        return upto - 1
+        assert upto > since, f"the victim has made no reading since seq {since}"
+
+        def stored() -> int:
+            return self.readings_below(self.victim.agent_id, upto) - self.readings_below(self.victim.agent_id, since)
+
+        wait_until(lambda: stored() == upto - since, timeout,
+                   f"all {upto - since} readings of {self.victim.agent_id} from seq {since} journaled")
+        return upto - since
 
     def send(self, agent_id: str, task: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return cli("send", "--data-dir", str(self.data_dir), agent_id, task, *args, "--timeout", str(timeout),

@@ -18,15 +18,6 @@ pytestmark = pytest.mark.slow
 VICTIM_QUEUE = f"agent.{VICTIM}"
 
 
-@pytest.fixture(autouse=True)
-def victim_interval_restored(fleet: Fleet):
-    """A deputy attack that succeeds changes B's interval; put it back (through the
-    operator's own `send`) so later tests are judged on their own attack."""
-    yield
-    if fleet.victim.stored_interval() != VICTIM_INTERVAL:
-        fleet.send(VICTIM, "set_interval", str(VICTIM_INTERVAL))
-
-
 def judge(fleet: Fleet, task_ids: dict[str, str], reason: str, timeout: float = 30) -> str:
     """Wait until every attack message was quarantined or journaled; describe each one
     that did not end as (quarantined with `reason`, no journal row). '' when all did."""
