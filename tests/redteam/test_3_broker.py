@@ -5,6 +5,7 @@ every SUBSCRIBE)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,29 @@ def test_revoked_agent_loses_its_live_connection_and_cannot_reconnect(fleet: Fle
         return False
 
     settle(fleet, refused, 20, "the revoked agent's reconnect refused")
+
+
+def test_stealing_the_victims_client_id_leaks_nothing_and_loses_nothing(fleet: Fleet) -> None:
+    """A connects with B's durable client id (resuming B's session), then leaves with a
+    session expiry of 0 (which would end that session). Whatever the broker does with
+    it (refuse it, or let it kick B), A receives nothing of B's, B's readings all
+    arrive, and B answers the operator again."""
+    start = fleet.victim.next_seq()
+    a = fleet.attacker()
+    try:
+        thief = a.connect(client_id=f"edge-agent-{VICTIM}", clean_start=False, session_expiry=0)
+    except ConnectionError:
+        thief = None
+    if thief is not None:
+        fleet.clients.append(thief)
+        assert thief.received() == []
+        thief.close()
+        assert thief.received() == [], "the thief got B's messages"
+
+    def answers() -> bool:
+        out = fleet.send(VICTIM, "status", timeout=10)
+        return out.returncode == 0 and json.loads(out.stdout)["result"]["agent_id"] == VICTIM
+
+    settle(fleet, answers, 90, f"{VICTIM} answering commands again after the client-id theft")
+    settle(fleet, lambda: fleet.victim.next_seq() >= start + 5, 60, f"{VICTIM} making 5 more readings")
+    assert fleet.victim_lossless(since=start, timeout=45) >= 5
