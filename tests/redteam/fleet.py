@@ -223,3 +223,23 @@ def settle(fleet: Fleet, predicate: Any, timeout: float, what: str) -> Any:
 
 def now() -> float:
     return time.time()
+
+
+def signed_content(raw: bytes) -> dict | None:
+    """The signed payload inside a quarantined body, whether the row kept the envelope
+    itself or the whole kombu message around it; None when it holds neither."""
+    import base64
+
+    from security.envelope import signed_payload
+
+    candidates = [raw]
+    try:
+        candidates.append(base64.b64decode(json.loads(raw)["body"]))
+    except (ValueError, KeyError, TypeError):
+        pass
+    for candidate in candidates:
+        try:
+            return signed_payload(candidate)
+        except Exception:  # noqa: BLE001 - not an envelope: try the next reading of it
+            continue
+    return None

@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from coordinator.config import load_config
-from security.envelope import signed_payload
 from security.quarantine import QuarantinedMessage
 from tests.coordinator.support import ROOT
 from tests.support.celery_apps import close_app
 
 from .attacker import decode_message, queue_topic, reply_topic
-from .fleet import VICTIM, Fleet, settle
+from .fleet import VICTIM, Fleet, settle, signed_content
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +24,11 @@ VQ = f"agent.{VICTIM}"
 
 
 def about(row: QuarantinedMessage, task_id: str) -> bool:
-    """The quarantined result concerns `task_id` (by header or by its signed body)."""
+    """The quarantined result concerns `task_id` (by its row, or by its signed body)."""
     if row.task_id == task_id:
         return True
-    try:
-        body = signed_payload(row.body).get("body")
-    except Exception:  # noqa: BLE001 - a row that is no envelope is not about it
-        return False
+    content = signed_content(row.body)
+    body = content.get("body") if content else None
     return isinstance(body, dict) and body.get("task_id") == task_id
 
 
@@ -97,7 +93,7 @@ def test_replayed_genuine_result_is_refused(fleet: Fleet) -> None:
         assert value["agent_id"] == VICTIM
         settle(fleet, lambda: observer.received(reply_topic(reply_to)), 30, "B's genuine result captured")
         genuine = observer.received(reply_topic(reply_to))[0][1]
-        message, signed = decode_message(genuine)
+        _, signed = decode_message(genuine)
         assert signed["body"]["task_id"] == first.id
         # anyone who saw it (here: A, allowed to publish replies) sends it again
         a = fleet.attacker()
