@@ -21,6 +21,7 @@ def test_task_with_eta_from_an_agent_revoked_before_the_eta_never_runs(fleet: Fl
     control = a.reading_task(1)  # proves the identity worked before the revocation
     assert a.publish(INGEST_TOPIC, control) == 0
     settle(fleet, lambda: fleet.executions(control["headers"]["id"]), 45, "the control reading journaled")
+    before = fleet.refusals("cert_revoked")
     sent = time.monotonic()
     delayed = a.reading_task(2, eta=eta_in(COUNTDOWN))
     tid = delayed["headers"]["id"]
@@ -33,3 +34,4 @@ def test_task_with_eta_from_an_agent_revoked_before_the_eta_never_runs(fleet: Fl
            "the delayed task refused or executed")
     assert fleet.executions(tid) == [], "the revoked agent's delayed task was executed"
     assert [r.reason for r in fleet.quarantined(tid)] == ["cert_revoked"]
+    assert fleet.refusals("cert_revoked") == before + 1

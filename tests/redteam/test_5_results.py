@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from coordinator.config import load_config
+from security.metrics import REFUSALS
 from security.quarantine import QuarantinedMessage
 from tests.coordinator.support import ROOT
 from tests.support.celery_apps import close_app
@@ -86,6 +87,7 @@ def test_replayed_genuine_result_is_refused(fleet: Fleet) -> None:
     observer = fleet.observer()
     app = make_app(load_config(data_dir=fleet.data_dir, require_file=True), consumer=False)
     try:
+        counted = REFUSALS.get("result_replay")  # the caller is this process: its own counter
         reply_to = app.thread_oid
         assert observer.subscribe(reply_topic(reply_to)) == [1]
         first = app.send_task("edge.agent.status", queue=VQ, retry=False)
@@ -106,5 +108,6 @@ def test_replayed_genuine_result_is_refused(fleet: Fleet) -> None:
                "the replayed result quarantined as result_replay")
         assert len([r for r in fleet.quarantine().rows("result_replay") if about(r, first.id)]) == 1
         assert first.result == value
+        assert REFUSALS.get("result_replay") == counted + 1
     finally:
         close_app(app)
