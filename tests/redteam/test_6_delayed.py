@@ -1,77 +1,100 @@
-"""Delayed tasks: an ETA beyond the freshness window (`max_age_seconds`, default 300 s)
-cannot be honoured (the message would be `stale` by then), so the operator is told at
-send time; an ETA within it waits in an offline agent's session and runs after the
-agent restarts. An agent may not park tasks at the coordinator for long either."""
+"""Delayed tasks: an eta/countdown may hold a command up to `max_delay_seconds` (its
+freshness runs from the eta, so it survives an offline agent and a restart); beyond
+that the sender refuses it at send time and a receiver refuses it as `eta_too_far`.
+`edge-coordinator send` has no countdown option, so the operator side is the
+coordinator's own signing app (`coordinator.celery_app.make_app`, what `send` uses)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from typing import Iterator
 
 import pytest
+from celery import Celery
 
-from tests.coordinator.support import ROOT
+from coordinator.config import load_config
+from security.quarantine import Quarantine
+from security.signing import SigningError
+from tests.support.celery_apps import close_app
 
-from .attacker import INGEST_TOPIC, eta_in
-from .fleet import VICTIM, Fleet, settle
+from .attacker import INGEST_TOPIC, Attacker, Bundle, eta_in, queue_topic
+from .fleet import VICTIM, VICTIM_INTERVAL, Fleet, settle
 
 pytestmark = pytest.mark.slow
 
 VQ = f"agent.{VICTIM}"
-B_TOPICS = (f"kombu/d/{VQ}/{VQ}", f"kombu/d/amq.default/{VQ}")
+B_TOPICS = (queue_topic(VQ), f"kombu/d/amq.default/{VQ}")
+TWO_DAYS = 2 * 86_400.0  # beyond the default max_delay_seconds (one day)
 
 
-def test_countdown_beyond_the_freshness_window_is_refused_at_send_time(fleet: Fleet) -> None:
+@pytest.fixture
+def operator(fleet: Fleet) -> Iterator[Celery]:
+    from coordinator.celery_app import make_app
+
+    app = make_app(load_config(data_dir=fleet.data_dir, require_file=True), consumer=False)
+    yield app
+    close_app(app)
+
+
+def commands_on_b(observer) -> list[dict]:
+    return [json.loads(p) for t, p in observer.received() if t in B_TOPICS]
+
+
+def test_countdown_beyond_the_allowed_delay_is_refused_at_send_time(fleet: Fleet, operator: Celery) -> None:
     observer = fleet.observer()
     for topic in B_TOPICS:
         assert observer.subscribe(topic) == [1]
-    out = fleet.send(VICTIM, "set_interval", "5.5", "--countdown", "3600", timeout=30)
-    assert out.returncode == 1, (out.returncode, out.stderr)
-    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    assert "3600" in out.stderr, out.stderr  # says which delay it refused
+    with pytest.raises(SigningError, match="max_delay_seconds"):
+        operator.send_task("edge.agent.set_interval", args=[5.5], queue=VQ, countdown=TWO_DAYS, retry=False)
     # nothing was published: a later command reaches B first and finds the old interval
-    assert fleet.status_of(VICTIM)["interval"] != 5.5
-    sent = [json.loads(p)["headers"].get("task") for t, p in observer.received() if t in B_TOPICS]
-    assert sent == ["edge.agent.status"], sent
+    assert fleet.status_of(VICTIM)["interval"] == VICTIM_INTERVAL
+    assert [m["headers"]["task"] for m in commands_on_b(observer)] == ["edge.agent.status"]
 
 
-def test_countdown_within_the_window_runs_after_the_agent_restarts(fleet: Fleet) -> None:
+def test_command_with_a_far_eta_that_skips_the_send_check_is_refused_by_the_agent(fleet: Fleet) -> None:
+    """Defence in depth: a coordinator-signed command with a two-day eta (an older or
+    buggy sender) reaches B; B refuses it as eta_too_far instead of parking it."""
+    pki = fleet.data_dir / "pki"
+    coordinator = Attacker(Bundle(pki, "coordinator", pki / "coordinator.pem", pki / "coordinator.key",
+                                  pki / "ca.pem"), fleet.port)
+    try:
+        msg = coordinator.task("edge.agent.set_interval", args=[5.5], queue=VQ, eta=eta_in(TWO_DAYS))
+        tid = msg["headers"]["id"]
+        assert coordinator.publish(queue_topic(VQ), msg) == 0
+    finally:
+        coordinator.close()
+    quarantine = fleet.victim.home / "quarantine.sqlite"
+
+    def refused() -> list:
+        return [r.reason for r in Quarantine(quarantine).rows() if r.task_id == tid] if quarantine.exists() else []
+
+    settle(fleet, refused, 30, "the far-eta command quarantined by the agent")
+    assert refused() == ["eta_too_far"]
+    assert fleet.status_of(VICTIM)["interval"] == VICTIM_INTERVAL
+
+
+def test_countdown_within_the_window_runs_after_the_agent_restarts(fleet: Fleet, operator: Celery) -> None:
     observer = fleet.observer()
     for topic in B_TOPICS:
         assert observer.subscribe(topic) == [1]
-    fleet.victim.stop()
-    caller = None
+    fleet.victim.stop()  # offline: the command waits in B's session
     try:
-        caller = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "send", "--data-dir", str(fleet.data_dir), VICTIM, "status",
-             "--countdown", "3", "--timeout", "150"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
-        settle(fleet, lambda: [p for t, p in observer.received() if t in B_TOPICS] or caller.poll() is not None, 60,
-               "the delayed command queued for the offline agent")
-        assert caller.poll() is None, caller.communicate()
-        queued = json.loads([p for t, p in observer.received() if t in B_TOPICS][0])
-        assert queued["headers"]["task"] == "edge.agent.status" and queued["headers"]["eta"], queued["headers"]
+        result = operator.send_task("edge.agent.status", queue=VQ, countdown=3, retry=False)
+        settle(fleet, lambda: commands_on_b(observer), 30, "the delayed command queued for the offline agent")
+        assert commands_on_b(observer)[0]["headers"]["eta"], commands_on_b(observer)[0]["headers"]
         fleet.victim.start()
-        out, err = caller.communicate(timeout=200)
+        value = result.get(timeout=120)
     finally:
-        if caller is not None and caller.poll() is None:
-            caller.kill()
-            caller.communicate()
         if fleet.victim.proc is None:
             fleet.victim.start()
-    assert caller.returncode == 0, err
-    reply = json.loads(out)
-    assert reply["status"] == "SUCCESS" and reply["result"]["agent_id"] == VICTIM
-    settle(fleet, lambda: fleet.coordinator.query(
-        "SELECT status FROM command_results WHERE command_task_id = ?", (reply["task_id"],)), 60,
-        "the delayed command's result journaled")
+    # run by the restarted agent process (the solo worker runs tasks in its own pid)
+    assert (value["agent_id"], value["pid"]) == (VICTIM, fleet.victim.proc.proc.pid)
 
 
-def test_agent_task_parked_far_in_the_future_is_refused(fleet: Fleet) -> None:
+def test_agent_task_parked_beyond_the_allowed_delay_is_refused(fleet: Fleet) -> None:
     a = fleet.attacker()
     before = fleet.refusals("eta_too_far")
-    msg = a.reading_task(5_000_000, eta=eta_in(86_400))
+    msg = a.reading_task(5_000_000, eta=eta_in(TWO_DAYS))
     tid = msg["headers"]["id"]
     assert a.publish(INGEST_TOPIC, msg) == 0
     settle(fleet, lambda: fleet.quarantined(tid), 30, "the far-future task quarantined")
