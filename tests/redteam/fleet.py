@@ -11,7 +11,6 @@ or by deltas, never by absolute counts of a shared table.
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from security.quarantine import Quarantine, QuarantinedMessage
+from tests.support.prom import sample
 from tests.agent.support import Proc, kill_group
 from tests.coordinator.support import ROOT, CoordinatorProcess, cli, wait_until
 
@@ -138,8 +138,11 @@ class Fleet:
         return self.coordinator.query("SELECT agent_id, seq FROM readings WHERE task_id = ?", (task_id,))
 
     def metric(self, name: str, **labels: str) -> float:
-        """One sample of the coordinator's /metrics (0 when absent)."""
-        return metric_value(self.coordinator.metrics(), name, **labels)
+        """One sample of the coordinator's /metrics; every series exists from start, so an
+        absent one is a wrong name or label, never a zero."""
+        value = sample(self.coordinator.metrics(), name, **labels)
+        assert value is not None, f"/metrics has no sample {name}{labels}"
+        return value
 
     def refusals(self, reason: str) -> float:
         return self.metric("edgeledger_signing_refusals_total", reason=reason)
@@ -177,19 +180,6 @@ class Fleet:
                 pass
         self.victim.stop()
         self.coordinator.cleanup()
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """The value of `name{labels}` in Prometheus text (labels must all match; 0 if absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})?\s+(\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(m.group(4))
-    return total
 
 
 def start_fleet(workdir: Path) -> Fleet:

@@ -176,7 +176,7 @@ def test_signed_routing_key_must_match_the_queue_it_arrives_on(fleet: Fleet) -> 
 
 def test_command_result_for_a_command_never_sent_is_rejected(fleet: Fleet) -> None:
     a = fleet.attacker()
-    before = fleet.metric("edge_tasks_refused_total", reason="unknown_command")
+    before = fleet.metric("edgeledger_tasks_refused_total", reason="unknown_command")
     fake_command = str(uuid.uuid4())
     result = {"agent_id": ATTACKER, "command_task_id": fake_command, "command": "edge.agent.status",
               "status": "SUCCESS", "result": {"forged": True}, "finished_at": 1.0}
@@ -186,13 +186,13 @@ def test_command_result_for_a_command_never_sent_is_rejected(fleet: Fleet) -> No
     settle(fleet, lambda: fleet.executions(task_id) or fleet.quarantined(task_id), 45, "the forged result handled")
     assert fleet.executions(task_id) == [("REJECTED", ATTACKER)], fleet.quarantined(task_id)
     assert fleet.coordinator.query("SELECT COUNT(*) FROM command_results WHERE task_id = ?", (task_id,)) == [(0,)]
-    assert fleet.metric("edge_tasks_refused_total", reason="unknown_command") == before + 1
+    assert fleet.metric("edgeledger_tasks_refused_total", reason="unknown_command") == before + 1
 
 
 def test_command_result_for_a_command_sent_to_the_victim_is_rejected(fleet: Fleet) -> None:
     """A learned the id of a command the operator really sent to B and reports a result
     for it: not A's command, so REJECTED; B's own report is the one that is kept."""
-    before = fleet.metric("edge_tasks_refused_total", reason="unknown_command")
+    before = fleet.metric("edgeledger_tasks_refused_total", reason="unknown_command")
     out = fleet.send(VICTIM, "status")
     assert out.returncode == 0, out.stderr
     command_id = json.loads(out.stdout)["task_id"]
@@ -208,4 +208,4 @@ def test_command_result_for_a_command_sent_to_the_victim_is_rejected(fleet: Flee
         "SELECT agent_id FROM command_results WHERE command_task_id = ?", (command_id,)), 45, "B's own report")
     assert fleet.coordinator.query("SELECT agent_id, status FROM command_results WHERE command_task_id = ?",
                                    (command_id,)) == [(VICTIM, "SUCCESS")]
-    assert fleet.metric("edge_tasks_refused_total", reason="unknown_command") == before + 1
+    assert fleet.metric("edgeledger_tasks_refused_total", reason="unknown_command") == before + 1
