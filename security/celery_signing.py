@@ -53,7 +53,7 @@ from .envelope import (
     parse_envelope,
     sign_envelope,
 )
-from .pki import PrivateKey, load_certificate, load_private_key
+from .pki import PrivateKey, load_certificate, load_private_key, public_key_der
 from .policy import BUILTIN_PREFIX, CANVAS_EMBED_FIELDS, AllOf, Policy, TaskMessage, baseline_policy
 from .quarantine import Quarantine
 from .replay import ReplayGuard, check_fresh
@@ -404,9 +404,11 @@ def _on_before_publish(sender: str | None = None, body: Any = None, headers: dic
 
 
 def _on_task_postrun(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
-    ctx = signing_context(sender.app) if sender is not None else None
-    signer = getattr(sender.request, "signer", None) if sender is not None else None
-    if ctx is None or task_id is None or signer is None:
+    if sender is None or task_id is None:
+        return
+    ctx = signing_context(sender.app)
+    signer = getattr(sender.request, "signer", None)
+    if ctx is None or signer is None:
         return
     try:
         ctx.guard.mark_done(replay_key(signer.agent_id, task_id, sender.request.retries))
@@ -659,7 +661,7 @@ def setup_signing(app: Celery, config: SigningConfig) -> _AppContext:
     """
     key = load_private_key(config.key_path)
     cert = load_certificate(config.cert_path)
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+    if public_key_der(cert.public_key()) != public_key_der(key.public_key()):
         raise SigningError(f"certificate {config.cert_path} does not match key {config.key_path}: re-enroll")
     verifier = Verifier(config)
     own = verifier.trust.validate(cert)  # refuse to start with a certificate nobody would accept

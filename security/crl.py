@@ -17,9 +17,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from .pki import PKIError, load_certificate, utcnow
 from .revocation import write_crl_file
+
+#: Key types a CA may sign a CRL with (what cryptography verifies CRL signatures with).
+CRL_SIGNER_KEYS = (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
 
 #: Clock skew tolerated on `last_update` (the CA back-dates it by 5 minutes itself).
 CLOCK_SKEW = dt.timedelta(minutes=10)
@@ -40,15 +44,18 @@ def parse_crl(data: bytes) -> x509.CertificateRevocationList:
         raise CrlError(f"not a PEM CRL ({exc}): send the fleet's crl.pem") from None
 
 
-def check_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> None:
+def check_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate, *, where: str = "CRL") -> None:
+    """Raise CrlError unless the fleet CA `ca` issued and signed `crl`."""
     if crl.issuer != ca.subject:
-        raise CrlError(f"CRL issuer {crl.issuer.rfc4514_string()} is not the fleet CA {ca.subject.rfc4514_string()}")
+        raise CrlError(f"{where} issuer {crl.issuer.rfc4514_string()} is not the fleet CA {ca.subject.rfc4514_string()}: "
+                       "it is not signed by the fleet CA; regenerate it with the CA")
+    key = ca.public_key()
     try:
-        ok = crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+        ok = isinstance(key, CRL_SIGNER_KEYS) and crl.is_signature_valid(key)
     except (InvalidSignature, TypeError, ValueError):
         ok = False
     if not ok:
-        raise CrlError("CRL signature does not verify with the fleet CA: it was not issued by this fleet")
+        raise CrlError(f"{where} is not signed by the fleet CA (signature does not verify): regenerate it with the CA")
 
 
 def check_fresh(crl: x509.CertificateRevocationList, now: dt.datetime | None = None, *, where: str = "CRL") -> None:

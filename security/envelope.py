@@ -97,7 +97,7 @@ def parse_envelope(data: bytes | str, max_bytes: int | None = None) -> Envelope:
     if not isinstance(doc, dict) or doc.get("v") != VERSION:
         raise SignatureRefused("malformed", f"envelope is not a version {VERSION} object")
     alg, cert, sig, payload = doc.get("alg"), doc.get("cert"), doc.get("sig"), doc.get("payload")
-    if alg not in ALGORITHMS or not all(isinstance(x, str) for x in (cert, sig, payload)):
+    if alg not in ALGORITHMS or not (isinstance(cert, str) and isinstance(sig, str) and isinstance(payload, str)):
         raise SignatureRefused("malformed", "envelope lacks alg/cert/sig/payload or uses an unknown algorithm")
     try:
         signature = base64.b64decode(sig, validate=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -66,6 +67,11 @@ def load_private_key(path: Path) -> PrivateKey:
 def write_pem(obj: x509.Certificate | x509.CertificateSigningRequest | x509.CertificateRevocationList, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(obj.public_bytes(serialization.Encoding.PEM))
+
+
+def public_key_der(key: PublicKeyTypes) -> bytes:
+    """SubjectPublicKeyInfo DER of any public key: compares keys whatever their type."""
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def load_certificate(path: Path) -> x509.Certificate:

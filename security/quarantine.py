@@ -79,7 +79,9 @@ class Quarantine:
         )
         sql = f"insert into [{TABLE}] ({', '.join(_COLUMNS)}) values ({', '.join('?' * len(_COLUMNS))})"
         with self._lock, self._db() as db:
-            return int(db.execute(sql, values).lastrowid)
+            rowid = db.execute(sql, values).lastrowid
+        assert rowid is not None  # an INSERT always has one
+        return rowid
 
     def rows(self, reason: str | None = None) -> list[QuarantinedMessage]:
         sql = f"select id, {', '.join(_COLUMNS)} from [{TABLE}]"

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from .pki import PKIError, common_name, load_certificate, utcnow
+from .crl import check_signed_by
 from .revocation import load_crl
 from .signing import SignatureRefused
 
@@ -69,8 +70,7 @@ class TrustStore:
         if stamp == self._crl_stamp:
             return
         crl = load_crl(self.crl_path)
-        if crl.issuer != self.ca.subject or not crl.is_signature_valid(self.ca.public_key()):
-            raise PKIError(f"CRL {self.crl_path} is not signed by the fleet CA: regenerate it with the CA")
+        check_signed_by(crl, self.ca, where=f"CRL {self.crl_path}")
         self._revoked = frozenset(r.serial_number for r in crl)
         self._crl_stamp = stamp
         self._generation += 1
