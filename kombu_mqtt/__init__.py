@@ -15,12 +15,16 @@ Behaviour worth knowing:
 * A worker's durable queues live in a persistent MQTT session (stable client id,
   option ``client_id``); unacked tasks are redelivered when it comes back, and
   tasks published while it is offline wait for it (until ``session_expiry``).
-* Payloads on a queue topic that are not kombu messages are logged, kept in
-  ``Transport.dead_letters`` (bounded list of ``(queue, raw payload)``), republished to
-  ``<prefix>/deadletter/<queue>`` (subscribe there with a persistent session to keep
-  them) and acked; the worker goes on with the next message. Messages that reach a
-  persistent session through a subscription this worker no longer makes (same
-  ``client_id``, fewer queues) are set aside the same way, filed under their topic.
+* Payloads on a queue topic that are not kombu messages (reason
+  ``"not_a_kombu_message"``), and messages that reach a persistent session through a
+  subscription this worker no longer makes (same ``client_id``, fewer queues; reason
+  ``"stale_subscription"``, filed under their topic), are refused: they go to the
+  transport option ``dead_letter_handler(queue, topic, payload, reason)`` *before* the
+  broker ack, and are not acked if it raises (the broker redelivers them when the
+  session resumes). Without a handler they are logged, counted per reason
+  (``Transport.dead_letter_counts``) and acked. The last ``deadletter_keep`` are kept in
+  ``Transport.dead_letters`` as ``(queue, raw payload)``. The worker goes on with the
+  next message either way.
 * Mosquitto gives shared-subscription messages round robin, whatever a member's
   in-flight window: a busy or offline member's share waits for it. Keep one durable
   client id per worker and delete queues you retire.

@@ -33,7 +33,7 @@ class HubIntegration:
         """
         if self._hub is None or self._kick_fds is None or self._kicked:
             return
-        if self._buffers or self._pending_durable:
+        if self._buffers or self._pending_durable or self._refused:
             self._kicked = True
             try:
                 os.write(self._kick_fds[1], b"\0")

@@ -46,6 +46,7 @@ from kombu.utils.json import dumps
 
 from . import topics
 from .client import Endpoint, MqttSession, NO_MATCHING_SUBSCRIBERS, build_tls_context
+from .deadletter import NOT_KOMBU_MESSAGE, STALE_SUBSCRIPTION, DeadLetterBox, resolve_handler
 from .errors import MqttConnectionError, NoSubscribersError, PublishRejectedError, SubscribeRejectedError
 from .hub import HubIntegration
 from .options import TransportOptions
@@ -79,6 +80,22 @@ class AckRef:
         if self.mid:
             self.session.ack(self.mid, self.generation)
         return True
+
+    def abandon(self) -> None:
+        """Never ack: the broker keeps the message and resends it when the session resumes."""
+        self.done = True
+
+
+@dataclass
+class Refusal:
+    """A message the transport will not deliver, waiting for the dead-letter handler."""
+
+    queue: str
+    topic: str
+    payload: bytes
+    reason: str
+    detail: str
+    ref: AckRef
 
 
 @dataclass
@@ -281,12 +298,23 @@ class Transport(HubIntegration, virtual.Transport):
         self._tick: Any = None
         self._registered: dict[int, tuple[MqttSession, int]] = {}  # fd -> (session, socket generation)
         self._write_fds: dict[int, int] = {}
-        self.dead_letters: deque[tuple[str, bytes]] = deque(maxlen=self.options.deadletter_keep)
+        self.dead_letter_box = DeadLetterBox(resolve_handler(self.options.dead_letter_handler), self.options.deadletter_keep)
+        self._refused: deque[Refusal] = deque()
         self._endpoint: Endpoint | None = None
         self._ephemeral: SessionState | None = None
         self._durable: SessionState | None = None
         self._closed = False
         self._signal_pipe: tuple[int, int] | None = None
+
+    @property
+    def dead_letters(self) -> deque[tuple[str, bytes]]:
+        """The last refused messages as (queue, payload), newest last (option deadletter_keep)."""
+        return self.dead_letter_box.kept
+
+    @property
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Refused messages per reason since this transport was created."""
+        return dict(self.dead_letter_box.counts)
 
     # -- connection -------------------------------------------------------------
     def _make_endpoint(self) -> Endpoint:
@@ -607,10 +635,8 @@ class Transport(HubIntegration, virtual.Transport):
             if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict) or "body" not in payload:
                 raise ValueError("not a kombu message envelope")
         except (ValueError, UnicodeDecodeError) as exc:
-            for queue in queues:
-                self._dead_letter(queue, message.topic, message.payload, f"is not a kombu message ({exc})")
-            ref.copies = 1
-            self._settle_ref(ref)
+            for queue in queues:  # ref.copies == len(queues): acked once every copy is kept
+                self._refuse(Refusal(queue, message.topic, bytes(message.payload), NOT_KOMBU_MESSAGE, f"not a kombu message: {exc}", ref))
             return
         for index, queue in enumerate(queues):
             copy = payload if index == 0 else json.loads(message.payload)
@@ -629,31 +655,43 @@ class Transport(HubIntegration, virtual.Transport):
         reused by a worker that no longer consumes that queue): set aside and ack, or it
         would hold a Receive Maximum slot forever."""
         # The queue behind a shared subscription is unknown here: file it under its topic.
-        self._dead_letter(
-            message.topic, message.topic, message.payload,
+        ref = AckRef(state.session, message.mid if message.qos else 0, state.session.generation, message.topic)
+        if message.qos:
+            self._inflight[(id(state.session), message.mid)] = ref
+        self._refuse(Refusal(
+            message.topic, message.topic, bytes(message.payload), STALE_SUBSCRIPTION,
             "matches no queue this worker consumes (stale subscription in its persistent session:"
             " give the worker its own client_id or delete the old queue)",
-        )
-        if message.qos:
-            state.session.ack(message.mid, state.session.generation)
+            ref,
+        ))
 
     def _settle_ref(self, ref: AckRef) -> None:
         if ref.settle():
             self._inflight.pop((id(ref.session), ref.mid), None)
 
-    def _dead_letter(self, queue: str, topic: str, payload: bytes, reason: str) -> None:
-        """Set aside a message the worker must not run: log, keep (bounded), republish; caller acks."""
-        logger.warning(
-            "MQTT transport: message on %r for queue %r %s; set aside on %r (%d bytes)",
-            topic, queue, reason, topics.deadletter_topic(self.prefix, queue), len(payload),
-        )
-        self.dead_letters.append((queue, bytes(payload)))
-        state = self._ephemeral
-        if state is not None and state.session.connected:
-            try:
-                state.session.publish(topics.deadletter_topic(self.prefix, queue), bytes(payload), qos=1, wait=False)
-            except MqttConnectionError:
-                pass
+    def _refuse(self, refusal: Refusal) -> None:
+        """Queue a refused message for the dead-letter handler (run outside paho's read loop)."""
+        self._refused.append(refusal)
+        if not self._in_io:
+            self._schedule_delivery()
+
+    def _handle_refusals(self) -> None:
+        """Give refused messages to the dead-letter box; ack only what it kept.
+
+        Why outside the paho callback: the handler is application code (it may write
+        a database or publish), and paho's read loop holds the session lock.
+        """
+        while self._refused:
+            refusal = self._refused.popleft()
+            ref = refusal.ref
+            if ref.done:
+                continue  # another copy's handler failed: the message stays with the broker
+            if self.dead_letter_box.refuse(refusal.queue, refusal.topic, refusal.payload, refusal.reason, refusal.detail):
+                self._settle_ref(ref)
+            else:
+                ref.abandon()
+                # Forget it, so that the broker's redelivery (DUP) is handled afresh.
+                self._inflight.pop((id(ref.session), ref.mid), None)
 
     def _deliver_ready(self) -> int:
         """Hand buffered messages to consumers while their prefetch allows."""
@@ -662,6 +700,7 @@ class Transport(HubIntegration, virtual.Transport):
         self._delivering = True
         delivered = 0
         try:
+            self._handle_refusals()
             for queue in list(self._buffers):
                 buffered = self._buffers.get(queue)
                 entry = self._consumers.get(queue)
