@@ -515,9 +515,10 @@ class MqttSession:
             if client is None or not client.is_connected():
                 return  # the broker redelivers it to a resumed session
             if generation < self.session_epoch:
-                # The broker started the session anew since (clean start, expiry, restart
-                # without persistence): this packet id may now name another message, which
-                # this PUBACK would ack before it ran.
+                # Root cause of tasks lost at prefetch > 1: the broker started the session
+                # anew since (restart without persistence, expiry), packet ids started
+                # over, and this PUBACK acked the *new* message holding this id before it
+                # ran. A worker holds up to `prefetch` messages across a reconnect.
                 return
             client.ack(mid, 1)
 

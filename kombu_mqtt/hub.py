@@ -154,8 +154,10 @@ class HubBinding:
             if session.want_write():
                 self.watch_write(session)
         self.client.run_ready()
-        # Packets left in the TLS layer (read budget used up) make no fd readable:
-        # come back for them through the kick pipe.
+        # Root cause of the "stall until the next keepalive tick" after a reconnect with
+        # a backlog: when the read budget ran out, the rest of a TLS record waited
+        # decrypted in the SSL object, which epoll cannot see, until unrelated bytes
+        # (the PINGRESP) arrived. Come back for such packets through the kick pipe.
         if any(session.buffered() for session in self.client.sessions()):
             self.kick()
 

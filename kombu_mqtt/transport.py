@@ -653,6 +653,9 @@ class Transport(virtual.Transport):
     def _on_message(self, state: SessionState, message: Any) -> None:
         """paho callback: only buffer (acks and app code run outside paho's read loop)."""
         if message.qos and message.dup:
+            # A held message of a session the broker has since started anew shares only
+            # its packet id with this one: dropping this as a duplicate lost tasks
+            # (see MqttSession.ack for the other half of that defect).
             held = self._inflight.get((id(state.session), message.mid))
             if held is not None and not held.done and state.session.is_current(held.generation):
                 return  # redelivery (after a reconnect) of a message we still hold
