@@ -365,3 +365,46 @@ def test_dead_letter_handler_option_is_validated() -> None:
     with pytest.raises(ValueError, match="cannot be imported"):
         resolve_handler("no_such_module_here:handler")
     assert resolve_handler(f"{__name__}:recording_handler") is recording_handler
+
+
+def test_an_ack_after_the_broker_lost_the_session_does_not_ack_the_next_task(fresh_mosquitto, unique) -> None:
+    """Broker restart without persistence while a task is held: packet ids start over, so
+    the held task's late ack must not become the PUBACK of the next task (which the broker
+    would then forget before it ran: lost if the worker dies before running it)."""
+    queue = Queue(unique, Exchange(unique, "direct"), routing_key=unique)
+    url = fresh_mosquitto.plain_url
+
+    def publish(body: str) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with Connection(url) as producer_conn:
+                    Producer(producer_conn).publish(body, exchange=queue.exchange, routing_key=unique)
+                return
+            except kombu_mqtt.NoSubscribersError:  # the consumer has not resubscribed yet
+                assert time.monotonic() < deadline, "consumer never resubscribed"
+                drain_quietly(first, 0.2)
+
+    first = Connection(url, transport_options={"client_id": f"{unique}-w"})
+    second = Connection(url, transport_options={"client_id": f"{unique}-w"})
+    held: list = []
+    try:
+        first.connect()
+        with Consumer(first, [queue], callbacks=[lambda body, msg: held.append(msg)], prefetch_count=1):
+            drain_quietly(first, 0.2)
+            publish("old")
+            drain_until(first, lambda: len(held) == 1)
+            fresh_mosquitto.restart()  # in-memory broker: the session is gone
+            publish("new")
+            drain_quietly(first, 0.3)  # "new" waits behind the prefetch gate
+            held[0].ack()
+            drain_until(first, lambda: len(held) == 2)
+            assert held[1].payload == "new"  # running, not acked yet ... and the worker dies here
+        # Another process takes the session over: the broker must still hold "new" unacked.
+        got: list = []
+        second.connect()
+        with Consumer(second, [queue], callbacks=[lambda body, msg: (got.append(body), msg.ack())], prefetch_count=1):
+            drain_until(second, lambda: got == ["new"])
+    finally:
+        second.release()
+        first.release()
