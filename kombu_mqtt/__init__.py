@@ -30,6 +30,10 @@ Behaviour worth knowing:
   client id per worker and delete queues you retire.
 * MQTT cannot purge or count a queue on the broker: purge drops only what this
   connection has buffered.
+* Acks name packet ids, which the broker hands out per session: after a reconnect on
+  which the broker reports no session (restart without persistence, expiry), messages
+  received before it are not acked (their ids now name other messages); the broker
+  no longer has them either.
 """
 
 from __future__ import annotations
