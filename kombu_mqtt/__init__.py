@@ -20,8 +20,8 @@ Behaviour worth knowing:
   subscription this worker no longer makes (same ``client_id``, fewer queues; reason
   ``"stale_subscription"``, filed under their topic), are refused: they go to the
   transport option ``dead_letter_handler(queue, topic, payload, reason)`` *before* the
-  broker ack, and are not acked if it raises (the broker redelivers them when the
-  session resumes). Without a handler they are logged, counted per reason
+  broker ack, and are not acked while it raises (the transport retries with backoff;
+  the broker keeps them meanwhile). Without a handler they are logged, counted per reason
   (``Transport.dead_letter_counts``) and acked. The last ``deadletter_keep`` are kept in
   ``Transport.dead_letters`` as ``(queue, raw payload)``. The worker goes on with the
   next message either way.

@@ -69,15 +69,16 @@ class DeadLetterBox:
         #: handler failures (those messages were left unacked on the broker)
         self.failures = 0
 
-    def refuse(self, queue: str, topic: str, payload: bytes, reason: str, detail: str) -> bool:
-        """Record one refusal; True when the caller may ack the message on the broker.
+    def refuse(self, queue: str, topic: str, payload: bytes, reason: str, detail: str, first: bool = True) -> bool:
+        """Record one refusal (`first`: not a retry); True when the caller may ack it on the broker.
 
         The handler runs before the ack. If it raises, the message is not acked: the
-        broker keeps it in the session and sends it again when the session resumes.
+        broker keeps it, and the transport calls the handler again later.
         """
         data = bytes(payload)
-        self.counts[reason] += 1
-        self.kept.append((queue, data))
+        if first:
+            self.counts[reason] += 1
+            self.kept.append((queue, data))
         if self.handler is None:
             logger.warning(
                 "MQTT transport refused a message on %r for queue %r (%s: %s); acked and dropped (%d bytes)."
@@ -90,8 +91,8 @@ class DeadLetterBox:
         except Exception:  # the handler is application code: any failure means "not kept"
             self.failures += 1
             logger.exception(
-                "dead_letter_handler failed for a message on %r for queue %r (%s): not acked, the broker"
-                " redelivers it when the session resumes; fix the handler",
+                "dead_letter_handler failed for a message on %r for queue %r (%s): not acked (the broker keeps it),"
+                " the transport retries later; fix the handler or what it writes to",
                 topic, queue, reason,
             )
             return False

@@ -38,10 +38,16 @@ set of knobs is visible in one place:
     ``reason`` is ``"not_a_kombu_message"`` (a payload on a queue topic that is not a
     kombu message) or ``"stale_subscription"`` (a message for a subscription this
     process no longer makes; ``queue`` is then the topic). If the handler raises, the
-    message is NOT acked: it stays with the broker, which sends it again when the
-    session resumes (until then it holds one of the session's in-flight slots).
+    message is NOT acked: it stays with the broker, and the transport calls the handler
+    again after ``dead_letter_retry`` seconds, doubling up to ``dead_letter_retry_max``,
+    until it returns (then acks). Meanwhile the message holds one of the session's
+    in-flight slots: at prefetch 1 (Receive Maximum 1) the queue waits for it. In an
+    event loop the retry runs on the keepalive tick (every keepalive/3 s) at the
+    earliest. A handler may see one message more than once; it should be idempotent.
     Without a handler the transport logs a warning, counts the refusal per reason
     (``Transport.dead_letter_counts``) and acks: the message is gone.
+``dead_letter_retry`` / ``dead_letter_retry_max`` (float seconds, default 1 / 60)
+    Backoff between calls of a failing ``dead_letter_handler`` for one message.
 ``deadletter_keep`` (int, default 100)
     How many refused payloads the transport keeps in memory for inspection
     (``Transport.dead_letters``, ``(queue, payload)`` tuples, newest last).
@@ -78,6 +84,8 @@ class TransportOptions:
     deadletter_keep: int = 100
     identity: str = ""
     dead_letter_handler: Any = None  # callable | "module:function" | None (resolved by the transport)
+    dead_letter_retry: float = 1.0
+    dead_letter_retry_max: float = 60.0
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any] | None) -> "TransportOptions":

@@ -81,10 +81,6 @@ class AckRef:
             self.session.ack(self.mid, self.generation)
         return True
 
-    def abandon(self) -> None:
-        """Never ack: the broker keeps the message and resends it when the session resumes."""
-        self.done = True
-
 
 @dataclass
 class Refusal:
@@ -96,6 +92,8 @@ class Refusal:
     reason: str
     detail: str
     ref: AckRef
+    attempts: int = 0  # failed handler calls so far
+    due: float = 0.0  # monotonic time of the next attempt
 
 
 @dataclass
@@ -301,6 +299,7 @@ class Transport(virtual.Transport):
         self._loop: HubBinding | None = None  # set while registered with a kombu Hub
         self.dead_letter_box = DeadLetterBox(resolve_handler(self.options.dead_letter_handler), self.options.deadletter_keep)
         self._refused: deque[Refusal] = deque()
+        self._refusal_retries: list[Refusal] = []  # handler failed: retried when due, unacked meanwhile
         self._endpoint: Endpoint | None = None
         self._ephemeral: SessionState | None = None
         self._durable: SessionState | None = None
@@ -335,7 +334,10 @@ class Transport(virtual.Transport):
             self._loop = None
 
     def has_work(self) -> bool:
-        return bool(self._buffers or self._pending_durable or self._refused)
+        return bool(self._buffers or self._pending_durable or self._refused or self._retry_due(time.monotonic()))
+
+    def _retry_due(self, now: float) -> bool:
+        return any(refusal.due <= now for refusal in self._refusal_retries)
 
     def run_ready(self) -> None:
         self._apply_pending()
@@ -738,16 +740,31 @@ class Transport(virtual.Transport):
         Why outside the paho callback: the handler is application code (it may write
         a database or publish), and paho's read loop holds the session lock.
         """
+        now = time.monotonic()
+        if self._retry_due(now):
+            self._refused.extend(r for r in self._refusal_retries if r.due <= now)
+            self._refusal_retries = [r for r in self._refusal_retries if r.due > now]
         while self._refused:
             refusal = self._refused.popleft()
             ref = refusal.ref
             if ref.done:
-                continue  # another copy's handler failed: the message stays with the broker
-            if self.dead_letter_box.refuse(refusal.queue, refusal.topic, refusal.payload, refusal.reason, refusal.detail):
+                continue
+            box = self.dead_letter_box
+            if box.refuse(refusal.queue, refusal.topic, refusal.payload, refusal.reason, refusal.detail, first=not refusal.attempts):
                 self.settle(ref)
-            else:
-                ref.abandon()
-                self._forget(ref)  # so that the broker's redelivery (DUP) is handled afresh
+                continue
+            # Not kept: no ack, so the broker still has it. Retry here with backoff (the
+            # ref stays in _inflight, so a DUP redelivery after a reconnect is not
+            # handled twice); at prefetch 1 (Receive Maximum 1) the queue waits meanwhile.
+            refusal.attempts += 1
+            delay = min(self.options.dead_letter_retry_max, self.options.dead_letter_retry * 2 ** (refusal.attempts - 1))
+            refusal.due = now + delay
+            self._refusal_retries.append(refusal)
+
+    def _next_retry_in(self, now: float) -> float | None:
+        if not self._refusal_retries:
+            return None
+        return max(0.0, min(r.due for r in self._refusal_retries) - now)
 
     def _deliver_ready(self) -> int:
         """Hand buffered messages to consumers while their prefetch allows."""
@@ -847,7 +864,10 @@ class Transport(virtual.Transport):
 
     def _wait(self, timeout: float | None) -> None:
         sessions = self.sessions()
-        tick = max(1.0, self.options.keepalive / 3)
+        tick = self.tick_interval
+        retry = self._next_retry_in(time.monotonic())
+        if retry is not None:
+            tick = min(tick, retry)
         timeout = tick if timeout is None else min(timeout, tick)
         socks: dict[Any, MqttSession] = {}
         pending: list[MqttSession] = []

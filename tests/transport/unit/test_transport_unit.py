@@ -231,7 +231,7 @@ def test_a_message_for_a_subscription_nobody_makes_goes_to_the_handler_then_is_a
     assert held.messages == []
 
 
-def test_a_failing_handler_leaves_the_message_unacked_and_sees_it_again_after_a_reconnect(broker: FakeBroker, connect) -> None:
+def test_a_failing_handler_leaves_the_message_unacked_and_is_called_again_later(broker: FakeBroker, connect) -> None:
     calls: list[bytes] = []
 
     def handler(queue: str, topic: str, payload: bytes, reason: str) -> None:
@@ -239,20 +239,19 @@ def test_a_failing_handler_leaves_the_message_unacked_and_sees_it_again_after_a_
         if len(calls) == 1:
             raise OSError("quarantine disk full")
 
-    conn, held = connect(client_id="w", dead_letter_handler=handler), Held()
+    conn, held = connect(client_id="w", dead_letter_handler=handler, dead_letter_retry=0.3), Held()
     with consumer(conn, held, prefetch=1):
         drain_idle(conn)
         broker.route("kombu/d/jobs/jobs", b"not json")
         drain_until(conn, lambda: len(calls) == 1)
-        drain_idle(conn)
         assert broker.pubacks("w") == []
         assert conn.transport.dead_letter_box.failures == 1
-        broker.drop("w")  # resumed session: the broker resends it with DUP
-        drain_until(conn, lambda: len(calls) == 2)
+        broker.drop("w")  # the resumed session resends it (DUP): not a second refusal
+        drain_until(conn, lambda: broker.pubacks("w") == [b"not json"])
         drain_idle(conn)
-    assert calls == [b"not json", b"not json"]
-    assert broker.pubacks("w") == [b"not json"]
-    assert conn.transport.dead_letter_counts == {"not_a_kombu_message": 2}
+    assert calls == [b"not json", b"not json"]  # the failure, then the retry that kept it
+    assert conn.transport.dead_letter_counts == {"not_a_kombu_message": 1}
+    assert broker.sessions["w"].inflight == {}
 
 
 # -- on a kombu Hub (the Celery worker path) ------------------------------------------------------
@@ -312,3 +311,20 @@ def test_acks_from_the_hub_call_soon_and_from_other_threads_keep_the_gate_moving
         run_hub(hub, lambda: len(seen) == 30 and not outstanding and len(broker.pubacks("w")) == 30)
     assert seen == list(range(30))
     assert peak[0] <= 3
+
+
+def test_on_the_hub_a_failed_handler_call_is_retried_on_the_keepalive_tick(broker: FakeBroker, connect, hub: Hub) -> None:
+    calls: list[bytes] = []
+
+    def handler(queue: str, topic: str, payload: bytes, reason: str) -> None:
+        calls.append(payload)
+        if len(calls) == 1:
+            raise OSError("quarantine disk full")
+
+    conn = connect(client_id="w", dead_letter_handler=handler, dead_letter_retry=0.01, keepalive=3)  # tick: 1 s
+    with Consumer(conn, [QUEUE], callbacks=[lambda body, msg: msg.ack()], prefetch_count=1):
+        on_hub(conn, hub)
+        run_hub(hub, lambda: any(e[0] == "subscribe" and e[1] == "w" for e in broker.events))
+        broker.route("kombu/d/jobs/jobs", b"not json")
+        run_hub(hub, lambda: broker.pubacks("w") == [b"not json"])
+    assert calls == [b"not json", b"not json"]
