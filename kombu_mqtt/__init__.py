@@ -15,17 +15,25 @@ Behaviour worth knowing:
 * A worker's durable queues live in a persistent MQTT session (stable client id,
   option ``client_id``); unacked tasks are redelivered when it comes back, and
   tasks published while it is offline wait for it (until ``session_expiry``).
-* Payloads on a queue topic that are not kombu messages are logged, kept in
-  ``Transport.dead_letters`` (bounded list of ``(queue, raw payload)``), republished to
-  ``<prefix>/deadletter/<queue>`` (subscribe there with a persistent session to keep
-  them) and acked; the worker goes on with the next message. Messages that reach a
-  persistent session through a subscription this worker no longer makes (same
-  ``client_id``, fewer queues) are set aside the same way, filed under their topic.
+* Payloads on a queue topic that are not kombu messages (reason
+  ``"not_a_kombu_message"``), and messages that reach a persistent session through a
+  subscription this worker no longer makes (same ``client_id``, fewer queues; reason
+  ``"stale_subscription"``, filed under their topic), are refused: they go to the
+  transport option ``dead_letter_handler(queue, topic, payload, reason)`` *before* the
+  broker ack, and are not acked while it raises (the transport retries with backoff;
+  the broker keeps them meanwhile). Without a handler they are logged, counted per reason
+  (``Transport.dead_letter_counts``) and acked. The last ``deadletter_keep`` are kept in
+  ``Transport.dead_letters`` as ``(queue, raw payload)``. The worker goes on with the
+  next message either way.
 * Mosquitto gives shared-subscription messages round robin, whatever a member's
   in-flight window: a busy or offline member's share waits for it. Keep one durable
   client id per worker and delete queues you retire.
 * MQTT cannot purge or count a queue on the broker: purge drops only what this
   connection has buffered.
+* Acks name packet ids, which the broker hands out per session: after a reconnect on
+  which the broker reports no session (restart without persistence, expiry), messages
+  received before it are not acked (their ids now name other messages); the broker
+  no longer has them either.
 """
 
 from __future__ import annotations

@@ -64,6 +64,18 @@ def build_tls_context(ssl_option: Any) -> ssl.SSLContext:
     return ctx
 
 
+def tls_buffered(sock: Any) -> bool:
+    """True when bytes were already read from the kernel and wait in the TLS layer.
+
+    Why it matters: select/epoll only see the kernel buffer. An SSL socket decrypts
+    a whole TLS record (up to 16 KiB, dozens of MQTT packets) when paho asks for one
+    byte; what paho did not ask for yet waits in the SSL object, and no poller will
+    ever report the socket readable for it.
+    """
+    pending = getattr(sock, "pending", None)
+    return bool(pending()) if pending is not None else False
+
+
 def backoff_delays(min_delay: float, max_delay: float) -> Iterator[float]:
     """Jittered exponential backoff: uniform in [d/2, d], d doubling up to max_delay."""
     delay = min_delay
@@ -111,6 +123,10 @@ class MqttSession:
         self._last_probe = 0.0
         self._closed = False
         self.generation = 0  # increments on every new socket
+        #: generation of the socket on which the broker last started this session anew
+        #: (clean start, or CONNACK without session_present): acks for messages that
+        #: came before it would name packet ids the broker has since given to others
+        self.session_epoch = 0
 
     # -- connection ------------------------------------------------------
     @staticmethod
@@ -154,7 +170,7 @@ class MqttSession:
                 try:
                     if sock is None:
                         raise MqttConnectionError("no socket")
-                    if (isinstance(sock, ssl.SSLSocket) and sock.pending()) or select.select([sock], [], [], 0)[0]:
+                    if tls_buffered(sock) or select.select([sock], [], [], 0)[0]:
                         self.read_available()
                     return
                 except (MqttConnectionError, OSError, ValueError):
@@ -282,6 +298,8 @@ class MqttSession:
     # -- paho callbacks (run inside loop_read; only record state) ---------
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self._connack = (bool(flags.session_present), int(reason_code.value))
+        if not flags.session_present:
+            self.session_epoch = self.generation
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         logger.debug("MQTT %s disconnected: %s", self.client_id, reason_code)
@@ -304,7 +322,7 @@ class MqttSession:
             self._acks[mid] = [int(code.value) for code in reason_codes]
 
     # -- I/O --------------------------------------------------------------
-    def socket(self) -> socket.socket | None:
+    def socket(self) -> paho.SocketLike | None:
         client = self._client
         return client.socket() if client is not None else None
 
@@ -318,24 +336,38 @@ class MqttSession:
             raise MqttConnectionError(f"MQTT connection {self.client_id} to {self.endpoint.host}:{self.endpoint.port} was lost")
         return client
 
-    def read_available(self) -> None:
-        """Read and dispatch every packet the socket and TLS buffer hold now."""
+    def read_available(self, budget: int = 10_000) -> bool:
+        """Read and dispatch what the socket and TLS buffer hold now, at most `budget` reads.
+
+        Returns True when it stopped on the budget with packets still waiting (see
+        :meth:`buffered`): the caller must come back, because data already in the TLS
+        layer will not make the socket readable again.
+        """
         with self.lock:
             client = self._client
             if client is None:
                 raise MqttConnectionError(f"MQTT connection {self.client_id} was lost")
-            for _ in range(10_000):
+            more = False
+            for _ in range(budget):
                 rc = client.loop_read()
                 sock = client.socket()
                 if rc != paho.MQTT_ERR_SUCCESS or sock is None:
                     raise MqttConnectionError(f"MQTT connection {self.client_id} lost ({paho.error_string(rc)})")
-                if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                if tls_buffered(sock):
+                    more = True
                     continue
                 readable, _, _ = select.select([sock], [], [], 0)
+                more = bool(readable)
                 if not readable:
                     break
             if client.want_write():
                 client.loop_write()
+            return more
+
+    def buffered(self) -> bool:
+        """Packets already read from the kernel wait in the TLS layer (no poller reports them)."""
+        client = self._client
+        return client is not None and tls_buffered(client.socket())
 
     def flush(self) -> None:
         """Write what paho queued (acks issued inside callbacks, partial writes)."""
@@ -367,9 +399,9 @@ class MqttSession:
         sock = client.socket()
         if sock is None:
             raise MqttConnectionError(f"MQTT connection {self.client_id} was lost")
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if tls_buffered(sock):
             readable = [sock]
-            writable: list = []
+            writable: list[Any] = []
         else:
             wlist = [sock] if client.want_write() else []
             readable, writable, _ = select.select([sock], wlist, [], max(0.0, timeout))
@@ -458,7 +490,7 @@ class MqttSession:
             props = Properties(PacketTypes.SUBSCRIBE)
             props.SubscriptionIdentifier = subscription_id
             rc, mid = client.subscribe(topic_filter, options=SubscribeOptions(qos=1), properties=props)
-            if rc != paho.MQTT_ERR_SUCCESS:
+            if rc != paho.MQTT_ERR_SUCCESS or mid is None:
                 raise MqttConnectionError(f"MQTT subscribe to {topic_filter!r} failed: {paho.error_string(rc)}")
             self._waiting.add(mid)
             codes = self._wait_for(mid, timeout, f"SUBACK for {topic_filter!r}")
@@ -471,17 +503,25 @@ class MqttSession:
         with self.lock:
             client = self._require()
             rc, mid = client.unsubscribe(topic_filter)
-            if rc != paho.MQTT_ERR_SUCCESS:
+            if rc != paho.MQTT_ERR_SUCCESS or mid is None:
                 raise MqttConnectionError(f"MQTT unsubscribe from {topic_filter!r} failed: {paho.error_string(rc)}")
             self._waiting.add(mid)
             self._wait_for(mid, timeout, f"UNSUBACK for {topic_filter!r}")
 
     def ack(self, mid: int, generation: int) -> None:
-        """PUBACK an incoming QoS 1 message (only if it came on the current socket's session)."""
+        """PUBACK an incoming QoS 1 message (only if it came in the broker's current session)."""
         with self.lock:
             client = self._client
             if client is None or not client.is_connected():
                 return  # the broker redelivers it to a resumed session
-            if generation != self.generation and self.clean_start:
-                return  # mid belongs to a discarded clean session
+            if generation < self.session_epoch:
+                # Root cause of tasks lost at prefetch > 1: the broker started the session
+                # anew since (restart without persistence, expiry), packet ids started
+                # over, and this PUBACK acked the *new* message holding this id before it
+                # ran. A worker holds up to `prefetch` messages across a reconnect.
+                return
             client.ack(mid, 1)
+
+    def is_current(self, generation: int) -> bool:
+        """A message that came on socket `generation` still belongs to the broker's session."""
+        return generation >= self.session_epoch

@@ -32,8 +32,25 @@ set of knobs is visible in one place:
     What a persistent message (delivery_mode 2, e.g. a Celery task) published to a
     direct/topic exchange does when the broker answers PUBACK 0x10. Transient
     messages (rpc replies, pidbox, events) and fanout publishes never raise.
+``dead_letter_handler`` (callable or ``"package.module:function"`` string, default none)
+    Called as ``handler(queue, topic, payload_bytes, reason)`` for every message the
+    transport refuses to deliver, *before* it acks that message on the broker.
+    ``reason`` is ``"not_a_kombu_message"`` (a payload on a queue topic that is not a
+    kombu message) or ``"stale_subscription"`` (a message for a subscription this
+    process no longer makes; ``queue`` is then the topic). If the handler raises, the
+    message is NOT acked: it stays with the broker, and the transport calls the handler
+    again after ``dead_letter_retry`` seconds, doubling up to ``dead_letter_retry_max``,
+    until it returns (then acks). Meanwhile the message holds one of the session's
+    in-flight slots: at prefetch 1 (Receive Maximum 1) the queue waits for it. In an
+    event loop the retry runs on the keepalive tick (every keepalive/3 s) at the
+    earliest. A handler may see one message more than once; it should be idempotent.
+    Without a handler the transport logs a warning, counts the refusal per reason
+    (``Transport.dead_letter_counts``) and acks: the message is gone.
+``dead_letter_retry`` / ``dead_letter_retry_max`` (float seconds, default 1 / 60)
+    Backoff between calls of a failing ``dead_letter_handler`` for one message.
 ``deadletter_keep`` (int, default 100)
-    How many set-aside payloads the transport keeps in memory (``Transport.dead_letters``).
+    How many refused payloads the transport keeps in memory for inspection
+    (``Transport.dead_letters``, ``(queue, payload)`` tuples, newest last).
 ``identity`` (str, default ``""``)
     A label for the TLS client identity (e.g. the certificate path). The transport
     does not read it: kombu keys its process-wide connection and producer pools by
@@ -66,6 +83,9 @@ class TransportOptions:
     no_subscribers: Literal["raise", "ignore"] = "raise"
     deadletter_keep: int = 100
     identity: str = ""
+    dead_letter_handler: Any = None  # callable | "module:function" | None (resolved by the transport)
+    dead_letter_retry: float = 1.0
+    dead_letter_retry_max: float = 60.0
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any] | None) -> "TransportOptions":
@@ -76,6 +96,13 @@ class TransportOptions:
             if spec.name not in raw or raw[spec.name] is None:
                 continue
             value = raw[spec.name]
+            if spec.name == "dead_letter_handler":
+                if not (callable(value) or isinstance(value, str)):
+                    raise ValueError(
+                        "broker_transport_options['dead_letter_handler'] must be a callable or a 'module:function' string"
+                    )
+                values[spec.name] = value
+                continue
             default = spec.default
             try:
                 if isinstance(default, bool):

@@ -82,11 +82,6 @@ def binding_filter(prefix: str, queue: str, exchange: str, exchange_type: str, r
     return f"{share}{prefix}/d/{escape(exchange)}/{escape(routing_key)}"
 
 
-def deadletter_topic(prefix: str, queue: str) -> str:
-    """Where a payload that is not a kombu message is set aside."""
-    return f"{prefix}/deadletter/{escape(queue)}"
-
-
 def subscription_id(topic_filter: str, taken: set[int] | frozenset[int] = frozenset()) -> int:
     """A Subscription Identifier derived from the filter text.
 

@@ -38,16 +38,17 @@ import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from queue import Empty
-from typing import Any
+from typing import Any, cast
 
 from kombu.exceptions import ChannelError
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from . import topics
-from .client import Endpoint, MqttSession, NO_MATCHING_SUBSCRIBERS, build_tls_context
+from .client import NO_MATCHING_SUBSCRIBERS, Endpoint, MqttSession, build_tls_context, tls_buffered
+from .deadletter import NOT_KOMBU_MESSAGE, STALE_SUBSCRIPTION, DeadLetterBox, resolve_handler
 from .errors import MqttConnectionError, NoSubscribersError, PublishRejectedError, SubscribeRejectedError
-from .hub import HubIntegration
+from .hub import HubBinding
 from .options import TransportOptions
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,20 @@ class AckRef:
 
 
 @dataclass
+class Refusal:
+    """A message the transport will not deliver, waiting for the dead-letter handler."""
+
+    queue: str
+    topic: str
+    payload: bytes
+    reason: str
+    detail: str
+    ref: AckRef
+    attempts: int = 0  # failed handler calls so far
+    due: float = 0.0  # monotonic time of the next attempt
+
+
+@dataclass
 class Delivery:
     queue: str
     payload: dict[str, Any]
@@ -110,15 +125,17 @@ def _is_ephemeral(meta: dict[str, Any] | None) -> bool:
 class QoS(virtual.QoS):
     """Prefetch gate + broker acks (virtual QoS only keeps local bookkeeping)."""
 
+    channel: "Channel"
+
     def ack(self, delivery_tag: str) -> None:
         self._quick_ack(delivery_tag)
-        self.channel._settle(delivery_tag)
+        self.channel.settle_tag(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
-            self.channel._restore(self._delivered[delivery_tag])
+            self.channel._restore(self.get(delivery_tag))
         else:
-            self.channel._settle(delivery_tag)
+            self.channel.settle_tag(delivery_tag)
         self._quick_ack(delivery_tag)
 
 
@@ -131,7 +148,7 @@ class Channel(virtual.Channel):
 
     def __init__(self, connection: "Transport", **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
-        self._tags: dict[str, _TrackedRef] = {}  # delivery tag -> broker ack handle
+        self._tags: dict[str, AckRef] = {}  # delivery tag -> broker ack handle
 
     @property
     def transport(self) -> "Transport":
@@ -139,82 +156,83 @@ class Channel(virtual.Channel):
 
     # -- declarations -------------------------------------------------------
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        self.transport._declare_queue(queue, kwargs)
+        self.transport.declare_queue(queue, kwargs)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return True
 
+    def track(self, delivery_tag: str, ref: AckRef) -> None:
+        """Remember which broker message a delivery tag acks."""
+        self._tags[delivery_tag] = ref
+
     def _size(self, queue: str) -> int:
-        return len(self.transport._buffers.get(queue, ()))
+        return self.transport.buffered_count(queue)
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        self.transport._bind(queue, exchange, routing_key)
+        self.transport.bind_queue(queue, exchange, routing_key)
 
     def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = "", arguments: Any = None, **kwargs: Any) -> None:
         super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
-        self.transport._unbind(queue, exchange or "amq.direct", routing_key)
+        self.transport.unbind_queue(queue, exchange or "amq.direct", routing_key)
 
     def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any) -> None:
         if if_empty and self._size(queue):
             return
-        self.transport._drop_queue(queue)
+        self.transport.drop_queue(queue)
         self.state.queue_bindings_delete(queue)
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        self.transport._drop_queue(queue)
+        self.transport.drop_queue(queue)
 
     def _purge(self, queue: str) -> int:
         """Drop the messages buffered locally (MQTT cannot purge the broker side)."""
-        buffered = self.transport._buffers.pop(queue, deque())
-        for delivery in buffered:
-            self.transport._settle_ref(delivery.ref)
-        return len(buffered)
+        return self.transport.purge_buffered(queue)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        buffered = self.transport._buffers.get(queue)
-        if not buffered:
+        delivery = self.transport.take_buffered(queue)
+        if delivery is None:
             raise Empty()
-        delivery = buffered.popleft()
-        self._tags[delivery.payload["properties"]["delivery_tag"]] = _TrackedRef(self.transport, delivery.ref)
+        self.track(delivery.payload["properties"]["delivery_tag"], delivery.ref)
         return delivery.payload
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any):  # noqa: ANN201
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
         if message is not None and no_ack:
-            self._settle(message.delivery_tag)
+            self.settle_tag(message.delivery_tag)
         return message
 
     # -- publishing ---------------------------------------------------------
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self.transport._publish(topics.publish_topic(self.transport.prefix, "", "direct", queue), message, "direct")
+        self.transport.publish_message(topics.publish_topic(self.transport.prefix, "", "direct", queue), message, "direct")
 
     def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any) -> None:
         self._inplace_augment_message(message, exchange, routing_key)
         exchange_type = self.typeof(exchange).type if exchange else "direct"
         topic = topics.publish_topic(self.transport.prefix, exchange, exchange_type, routing_key or "")
-        self.transport._publish(topic, message, exchange_type)
+        self.transport.publish_message(topic, message, exchange_type)
 
     # -- consuming ------------------------------------------------------------
     def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any) -> str:
         super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
-        self.transport._start_consuming(queue, self, no_ack)
+        self.transport.start_consuming(queue, self, no_ack)
         return consumer_tag
 
     def basic_cancel(self, consumer_tag: str) -> None:
         queue = self._tag_to_queue.get(consumer_tag)
         super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
-            self.transport._stop_consuming(queue, closing=self.closed)
+            self.transport.stop_consuming(queue, closing=self.closed)
 
     def basic_qos(self, prefetch_size: int = 0, prefetch_count: int = 0, apply_global: bool = False) -> None:
         super().basic_qos(prefetch_size, prefetch_count, apply_global)
-        self.transport._on_prefetch(self)
+        self.transport.prefetch_changed(self)
 
-    def _settle(self, delivery_tag: str) -> None:
+    def settle_tag(self, delivery_tag: str) -> None:
+        """The consumer is done with a delivery (ack or reject without requeue)."""
         ref = self._tags.pop(delivery_tag, None)
         if ref is not None:
-            ref.settle()
-        self.transport._schedule_delivery()
+            self.transport.settle(ref)
+        self.transport.schedule_delivery()
 
     def _restore(self, message: Any) -> None:
         """Requeue = republish to the original topic (marked redelivered), then ack."""
@@ -225,11 +243,11 @@ class Channel(virtual.Channel):
         payload["redelivered"] = True
         payload["properties"].setdefault("delivery_info", {})["redelivered"] = True
         try:
-            self.transport._publish(ref.topic, payload, "fanout", wait=True)
+            self.transport.publish_message(ref.topic, payload, "fanout", wait=True)
         except (MqttConnectionError, OSError) as exc:
             logger.info("cannot requeue message on %s (%s): the broker redelivers it to a resumed session", ref.topic, exc)
             return
-        ref.settle()
+        self.transport.settle(ref)
 
     def _restore_at_beginning(self, message: Any) -> None:
         self._restore(message)
@@ -242,14 +260,18 @@ class Channel(virtual.Channel):
         super().close()
 
 
-class Transport(HubIntegration, virtual.Transport):
+ChannelType = Channel  # `Channel` inside Transport's body is its class attribute
+
+
+class Transport(virtual.Transport):
     """kombu transport for `mqtt://host:1883`."""
 
     Channel = Channel
-    default_port = 1883
+    # kombu's base class declares these as None / a 1-tuple, so mypy infers those types.
+    default_port = 1883  # type: ignore[assignment]
     driver_type = "mqtt"
     driver_name = "paho-mqtt"
-    polling_interval = None
+    polling_interval = None  # type: ignore[assignment]
     use_tls = False
 
     implements = virtual.Transport.implements.extend(
@@ -258,8 +280,8 @@ class Transport(HubIntegration, virtual.Transport):
         heartbeats=False,
     )
 
-    connection_errors = (MqttConnectionError, ConnectionError, OSError, ssl.SSLError)
-    channel_errors = (ChannelError, PublishRejectedError, SubscribeRejectedError)
+    connection_errors = (MqttConnectionError, ConnectionError, OSError, ssl.SSLError)  # type: ignore[assignment]
+    channel_errors = (ChannelError, PublishRejectedError, SubscribeRejectedError)  # type: ignore[assignment]
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
@@ -268,29 +290,82 @@ class Transport(HubIntegration, virtual.Transport):
         self.prefix = self.options.topic_prefix
         self._queue_meta: dict[str, dict[str, Any]] = {}
         self._buffers: dict[str, deque[Delivery]] = {}
-        self._consumers: dict[str, tuple[Channel, bool]] = {}  # queue -> (channel, no_ack)
+        self._consumers: dict[str, tuple[ChannelType, bool]] = {}  # queue -> (channel, no_ack)
         self._owned_ephemeral: set[str] = set()
         self._pending_durable: set[str] = set()
         self._inflight: dict[tuple[int, int], AckRef] = {}
         self._tag_counter = itertools.count(1)
         self._delivering = False
-        self._kick_fds: tuple[int, int] | None = None
-        self._kicked = False
-        self._in_io = False
-        self._hub: Any = None
-        self._tick: Any = None
-        self._registered: dict[int, tuple[MqttSession, int]] = {}  # fd -> (session, socket generation)
-        self._write_fds: dict[int, int] = {}
-        self.dead_letters: deque[tuple[str, bytes]] = deque(maxlen=self.options.deadletter_keep)
+        self._loop: HubBinding | None = None  # set while registered with a kombu Hub
+        self.dead_letter_box = DeadLetterBox(resolve_handler(self.options.dead_letter_handler), self.options.deadletter_keep)
+        self._refused: deque[Refusal] = deque()
+        self._refusal_retries: list[Refusal] = []  # handler failed: retried when due, unacked meanwhile
         self._endpoint: Endpoint | None = None
         self._ephemeral: SessionState | None = None
         self._durable: SessionState | None = None
         self._closed = False
-        self._signal_pipe: tuple[int, int] | None = None
+
+    @property
+    def dead_letters(self) -> deque[tuple[str, bytes]]:
+        """The last refused messages as (queue, payload), newest last (option deadletter_keep)."""
+        return self.dead_letter_box.kept
+
+    @property
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Refused messages per reason since this transport was created."""
+        return dict(self.dead_letter_box.counts)
+
+    # -- kombu Hub (see kombu_mqtt.hub) ---------------------------------------------
+    @property
+    def tick_interval(self) -> float:
+        return max(1.0, self.options.keepalive / 3)
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        if self._loop is not None and self._loop.loop is not loop:
+            self._loop.unregister()
+            self._loop = None
+        if self._loop is None:
+            self._loop = HubBinding(self, loop)
+        self._loop.register()
+
+    def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
+        if self._loop is not None:
+            self._loop.unregister()
+            self._loop = None
+
+    def has_work(self) -> bool:
+        return bool(self._buffers or self._pending_durable or self._refused or self._retry_due(time.monotonic()))
+
+    def _retry_due(self, now: float) -> bool:
+        return any(refusal.due <= now for refusal in self._refusal_retries)
+
+    def run_ready(self) -> None:
+        self._apply_pending()
+        self._deliver_ready()
+
+    def schedule_delivery(self) -> None:
+        """Make the Hub hand out buffered messages soon (no-op without a Hub: drain_events loops)."""
+        if self._loop is not None:
+            self._loop.kick()
+
+    # -- buffered messages (the channel's view) ---------------------------------------
+    def buffered_count(self, queue: str) -> int:
+        return len(self._buffers.get(queue, ()))
+
+    def take_buffered(self, queue: str) -> Delivery | None:
+        buffered = self._buffers.get(queue)
+        return buffered.popleft() if buffered else None
+
+    def purge_buffered(self, queue: str) -> int:
+        """Drop (and ack) what this connection holds for `queue`; the broker side cannot be purged."""
+        buffered = self._buffers.pop(queue, deque())
+        for delivery in buffered:
+            self.settle(delivery.ref)
+        return len(buffered)
 
     # -- connection -------------------------------------------------------------
     def _make_endpoint(self) -> Endpoint:
-        conninfo = self.client
+        conninfo: Any = self.client
         ssl_option = conninfo.ssl
         tls = None
         if ssl_option or self.use_tls:
@@ -306,6 +381,8 @@ class Transport(HubIntegration, virtual.Transport):
     def _new_session(self, durable: bool) -> SessionState:
         opts = self.options
         holder: dict[str, SessionState] = {}
+        if self._endpoint is None:
+            raise MqttConnectionError("MQTT transport is not connected: call Connection.connect() first")
         session = MqttSession(
             self._endpoint,
             on_message=lambda message: self._on_message(holder["state"], message),
@@ -339,8 +416,8 @@ class Transport(HubIntegration, virtual.Transport):
             super().close_connection(connection)
         finally:
             self._closed = True
-            if self._hub is not None:
-                self.unregister_from_event_loop(connection, self._hub)
+            if self._loop is not None:
+                self.unregister_from_event_loop(connection, self._loop.loop)
             with _REGISTRY_LOCK:
                 for queue in self._owned_ephemeral:
                     key = self._owner_key(queue)
@@ -377,7 +454,7 @@ class Transport(HubIntegration, virtual.Transport):
             return self._durable
         return None
 
-    def _declare_queue(self, queue: str, meta: dict[str, Any]) -> None:
+    def declare_queue(self, queue: str, meta: dict[str, Any]) -> None:
         self._queue_meta.setdefault(queue, dict(meta))
         if _is_ephemeral(self._queue_meta[queue]):
             self._claim_ephemeral(queue, take_over=False)
@@ -395,6 +472,8 @@ class Transport(HubIntegration, virtual.Transport):
             if owner is not None and not take_over:
                 return
             _EPHEMERAL_OWNERS[key] = weakref.ref(self)
+        if self._ephemeral is None:
+            raise MqttConnectionError("MQTT transport is not connected: call Connection.connect() first")
         self._owned_ephemeral.add(queue)
         self._subscribe_queue(self._ephemeral, queue)
         if owner is not None and owner is not self:
@@ -414,23 +493,23 @@ class Transport(HubIntegration, virtual.Transport):
             moved = self._buffers.pop(queue, deque())
         if moved:
             to._buffers.setdefault(queue, deque()).extend(moved)
-            to._schedule_delivery()
+            to.schedule_delivery()
 
-    def _bind(self, queue: str, exchange: str, routing_key: str) -> None:
+    def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
         state = self._state_for(queue)
         if state is None:
             return
         exchange_type = self.state.exchanges.get(exchange, {}).get("type", "direct")
         self._subscribe_filter(state, topics.binding_filter(self.prefix, queue, exchange, exchange_type, routing_key), queue)
 
-    def _unbind(self, queue: str, exchange: str, routing_key: str) -> None:
+    def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
         state = self._state_for(queue)
         if state is None:
             return
         exchange_type = self.state.exchanges.get(exchange, {}).get("type", "direct")
         self._unsubscribe_filter(state, topics.binding_filter(self.prefix, queue, exchange, exchange_type, routing_key), queue)
 
-    def _drop_queue(self, queue: str) -> None:
+    def drop_queue(self, queue: str) -> None:
         for state in (self._ephemeral, self._durable):
             if state is not None and state.session.connected:
                 self._unsubscribe_queue(state, queue)
@@ -441,7 +520,7 @@ class Transport(HubIntegration, virtual.Transport):
                 if ref is not None and ref() is self:
                     del _EPHEMERAL_OWNERS[self._owner_key(queue)]
         for delivery in self._buffers.pop(queue, ()):
-            self._settle_ref(delivery.ref)
+            self.settle(delivery.ref)
 
     def _subscribe_queue(self, state: SessionState, queue: str) -> None:
         for topic_filter in sorted(self._queue_filters(queue)):
@@ -467,7 +546,7 @@ class Transport(HubIntegration, virtual.Transport):
 
     def _unsubscribe_filter(self, state: SessionState, topic_filter: str, queue: str) -> None:
         queues = state.filters.get(topic_filter)
-        if queue not in (queues or ()):
+        if queues is None or queue not in queues:
             return
         if len(queues) == 1 and state.session.connected:
             # Keep the mapping until UNSUBACK: messages read meanwhile still find the queue.
@@ -483,11 +562,11 @@ class Transport(HubIntegration, virtual.Transport):
         """Re-subscribe after a reconnect (a resumed session keeps them; SUBSCRIBE is idempotent)."""
         for topic_filter, ident in list(state.ids.items()):
             state.session.subscribe(topic_filter, ident)
-        if self._hub is not None:
-            self._sync_readers()
+        if self._loop is not None:
+            self._loop.sync_readers()
 
     # -- consuming ----------------------------------------------------------------
-    def _start_consuming(self, queue: str, channel: Channel, no_ack: bool) -> None:
+    def start_consuming(self, queue: str, channel: ChannelType, no_ack: bool) -> None:
         self._consumers[queue] = (channel, no_ack)
         if queue not in self._queue_meta:
             self._queue_meta[queue] = {"durable": True, "auto_delete": False}
@@ -499,9 +578,9 @@ class Transport(HubIntegration, virtual.Transport):
             # Wait until the consumer's prefetch is known (Celery sets it right after
             # consume()), then open the durable session with a matching Receive Maximum.
             self._pending_durable.add(queue)
-        self._schedule_delivery()
+        self.schedule_delivery()
 
-    def _stop_consuming(self, queue: str, closing: bool) -> None:
+    def stop_consuming(self, queue: str, closing: bool) -> None:
         """Forget the consumer; a durable queue's subscription stays in the persistent session.
 
         Why: Celery cancels its consumers on every shutdown; unsubscribing would make
@@ -555,11 +634,11 @@ class Transport(HubIntegration, virtual.Transport):
         for messages in stale.values():
             for message in messages:
                 self._set_aside_stale(self._durable, message)
-        if self._hub is not None:
-            self._sync_readers()
-        self._schedule_delivery()
+        if self._loop is not None:
+            self._loop.sync_readers()
+        self.schedule_delivery()
 
-    def _on_prefetch(self, channel: Channel) -> None:
+    def prefetch_changed(self, channel: ChannelType) -> None:
         """Prefetch grew past the durable session's Receive Maximum: resume it with a larger one."""
         state = self._durable
         if state is None or self.options.receive_maximum:
@@ -575,9 +654,13 @@ class Transport(HubIntegration, virtual.Transport):
     # -- incoming messages ---------------------------------------------------------
     def _on_message(self, state: SessionState, message: Any) -> None:
         """paho callback: only buffer (acks and app code run outside paho's read loop)."""
-        ref_key = (id(state.session), message.mid)
-        if message.qos and message.dup and ref_key in self._inflight:
-            return  # redelivery of a message we still hold
+        if message.qos and message.dup:
+            # A held message of a session the broker has since started anew shares only
+            # its packet id with this one: dropping this as a duplicate lost tasks
+            # (see MqttSession.ack for the other half of that defect).
+            held = self._inflight.get((id(state.session), message.mid))
+            if held is not None and not held.done and state.session.is_current(held.generation):
+                return  # redelivery (after a reconnect) of a message we still hold
         self._route(state, message)
 
     def _route(self, state: SessionState, message: Any) -> None:
@@ -600,17 +683,15 @@ class Transport(HubIntegration, virtual.Transport):
         if message.qos:
             self._inflight[(id(state.session), message.mid)] = ref
         if not queues:
-            self._settle_ref(ref)
+            self.settle(ref)
             return
         try:
             payload = json.loads(message.payload)
             if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict) or "body" not in payload:
                 raise ValueError("not a kombu message envelope")
         except (ValueError, UnicodeDecodeError) as exc:
-            for queue in queues:
-                self._dead_letter(queue, message.topic, message.payload, f"is not a kombu message ({exc})")
-            ref.copies = 1
-            self._settle_ref(ref)
+            for queue in queues:  # ref.copies == len(queues): acked once every copy is kept
+                self._refuse(Refusal(queue, message.topic, bytes(message.payload), NOT_KOMBU_MESSAGE, f"payload is not a kombu message ({exc})", ref))
             return
         for index, queue in enumerate(queues):
             copy = payload if index == 0 else json.loads(message.payload)
@@ -621,39 +702,69 @@ class Transport(HubIntegration, virtual.Transport):
                 info = props["delivery_info"] = {}
             info["redelivered"] = bool(message.dup or copy.get("redelivered"))
             self._buffers.setdefault(queue, deque()).append(Delivery(queue, copy, ref))
-        if not self._in_io:
-            self._schedule_delivery()
+        self.schedule_delivery()
 
     def _set_aside_stale(self, state: SessionState, message: Any) -> None:
         """A message for a subscription this process did not make (a persistent session
         reused by a worker that no longer consumes that queue): set aside and ack, or it
         would hold a Receive Maximum slot forever."""
         # The queue behind a shared subscription is unknown here: file it under its topic.
-        self._dead_letter(
-            message.topic, message.topic, message.payload,
+        ref = AckRef(state.session, message.mid if message.qos else 0, state.session.generation, message.topic)
+        if message.qos:
+            self._inflight[(id(state.session), message.mid)] = ref
+        self._refuse(Refusal(
+            message.topic, message.topic, bytes(message.payload), STALE_SUBSCRIPTION,
             "matches no queue this worker consumes (stale subscription in its persistent session:"
             " give the worker its own client_id or delete the old queue)",
-        )
-        if message.qos:
-            state.session.ack(message.mid, state.session.generation)
+            ref,
+        ))
 
-    def _settle_ref(self, ref: AckRef) -> None:
+    def settle(self, ref: AckRef) -> None:
+        """One copy of a message is done with: ack it on the broker when all copies are."""
         if ref.settle():
-            self._inflight.pop((id(ref.session), ref.mid), None)
+            self._forget(ref)
 
-    def _dead_letter(self, queue: str, topic: str, payload: bytes, reason: str) -> None:
-        """Set aside a message the worker must not run: log, keep (bounded), republish; caller acks."""
-        logger.warning(
-            "MQTT transport: message on %r for queue %r %s; set aside on %r (%d bytes)",
-            topic, queue, reason, topics.deadletter_topic(self.prefix, queue), len(payload),
-        )
-        self.dead_letters.append((queue, bytes(payload)))
-        state = self._ephemeral
-        if state is not None and state.session.connected:
-            try:
-                state.session.publish(topics.deadletter_topic(self.prefix, queue), bytes(payload), qos=1, wait=False)
-            except MqttConnectionError:
-                pass
+    def _forget(self, ref: AckRef) -> None:
+        key = (id(ref.session), ref.mid)
+        if self._inflight.get(key) is ref:  # a newer message may carry the same packet id
+            del self._inflight[key]
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Queue a refused message for the dead-letter handler (run outside paho's read loop)."""
+        self._refused.append(refusal)
+        self.schedule_delivery()
+
+    def _handle_refusals(self) -> None:
+        """Give refused messages to the dead-letter box; ack only what it kept.
+
+        Why outside the paho callback: the handler is application code (it may write
+        a database or publish), and paho's read loop holds the session lock.
+        """
+        now = time.monotonic()
+        if self._retry_due(now):
+            self._refused.extend(r for r in self._refusal_retries if r.due <= now)
+            self._refusal_retries = [r for r in self._refusal_retries if r.due > now]
+        while self._refused:
+            refusal = self._refused.popleft()
+            ref = refusal.ref
+            if ref.done:
+                continue
+            box = self.dead_letter_box
+            if box.refuse(refusal.queue, refusal.topic, refusal.payload, refusal.reason, refusal.detail, first=not refusal.attempts):
+                self.settle(ref)
+                continue
+            # Not kept: no ack, so the broker still has it. Retry here with backoff (the
+            # ref stays in _inflight, so a DUP redelivery after a reconnect is not
+            # handled twice); at prefetch 1 (Receive Maximum 1) the queue waits meanwhile.
+            refusal.attempts += 1
+            delay = min(self.options.dead_letter_retry_max, self.options.dead_letter_retry * 2 ** (refusal.attempts - 1))
+            refusal.due = now + delay
+            self._refusal_retries.append(refusal)
+
+    def _next_retry_in(self, now: float) -> float | None:
+        if not self._refusal_retries:
+            return None
+        return max(0.0, min(r.due for r in self._refusal_retries) - now)
 
     def _deliver_ready(self) -> int:
         """Hand buffered messages to consumers while their prefetch allows."""
@@ -662,10 +773,12 @@ class Transport(HubIntegration, virtual.Transport):
         self._delivering = True
         delivered = 0
         try:
+            self._handle_refusals()
+            callbacks = cast(dict[str, Any], self._callbacks)  # kombu declares None, sets a dict in __init__
             for queue in list(self._buffers):
                 buffered = self._buffers.get(queue)
                 entry = self._consumers.get(queue)
-                callback = self._callbacks.get(queue)
+                callback = callbacks.get(queue)
                 if not buffered or entry is None or callback is None:
                     continue
                 channel, no_ack = entry
@@ -673,9 +786,9 @@ class Transport(HubIntegration, virtual.Transport):
                     delivery = buffered.popleft()
                     ref = delivery.ref
                     if no_ack:
-                        self._settle_ref(ref)
+                        self.settle(ref)
                     else:
-                        channel._tags[delivery.payload["properties"]["delivery_tag"]] = _TrackedRef(self, ref)
+                        channel.track(delivery.payload["properties"]["delivery_tag"], ref)
                     delivered += 1
                     callback(delivery.payload)
                 if not buffered:
@@ -685,7 +798,7 @@ class Transport(HubIntegration, virtual.Transport):
         return delivered
 
     # -- publishing ------------------------------------------------------------------
-    def _publish(self, topic: str, message: dict[str, Any], exchange_type: str, wait: bool | None = None) -> None:
+    def publish_message(self, topic: str, message: dict[str, Any], exchange_type: str, wait: bool | None = None) -> None:
         state = self._ephemeral
         if state is None:
             raise MqttConnectionError("MQTT transport is not connected: call Connection.connect() first")
@@ -707,7 +820,7 @@ class Transport(HubIntegration, virtual.Transport):
             and self.options.no_subscribers == "raise"
         ):
             raise NoSubscribersError(topic)
-        self._schedule_delivery()
+        self.schedule_delivery()
 
     def _ensure_reply_route(self, queue: str) -> None:
         """Before sending a request, make sure this process still listens on its reply queue.
@@ -731,13 +844,13 @@ class Transport(HubIntegration, virtual.Transport):
         except (MqttConnectionError, OSError) as exc:
             logger.warning("reply queue %s: its listening connection could not be revived (%s)", queue, exc)
             return
-        owner._schedule_delivery()
+        owner.schedule_delivery()
 
     # -- draining ------------------------------------------------------------------
-    def _sessions(self) -> list[MqttSession]:
+    def sessions(self) -> list[MqttSession]:
         return [s.session for s in (self._ephemeral, self._durable) if s is not None]
 
-    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Blocking drain (producers, rpc result waiting, plain kombu consumers)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -750,8 +863,11 @@ class Transport(HubIntegration, virtual.Transport):
             self._wait(remaining)
 
     def _wait(self, timeout: float | None) -> None:
-        sessions = self._sessions()
-        tick = max(1.0, self.options.keepalive / 3)
+        sessions = self.sessions()
+        tick = self.tick_interval
+        retry = self._next_retry_in(time.monotonic())
+        if retry is not None:
+            tick = min(tick, retry)
         timeout = tick if timeout is None else min(timeout, tick)
         socks: dict[Any, MqttSession] = {}
         pending: list[MqttSession] = []
@@ -761,7 +877,7 @@ class Transport(HubIntegration, virtual.Transport):
                 self._recover(session)
                 return
             socks[sock] = session
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            if tls_buffered(sock):
                 pending.append(session)
         if not pending:
             wlist = [sock for sock, session in socks.items() if session.want_write()]
@@ -784,24 +900,6 @@ class Transport(HubIntegration, virtual.Transport):
         """Blocking mode: reconnect with backoff (re-subscribes), or raise."""
         logger.warning("MQTT connection %s lost; reconnecting", session.client_id)
         session.ensure_connected()
-
-class _TrackedRef:
-    """AckRef wrapper that also forgets the in-flight entry when settled."""
-
-    __slots__ = ("transport", "ref")
-
-    def __init__(self, transport: Transport, ref: AckRef) -> None:
-        self.transport = transport
-        self.ref = ref
-
-    @property
-    def topic(self) -> str:
-        return self.ref.topic
-
-    def settle(self) -> bool:
-        self.transport._settle_ref(self.ref)
-        return self.ref.done
-
 
 class TLSTransport(Transport):
     """kombu transport for `mqtts://host:8883` (TLS always on; client cert via broker_use_ssl)."""

@@ -3,11 +3,13 @@
 Used as `celery -A tests.transport.celery_app worker` by the tests and by
 bench/transport.py; the test process builds its client app with `make_app`.
 Env: KMQ_BROKER_URL, KMQ_CA / KMQ_CERT / KMQ_KEY (TLS client identity),
-KMQ_QUEUE, KMQ_CLIENT_ID, KMQ_PREFETCH.
+KMQ_QUEUE, KMQ_CLIENT_ID, KMQ_PREFETCH, KMQ_TRANSPORT_OPTIONS (JSON object merged into
+broker_transport_options).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -17,10 +19,19 @@ from celery import Celery
 import kombu_mqtt  # noqa: F401  (registers mqtt:// and mqtts://)
 
 
-def make_app(broker_url: str, ssl_options: dict | None, queue: str, client_id: str | None = None, prefetch: int = 1) -> Celery:
+def make_app(
+    broker_url: str,
+    ssl_options: dict | None,
+    queue: str,
+    client_id: str | None = None,
+    prefetch: int = 1,
+    transport_options: dict | None = None,
+) -> Celery:
     """A Celery app with rpc:// results, acks_late and the test tasks."""
     app = Celery("kmq", broker=broker_url, backend="rpc://", set_as_current=False)
-    options: dict = {"client_id": client_id} if client_id else {}
+    options: dict = dict(transport_options or {})
+    if client_id:
+        options["client_id"] = client_id
     if ssl_options:
         options["identity"] = ssl_options["certfile"]  # own pooled connections per identity
     app.conf.update(
@@ -43,6 +54,14 @@ def make_app(broker_url: str, ssl_options: dict | None, queue: str, client_id: s
     @app.task(name="kmq.noop")
     def noop() -> None:
         return None
+
+    @app.task(name="kmq.record", bind=True)
+    def record(self, path: str, seconds: float = 0.0) -> None:
+        """Append this task's id to `path` (one line per execution: the tests count them)."""
+        if seconds:
+            time.sleep(seconds)  # a task that takes a while, like a journal commit
+        with open(path, "a", encoding="ascii") as ledger:
+            ledger.write(self.request.id + "\n")
 
     @app.task(name="kmq.whoami")
     def whoami() -> int:
@@ -73,4 +92,5 @@ app = make_app(
     os.environ.get("KMQ_QUEUE", "kmq.tasks"),
     os.environ.get("KMQ_CLIENT_ID") or None,
     int(os.environ.get("KMQ_PREFETCH", "1")),
+    json.loads(os.environ.get("KMQ_TRANSPORT_OPTIONS") or "{}"),
 )

@@ -284,3 +284,127 @@ def test_large_messages_are_written_completely(connect, unique) -> None:
             producer.publish(blob, exchange=queue.exchange, routing_key=unique, delivery_mode=1, serializer="raw")
         drain_until(conn, lambda: len(got) == 3)
     assert got == [700_000] * 3
+
+
+def publish_raw(mosquitto, topic: str, *payloads: bytes) -> None:
+    """Publish bytes that are not kombu messages, as a foreign MQTT client would."""
+    raw = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    raw.connect("127.0.0.1", mosquitto.plain_port)
+    raw.loop_start()
+    try:
+        for payload in payloads:
+            raw.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        raw.loop_stop()
+        raw.disconnect()
+
+
+#: (queue, topic, payload, reason) per call of `recording_handler`, in this process
+HANDLED: list[tuple[str, str, bytes, str]] = []
+
+
+def recording_handler(queue: str, topic: str, payload: bytes, reason: str) -> None:
+    """A dead_letter_handler given to the transport as an importable string."""
+    HANDLED.append((queue, topic, payload, reason))
+
+
+def test_dead_letter_handler_gets_refused_messages_before_the_ack(connect, unique, mosquitto) -> None:
+    queue = Queue(unique, Exchange(unique, "direct"), routing_key=unique)
+    HANDLED.clear()
+    conn = connect(client_id=f"{unique}-c", dead_letter_handler=f"{__name__}:recording_handler")
+    got: list = []
+    with Consumer(conn, [queue], callbacks=[lambda body, msg: (got.append(body), msg.ack())]):
+        drain_quietly(conn, 0.2)
+        publish_raw(mosquitto, f"kombu/d/{unique}/{unique}", b"\x00not json")
+        Producer(connect()).publish("good", exchange=queue.exchange, routing_key=unique)
+        drain_until(conn, lambda: got == ["good"] and HANDLED)
+    assert HANDLED == [(unique, f"kombu/d/{unique}/{unique}", b"\x00not json", "not_a_kombu_message")]
+    assert conn.transport.dead_letter_counts == {"not_a_kombu_message": 1}
+    conn.release()
+    # It was acked: the persistent session does not hand it out again.
+    again = connect(client_id=f"{unique}-c", dead_letter_handler=f"{__name__}:recording_handler")
+    with Consumer(again, [queue], callbacks=[lambda body, msg: msg.ack()]):
+        drain_quietly(again, 1.0)
+    assert len(HANDLED) == 1
+
+
+def test_a_failing_dead_letter_handler_leaves_the_message_with_the_broker(connect, unique, mosquitto) -> None:
+    queue = Queue(unique, Exchange(unique, "direct"), routing_key=unique)
+    calls: list[bytes] = []
+
+    def failing(queue_name: str, topic: str, payload: bytes, reason: str) -> None:
+        calls.append(payload)
+        raise RuntimeError("quarantine database is locked")
+
+    def keeping(queue_name: str, topic: str, payload: bytes, reason: str) -> None:
+        calls.append(payload)
+
+    first = connect(client_id=f"{unique}-c", dead_letter_handler=failing)
+    with Consumer(first, [queue], callbacks=[lambda body, msg: msg.ack()]):
+        drain_quietly(first, 0.2)
+        publish_raw(mosquitto, f"kombu/d/{unique}/{unique}", b"garbage")
+        drain_until(first, lambda: calls == [b"garbage"])
+    assert first.transport.dead_letter_box.failures == 1
+    first.release()
+    # Not acked: the resumed session gets it again, and a working handler keeps it.
+    second = connect(client_id=f"{unique}-c", dead_letter_handler=keeping)
+    with Consumer(second, [queue], callbacks=[lambda body, msg: msg.ack()]):
+        drain_until(second, lambda: calls == [b"garbage", b"garbage"])
+    second.release()
+    third = connect(client_id=f"{unique}-c", dead_letter_handler=keeping)
+    with Consumer(third, [queue], callbacks=[lambda body, msg: msg.ack()]):
+        drain_quietly(third, 1.0)
+    assert calls == [b"garbage", b"garbage"]
+
+
+def test_dead_letter_handler_option_is_validated() -> None:
+    with pytest.raises(ValueError, match="dead_letter_handler"):
+        TransportOptions.from_mapping({"dead_letter_handler": 42})
+    from kombu_mqtt.deadletter import resolve_handler
+
+    with pytest.raises(ValueError, match="cannot be imported"):
+        resolve_handler("no_such_module_here:handler")
+    assert resolve_handler(f"{__name__}:recording_handler") is recording_handler
+
+
+def test_an_ack_after_the_broker_lost_the_session_does_not_ack_the_next_task(fresh_mosquitto, unique) -> None:
+    """Broker restart without persistence while a task is held: packet ids start over, so
+    the held task's late ack must not become the PUBACK of the next task (which the broker
+    would then forget before it ran: lost if the worker dies before running it)."""
+    queue = Queue(unique, Exchange(unique, "direct"), routing_key=unique)
+    url = fresh_mosquitto.plain_url
+
+    def publish(body: str) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with Connection(url) as producer_conn:
+                    Producer(producer_conn).publish(body, exchange=queue.exchange, routing_key=unique)
+                return
+            except kombu_mqtt.NoSubscribersError:  # the consumer has not resubscribed yet
+                assert time.monotonic() < deadline, "consumer never resubscribed"
+                drain_quietly(first, 0.2)
+
+    first = Connection(url, transport_options={"client_id": f"{unique}-w"})
+    second = Connection(url, transport_options={"client_id": f"{unique}-w"})
+    held: list = []
+    try:
+        first.connect()
+        with Consumer(first, [queue], callbacks=[lambda body, msg: held.append(msg)], prefetch_count=1):
+            drain_quietly(first, 0.2)
+            publish("old")
+            drain_until(first, lambda: len(held) == 1)
+            fresh_mosquitto.restart()  # in-memory broker: the session is gone
+            publish("new")
+            drain_quietly(first, 0.3)  # "new" waits behind the prefetch gate
+            held[0].ack()
+            drain_until(first, lambda: len(held) == 2)
+            assert held[1].payload == "new"  # running, not acked yet ... and the worker dies here
+        # Another process takes the session over: the broker must still hold "new" unacked.
+        got: list = []
+        second.connect()
+        with Consumer(second, [queue], callbacks=[lambda body, msg: (got.append(body), msg.ack())], prefetch_count=1):
+            drain_until(second, lambda: got == ["new"])
+    finally:
+        second.release()
+        first.release()

@@ -50,7 +50,3 @@ def test_subscription_ids_are_stable_valid_and_probe_on_collision() -> None:
     assert first == topics.subscription_id("$share/Q/P/d/E/R")
     assert 1 <= first <= topics.MAX_SUBSCRIPTION_ID
     assert topics.subscription_id("$share/Q/P/d/E/R", {first}) != first
-
-
-def test_deadletter_topic() -> None:
-    assert topics.deadletter_topic("P", "my/q") == "P/deadletter/my%2Fq"
