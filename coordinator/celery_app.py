@@ -48,10 +48,6 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
     transport: dict[str, Any] = {"publish_timeout": 15.0, "reconnect_timeout": 60.0 if consumer else 10.0}
     if consumer:
         transport["client_id"] = f"edge-coordinator-{cfg.identity}-{cfg.worker.queue}"
-        # The transport's housekeeping tick (keepalive/3) also un-sticks delivery after a
-        # reconnect with a backlog (kombu_mqtt stalls until the next tick at the time of
-        # writing); a short keepalive bounds that stall to ~2 s at one PINGREQ per 6 s.
-        transport["keepalive"] = 6
     app.conf.update(
         broker_use_ssl=ssl_options(cfg) if cfg.broker_url.startswith("mqtts") else None,
         broker_transport_options=transport,

@@ -74,7 +74,7 @@ class WorkerConfig:
     """The ingest worker: one queue, acks after the journal commit."""
 
     queue: str = "edge.ingest"
-    prefetch: int = 1  # >1 lost tasks under bursts with kombu_mqtt at the time of writing (see report)
+    prefetch: int = 1  # tasks held unacked by the solo worker; each is committed on its own (no batching yet)
     send_timeout: float = 30.0
 
 
