@@ -19,19 +19,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger.tlog.checkpoint import Checkpoint, open_checkpoint
-from ledger.tlog.errors import CosignatureError, KeyFormatError, TlogError, UnverifiedNoteError
+from ledger.tlog.errors import CosignatureError, TlogError, UnverifiedNoteError
 from ledger.tlog.note import (
+    Ed25519KeySigner,
+    Ed25519KeyVerifier,
     Note,
     Signature,
     Verifier,
-    VerifierKey,
-    b64encode,
-    is_valid_key_name,
-    key_id,
-    parse_signer_key,
 )
 
 SIG_COSIGNATURE_V1 = 0x04
@@ -57,42 +54,11 @@ def cosignature_timestamp(sig: Signature) -> int:
     return int.from_bytes(sig.signature[:8], "big")
 
 
-class CosignatureV1Verifier:
+class CosignatureV1Verifier(Ed25519KeyVerifier):
     """Verifies Ed25519 v1 cosignatures (type 0x04) of one witness."""
 
     sig_type = SIG_COSIGNATURE_V1
-
-    def __init__(self, name: str, public_key: Ed25519PublicKey) -> None:
-        if not is_valid_key_name(name):
-            raise KeyFormatError(f"invalid cosigner name {name!r}: non-empty, no spaces, no '+'")
-        self._name = name
-        self._key = public_key
-        self._raw = public_key.public_bytes_raw()
-        self._id = key_id(name, bytes([self.sig_type]) + self._raw)
-
-    @classmethod
-    def from_vkey(cls, vkey: str) -> "CosignatureV1Verifier":
-        parsed = VerifierKey.parse(vkey)
-        if parsed.sig_type != cls.sig_type:
-            raise KeyFormatError(
-                f"witness key {parsed.name!r} has signature type 0x{parsed.sig_type:02x}; "
-                f"Ed25519 cosignature v1 keys are type 0x{cls.sig_type:02x}"
-            )
-        if len(parsed.public_key) != 32:
-            raise KeyFormatError(f"Ed25519 public key must be 32 bytes, got {len(parsed.public_key)}")
-        return cls(parsed.name, Ed25519PublicKey.from_public_bytes(parsed.public_key))
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def key_id(self) -> int:
-        return self._id
-
-    @property
-    def vkey(self) -> str:
-        return str(VerifierKey(self._name, self._id, self.sig_type, self._raw))
+    kind = "witness key"
 
     def verify(self, message: bytes, signature: bytes) -> bool:
         if len(signature) != TIMESTAMPED_SIGNATURE_SIZE:
@@ -106,16 +72,16 @@ class CosignatureV1Verifier:
         return True
 
 
-class CosignatureV1Signer:
+class CosignatureV1Signer(Ed25519KeySigner):
     """A witness key producing Ed25519 v1 cosignatures; `clock` gives POSIX seconds."""
 
     sig_type = SIG_COSIGNATURE_V1
+    verifier_class = CosignatureV1Verifier
 
     def __init__(
         self, name: str, private_key: Ed25519PrivateKey, clock: Callable[[], float] = time.time
     ) -> None:
-        self._verifier = CosignatureV1Verifier(name, private_key.public_key())
-        self._key = private_key
+        super().__init__(name, private_key)
         self._clock = clock
 
     @classmethod
@@ -125,32 +91,11 @@ class CosignatureV1Signer:
     @classmethod
     def from_skey(cls, skey: str, clock: Callable[[], float] = time.time) -> "CosignatureV1Signer":
         """Parse `PRIVATE+KEY+<name>+<hex id>+<base64(0x04 || 32-byte seed)>`."""
-        name, hex_id, sig_type, seed = parse_signer_key(skey)
-        if sig_type != cls.sig_type:
-            raise KeyFormatError(
-                f"witness signer key has type 0x{sig_type:02x}; cosignature v1 keys are type 0x{cls.sig_type:02x}"
-            )
-        if len(seed) != 32:
-            raise KeyFormatError(f"Ed25519 seed must be 32 bytes, got {len(seed)}")
-        signer = cls(name, Ed25519PrivateKey.from_private_bytes(seed), clock)
-        if signer.key_id != hex_id:
-            raise KeyFormatError(f"signer key ID {hex_id:08x} does not match its name and key: the skey is corrupt")
-        return signer
-
-    @property
-    def name(self) -> str:
-        return self._verifier.name
-
-    @property
-    def key_id(self) -> int:
-        return self._verifier.key_id
-
-    @property
-    def skey(self) -> str:
-        seed = self._key.private_bytes_raw()
-        return f"PRIVATE+KEY+{self.name}+{self.key_id:08x}+{b64encode(bytes([self.sig_type]) + seed)}"
+        name, hex_id, key = cls._from_seed(skey)
+        return cls(name, key, clock)._check_id(hex_id)
 
     def verifier(self) -> CosignatureV1Verifier:
+        assert isinstance(self._verifier, CosignatureV1Verifier)
         return self._verifier
 
     def sign_at(self, message: bytes, timestamp: int) -> bytes:

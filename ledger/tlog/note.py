@@ -19,7 +19,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Self
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -151,25 +151,27 @@ class Signer(Protocol):
     def sign(self, message: bytes) -> bytes: ...
 
 
-class Ed25519Verifier:
-    """Signature type 0x01: Ed25519 (RFC 8032) over the note text."""
+class Ed25519KeyVerifier:
+    """What every Ed25519-based verifier key shares (name, key ID, vkey string); the
+    signature type and what exactly is signed are the subclass's (`sig_type`, `verify`)."""
 
-    sig_type = SIG_ED25519
+    sig_type: int
+    kind = "verifier key"  # for error messages
 
     def __init__(self, name: str, public_key: Ed25519PublicKey) -> None:
         if not is_valid_key_name(name):
-            raise KeyFormatError(f"invalid key name {name!r}: non-empty, no spaces, no '+'")
+            raise KeyFormatError(f"invalid {self.kind} name {name!r}: non-empty, no spaces, no '+'")
         self._name = name
         self._key = public_key
         self._raw = public_key.public_bytes_raw()
         self._id = key_id(name, bytes([self.sig_type]) + self._raw)
 
     @classmethod
-    def from_vkey(cls, vkey: str) -> "Ed25519Verifier":
+    def from_vkey(cls, vkey: str) -> Self:
         parsed = VerifierKey.parse(vkey)
         if parsed.sig_type != cls.sig_type:
             raise KeyFormatError(
-                f"verifier key {parsed.name!r} has signature type 0x{parsed.sig_type:02x}, expected 0x{cls.sig_type:02x}"
+                f"{cls.kind} {parsed.name!r} has signature type 0x{parsed.sig_type:02x}, expected 0x{cls.sig_type:02x}"
             )
         if len(parsed.public_key) != 32:
             raise KeyFormatError(f"Ed25519 public key must be 32 bytes, got {len(parsed.public_key)}")
@@ -188,6 +190,15 @@ class Ed25519Verifier:
         return str(VerifierKey(self._name, self._id, self.sig_type, self._raw))
 
     def verify(self, message: bytes, signature: bytes) -> bool:
+        raise NotImplementedError
+
+
+class Ed25519Verifier(Ed25519KeyVerifier):
+    """Signature type 0x01: Ed25519 (RFC 8032) over the note text."""
+
+    sig_type = SIG_ED25519
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
         if len(signature) != 64:
             return False
         try:
@@ -197,38 +208,36 @@ class Ed25519Verifier:
         return True
 
 
-class Ed25519Signer:
-    """Signs note text with Ed25519 (type 0x01); the skey carries the 32-byte seed."""
+class Ed25519KeySigner:
+    """What every Ed25519-based signer key shares: the seed, the skey string, its verifier."""
 
-    sig_type = SIG_ED25519
-    verifier_class: type[Ed25519Verifier] = Ed25519Verifier
+    sig_type: int
+    verifier_class: type[Ed25519KeyVerifier]
 
     def __init__(self, name: str, private_key: Ed25519PrivateKey) -> None:
-        if not is_valid_key_name(name):
-            raise KeyFormatError(f"invalid key name {name!r}: non-empty, no spaces, no '+'")
-        self._name = name
-        self._key = private_key
         self._verifier = self.verifier_class(name, private_key.public_key())
+        self._key = private_key
 
     @classmethod
-    def generate(cls, name: str) -> "Ed25519Signer":
-        return cls(name, Ed25519PrivateKey.generate())
-
-    @classmethod
-    def from_skey(cls, skey: str) -> "Ed25519Signer":
+    def _from_seed(cls, skey: str) -> tuple[str, int, Ed25519PrivateKey]:
+        """(name, key ID, private key) of `PRIVATE+KEY+<name>+<hex id>+<base64(type || seed)>`."""
         name, hex_id, sig_type, seed = parse_signer_key(skey)
         if sig_type != cls.sig_type:
-            raise KeyFormatError(f"signer key has signature type 0x{sig_type:02x}, expected 0x{cls.sig_type:02x}")
+            raise KeyFormatError(
+                f"{cls.verifier_class.kind} signer key has signature type 0x{sig_type:02x}, expected 0x{cls.sig_type:02x}"
+            )
         if len(seed) != 32:
             raise KeyFormatError(f"Ed25519 seed must be 32 bytes, got {len(seed)}")
-        signer = cls(name, Ed25519PrivateKey.from_private_bytes(seed))
-        if signer.key_id != hex_id:
+        return name, hex_id, Ed25519PrivateKey.from_private_bytes(seed)
+
+    def _check_id(self, hex_id: int) -> Self:
+        if self.key_id != hex_id:
             raise KeyFormatError(f"signer key ID {hex_id:08x} does not match its name and key: the skey is corrupt")
-        return signer
+        return self
 
     @property
     def name(self) -> str:
-        return self._name
+        return self._verifier.name
 
     @property
     def key_id(self) -> int:
@@ -237,9 +246,26 @@ class Ed25519Signer:
     @property
     def skey(self) -> str:
         seed = self._key.private_bytes_raw()
-        return f"PRIVATE+KEY+{self._name}+{self.key_id:08x}+{b64encode(bytes([self.sig_type]) + seed)}"
+        return f"PRIVATE+KEY+{self.name}+{self.key_id:08x}+{b64encode(bytes([self.sig_type]) + seed)}"
+
+
+class Ed25519Signer(Ed25519KeySigner):
+    """Signs note text with Ed25519 (type 0x01); the skey carries the 32-byte seed."""
+
+    sig_type = SIG_ED25519
+    verifier_class: type[Ed25519Verifier] = Ed25519Verifier
+
+    @classmethod
+    def generate(cls, name: str) -> "Ed25519Signer":
+        return cls(name, Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_skey(cls, skey: str) -> "Ed25519Signer":
+        name, hex_id, key = cls._from_seed(skey)
+        return cls(name, key)._check_id(hex_id)
 
     def verifier(self) -> Ed25519Verifier:
+        assert isinstance(self._verifier, Ed25519Verifier)
         return self._verifier
 
     def sign(self, message: bytes) -> bytes:
