@@ -1,0 +1,30 @@
+"""Exit codes shared by `edge-agent`, `edge-coordinator` and `edge-audit`.
+
+Why one table: scripts and systemd units branch on them (`RestartPreventExitStatus=`),
+so the same cause must exit with the same number whichever tool met it. Documented in
+docs/OPERATIONS.md ("Exit codes"). Stdlib only: it is on the device agent's import path.
+"""
+
+from __future__ import annotations
+
+OK = 0
+ERROR = 1  # an error the operator can fix (one line: cause and fix); edge-audit: records do not match the chain
+USAGE = 2  # bad command line or arguments (nothing was done or sent)
+TASK_FAILED = 3  # the command reached the agent and FAILED there
+TIMEOUT = 4  # no result in time: the command stays queued; `edge-coordinator result ID` later
+NOT_DELIVERED = 5  # refused or not connected: broker unreachable, agent offline/revoked, signing refused
+DATA_CORRUPT = 65  # a SQLite file (journal, outbox) is corrupt: recover or restore it, do not restart
+REVOKED = 78  # this agent's certificate is revoked: it refuses to run until re-enrolled
+INTERRUPTED = 130  # SIGINT / Ctrl-C
+
+TABLE = (
+    (OK, "success"),
+    (ERROR, "error the operator can fix (the message says how); edge-audit verify/reconcile: mismatches found"),
+    (USAGE, "usage error: bad option or argument, nothing was done"),
+    (TASK_FAILED, "the command ran on the agent and failed"),
+    (TIMEOUT, "no result in time; the command stays queued (`edge-coordinator result ID`)"),
+    (NOT_DELIVERED, "not delivered: broker unreachable, agent not connected or revoked, or refused by signing"),
+    (DATA_CORRUPT, "a SQLite file is corrupt: `sqlite3 FILE .recover` or restore a backup"),
+    (REVOKED, "this agent is revoked: re-enroll it"),
+    (INTERRUPTED, "interrupted"),
+)
