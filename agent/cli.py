@@ -56,6 +56,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     limit_arenas()  # before any thread starts (see agent.memory)
     cfg = _config(args, broker_url=args.broker_url, interval=args.interval, log_level=args.log_level)
     cfg.validate_for_run()
+    from .identity import require_certificate_identity
+
+    require_certificate_identity(cfg)
     from .revocation import EXIT_REVOKED, FIX, AgentRevoked, refuse_if_revoked
 
     try:

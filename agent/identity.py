@@ -41,6 +41,20 @@ def keygen(cfg: AgentConfig, agent_id: str, *, force: bool = False) -> Path:
     return cfg.csr_file
 
 
+def require_certificate_identity(cfg: AgentConfig) -> None:
+    """`run` refuses an agent id other than its certificate's CN.
+
+    Why: the coordinator binds every task to the signer's CN, so an agent configured as
+    B but holding A's certificate would send readings that are journaled (or refused) as
+    A's; it must fail at start with one line, not produce mislabelled data."""
+    cert = _pki(pki.load_certificate, cfg.cert_file)
+    cn = _pki(pki.common_name, cert)
+    if cn != cfg.agent_id:
+        raise AgentError(f"agent id {cfg.agent_id!r} differs from the certificate's CN {cn!r} ({cfg.cert_file}): "
+                         f"set agent_id = \"{cn}\" in {cfg.data_dir / CONFIG_NAME} (and unset EDGE_AGENT_AGENT_ID), "
+                         "or enroll a certificate for this id")
+
+
 def _public_der(obj) -> bytes:
     return obj.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

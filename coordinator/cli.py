@@ -184,7 +184,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if args.bundle and args.csr:
         raise CoordinatorError("give either a CSR file or --bundle NAME, not both")
     if args.bundle:
-        out = store.make_bundle(args.bundle, args.out, cfg.broker_url, days=args.days)
+        out = store.make_bundle(args.bundle, args.out, cfg.broker_url, days=args.days, force=args.force)
         print(f"bundle for {args.bundle} written to {out}")
         _note(agent_enrolled(cfg, args.bundle))
         print(f"next: edge-agent enroll --bundle {out}")
@@ -195,7 +195,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         csr = args.csr.read_bytes()
     except OSError as exc:
         raise CoordinatorError(f"cannot read CSR {args.csr}: {exc.strerror}") from None
-    cert = store.sign_csr(csr, days=args.days)
+    cert = store.sign_csr(csr, days=args.days, force=args.force)
     from security.pki import common_name
     from cryptography import x509
 
@@ -276,8 +276,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     views = list_agents(FleetStore(cfg), cfg.journal_path)
+    _warn_expiring(views, args.expiring)
     if args.json:
-        print(json.dumps([v.__dict__ for v in views], indent=1))
+        emit_json([v.__dict__ for v in views])
         return 0
     if not views:
         print("no agents enrolled: edge-coordinator enroll CSR (or --bundle NAME)")
@@ -287,6 +288,21 @@ def cmd_agents(args: argparse.Namespace) -> int:
         backlog = "-" if v.outbox_backlog is None else str(v.outbox_backlog)
         print(f"{v.agent_id:<20} {v.status:<10} {_when(v.last_seen):<20} {_when(v.cert_not_after):<20} {backlog:>7} {v.readings:>8}")
     return 0
+
+
+def _warn_expiring(views: list, days: int, now: float | None = None) -> None:
+    """One stderr line per unrevoked agent whose certificate expires within `days` (stdout stays parseable)."""
+    import time
+
+    now = time.time() if now is None else now
+    for v in views:
+        if v.status in ("revoked", "expired") or v.cert_not_after is None:
+            continue
+        left = v.cert_not_after - now
+        if left <= days * 86400:
+            print(f"warning: {v.agent_id}'s certificate expires in {left / 86400:.1f} day(s) ({_when(v.cert_not_after)} UTC): "
+                  f"issue a new one (`edge-coordinator enroll CSR --force`) and install it with `edge-agent enroll`",
+                  file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
