@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acl-mode", choices=("dynsec", "file"),
                    help="broker ACLs: dynsec (default: subscriptions checked, revoke cuts live connections) or "
                         "file (UNSAFE: SUBSCRIBE unchecked, any agent can drop others' readings; revoked agents stay connected)")
+    p.add_argument("--repair", action="store_true",
+                   help="on an existing data dir: re-issue a missing coordinator or broker certificate/key (and CRL) "
+                        "from its fleet CA; nothing else changes")
 
     p = sub.add_parser("run", help="run the daemon: broker, chain, ingest worker, chain writer, metrics",
                        description="Run the daemon: managed Mosquitto (broker.acl_mode dynsec by default; 'file' is "
@@ -149,6 +153,11 @@ def _config(args: argparse.Namespace, require_file: bool = True) -> CoordinatorC
 def cmd_init(args: argparse.Namespace) -> int:
     from .fleet_pki import FleetStore
 
+    if args.repair:
+        cfg = _config(args)
+        made = FleetStore(cfg).repair()
+        print("\n".join(f"re-issued {p}" for p in made) if made else f"nothing to repair in {cfg.pki_dir}")
+        return 0
     cfg = _config(args, require_file=False)
     cfg.data_dir = cfg.data_dir.resolve()
     if args.broker_port is not None:
@@ -275,6 +284,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
     from .registry import list_agents
 
     cfg = _config(args)
+    from .preflight import check_database
+
+    check_database(cfg.journal_path)  # a damaged journal: one line, not a traceback from the registry read
     views = list_agents(FleetStore(cfg), cfg.journal_path)
     _warn_expiring(views, args.expiring)
     if args.json:
@@ -306,9 +318,16 @@ def _warn_expiring(views: list, days: int, now: float | None = None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .preflight import check_run, corrupt_database
+
+    cfg = _config(args)
+    check_run(cfg)  # before the broker and the chain start
     from .daemon import run_daemon
 
-    return run_daemon(_config(args))
+    try:
+        return run_daemon(cfg)
+    except sqlite3.DatabaseError as exc:
+        raise corrupt_database(cfg.journal_path, exc) from None
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -377,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return exit_codes.INTERRUPTED
+    except BrokenPipeError:
+        return exit_codes.silence_stdout()
 
 
 if __name__ == "__main__":

@@ -104,6 +104,26 @@ class FleetStore:
         self._remember(issue_identity(ca, self.dir, BROKER_IDENTITY, client=False, server=True, hosts=BROKER_HOSTS)[0])
         self._write_crl(ca, {})
 
+    def repair(self) -> list[Path]:
+        """Re-issue the coordinator's and the broker's certificate (new keys) from the existing CA
+        when either file of the pair is missing. Agents are untouched: they trust the CA."""
+        if not self.exists():
+            raise CoordinatorError(f"{self.dir} holds no fleet CA: restore it from a backup, or `init` a new data dir")
+        ca = self.ca()
+        made: list[Path] = []
+        pairs = ((self.cfg.identity, self.cfg.cert_path, self.cfg.key_path, {}),
+                 (BROKER_IDENTITY, self.broker_cert, self.broker_key,
+                  {"client": False, "server": True, "hosts": BROKER_HOSTS}))
+        for name, cert, key, extra in pairs:
+            if cert.exists() and key.exists():
+                continue
+            self._remember(issue_identity(ca, self.dir, name, **extra)[0])
+            made.append(cert)
+        if not self.cfg.crl_path.exists():
+            self.reissue_crl()
+            made.append(self.cfg.crl_path)
+        return made
+
     # -- registry of issued certificates --
     def issued(self) -> list[IssuedCert]:
         if not self.issued_path.exists():

@@ -16,6 +16,7 @@ NOT_DELIVERED = 5  # refused or not connected: broker unreachable, agent offline
 DATA_CORRUPT = 65  # a SQLite file (journal, outbox) is corrupt: recover or restore it, do not restart
 REVOKED = 78  # this agent's certificate is revoked: it refuses to run until re-enrolled
 INTERRUPTED = 130  # SIGINT / Ctrl-C
+BROKEN_PIPE = 141  # stdout closed early (`edge-coordinator agents | head`), as 128+SIGPIPE
 
 TABLE = (
     (OK, "success"),
@@ -27,4 +28,19 @@ TABLE = (
     (DATA_CORRUPT, "a SQLite file is corrupt: `sqlite3 FILE .recover` or restore a backup"),
     (REVOKED, "this agent is revoked: re-enroll it"),
     (INTERRUPTED, "interrupted"),
+    (BROKEN_PIPE, "the reader of stdout went away (e.g. `| head`); nothing is reported"),
 )
+
+
+def silence_stdout() -> int:
+    """After a BrokenPipeError: point stdout at /dev/null so the interpreter's final flush
+    does not print a second error, and return BROKEN_PIPE for the tool to exit with."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return BROKEN_PIPE
