@@ -249,5 +249,6 @@ def fetch_result(cfg: CoordinatorConfig, task_id: str, timeout: float = 0.0) -> 
                     exit_codes.TIMEOUT)
             time.sleep(POLL_SECONDS)
     except sqlite3.DatabaseError as exc:
-        raise CoordinatorError(f"cannot read the journal {path} ({exc}): see docs/OPERATIONS.md "
-                               "\"Back up and restore the journal\"", exit_codes.DATA_CORRUPT) from None
+        from .preflight import corrupt_database
+
+        raise corrupt_database(path, exc) from None
