@@ -12,7 +12,7 @@ ERROR = 1  # an error the operator can fix (one line: cause and fix); edge-audit
 USAGE = 2  # bad command line or arguments (nothing was done or sent)
 TASK_FAILED = 3  # the command reached the agent and FAILED there
 TIMEOUT = 4  # no result in time: the command stays queued; `edge-coordinator result ID` later
-NOT_DELIVERED = 5  # refused or not connected: broker unreachable, agent offline/revoked, signing refused
+NOT_DELIVERED = 5  # not delivered: broker unreachable, agent not enrolled, not connected or revoked
 DATA_CORRUPT = 65  # a SQLite file (journal, outbox) is corrupt: recover or restore it, do not restart
 REVOKED = 78  # this agent's certificate is revoked: it refuses to run until re-enrolled
 INTERRUPTED = 130  # SIGINT / Ctrl-C
@@ -21,14 +21,14 @@ BROKEN_PIPE = 141  # stdout closed early (`edge-coordinator agents | head`), as 
 TABLE = (
     (OK, "success"),
     (ERROR, "error the operator can fix (the message says how); edge-audit verify/reconcile: mismatches found"),
-    (USAGE, "usage error: bad option or argument, nothing was done"),
+    (USAGE, "usage or configuration error: bad option, argument, address, or a countdown beyond max_delay_seconds; nothing was done or sent"),
     (TASK_FAILED, "the command ran on the agent and failed"),
     (TIMEOUT, "no result in time; the command stays queued (`edge-coordinator result ID`)"),
-    (NOT_DELIVERED, "not delivered: broker unreachable, agent not connected or revoked, or refused by signing"),
+    (NOT_DELIVERED, "not delivered: broker unreachable, agent not enrolled, not connected or revoked"),
     (DATA_CORRUPT, "a SQLite file is corrupt: `sqlite3 FILE .recover` or restore a backup"),
     (REVOKED, "this agent is revoked: re-enroll it"),
     (INTERRUPTED, "interrupted"),
-    (BROKEN_PIPE, "the reader of stdout went away (e.g. `| head`); nothing is reported"),
+    (BROKEN_PIPE, "the reader of stdout went away (output piped into head); nothing more is printed"),
 )
 
 

@@ -72,3 +72,37 @@ def test_agents_warns_about_certificates_expiring_soon(data: Path) -> None:
     assert len(warnings) == 1 and warnings[0].startswith("warning: soon's certificate expires in 3.0 day(s)"), out.stderr
     assert cli("agents", "--data-dir", str(data), "--expiring", "2").stderr == ""
     assert "later's certificate" in cli("agents", "--data-dir", str(data), "--expiring", "400").stderr
+
+
+def test_renewal_as_documented_keeps_the_key_and_installs_the_new_certificate(data: Path, tmp_path: Path) -> None:
+    """docs/OPERATIONS.md "Renew a certificate", step by step with the real CLIs."""
+    import os
+    import subprocess
+    import sys
+
+    from .support import ROOT
+
+    def agent(*argv: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+        return subprocess.run([sys.executable, "-m", "agent", "--data-dir", str(home), *argv], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    home = tmp_path / "pi-01"
+    assert agent("keygen", "--id", "pi-01").returncode == 0
+    first = tmp_path / "first.pem"
+    assert cli("enroll", "--data-dir", str(data), str(home / "agent.csr"), "--out", str(first)).returncode == 0
+    out = agent("enroll", "--cert", str(first), "--ca", str(data / "pki" / "ca.pem"))
+    assert out.returncode == 0, out.stderr
+    key_before = (home / "agent.key").read_bytes()
+    renewed = tmp_path / "pi-01.pem"
+    one_line(cli("enroll", "--data-dir", str(data), str(home / "agent.csr"), "--out", str(renewed)), exit_codes.USAGE,
+             "already has a valid certificate")
+    out = cli("enroll", "--data-dir", str(data), str(home / "agent.csr"), "--force", "--days", "365", "--out", str(renewed))
+    assert out.returncode == 0, out.stderr
+    out = agent("enroll", "--cert", str(renewed), "--ca", str(home / "ca.pem"))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    status = json.loads(agent("status", "--json").stdout)
+    new_serial = pki.load_certificate(renewed).serial_number
+    assert (home / "agent.key").read_bytes() == key_before
+    assert pki.load_certificate(home / "agent.pem").serial_number == new_serial != pki.load_certificate(first).serial_number
+    assert status["certificate"]["enrolled"] and status["agent_id"] == "pi-01"
