@@ -37,7 +37,7 @@ sample_now's sensor is a driver name from the agent's `sensors` setting (e.g. si
 not the `sensor` field of its readings (sim_temp). A command that gets no result in time
 stays queued for the agent: `edge-coordinator result ID` shows its result later.
 exit codes: 0 success, 2 usage, 3 the command failed on the agent, 4 no result in time,
-5 not delivered (broker down, agent not connected or revoked); see docs/OPERATIONS.md."""
+5 not delivered (broker down, agent not enrolled, not connected or revoked); see docs/OPERATIONS.md."""
 
 
 def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -94,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agents", help="list enrolled agents: status, last seen, certificate expiry, outbox backlog")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-
     p.add_argument("--expiring", type=int, default=14, metavar="DAYS",
                    help="warn about certificates that expire within DAYS (default 14)")
 
