@@ -15,12 +15,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from security import exit_codes
+
 from .config import AgentConfig, load_config
-from .errors import AgentError
+from .errors import AgentError, corrupt_file
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> AgentConfig:
     return load_config(args.data_dir, overrides=overrides)
+
+
+def check_local_files(cfg: AgentConfig) -> None:
+    """The outbox (and quarantine) must be readable SQLite before anything opens them."""
+    from ledger.sqlite_files import unreadable_reason
+
+    for path in (cfg.outbox_file, cfg.data_dir / "quarantine.sqlite"):
+        reason = unreadable_reason(path)
+        if reason is not None:
+            raise corrupt_file(path, reason)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -56,6 +68,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     limit_arenas()  # before any thread starts (see agent.memory)
     cfg = _config(args, broker_url=args.broker_url, interval=args.interval, log_level=args.log_level)
     cfg.validate_for_run()
+    from .identity import require_certificate_identity
+
+    require_certificate_identity(cfg)
+    check_local_files(cfg)
     from .revocation import EXIT_REVOKED, FIX, AgentRevoked, refuse_if_revoked
 
     try:
@@ -119,9 +135,10 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    check_local_files(cfg)
     st = collect_status(cfg)
     if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
+        print(json.dumps(st, indent=2, sort_keys=True, default=str))
         return 0
     cert = st["certificate"]
     box = st["outbox"]
@@ -148,14 +165,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgeledger")
+    except Exception:  # noqa: BLE001 - a frozen binary carries no package metadata
+        return "unknown"
+
+
+def _data_dir(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    """--data-dir, accepted before and after the subcommand (the later one wins)."""
+    parser.add_argument("--data-dir", type=Path, default=default,
+                        help="state directory (key, certificates, agent.toml, outbox); "
+                             "default $EDGE_AGENT_DATA_DIR or /var/lib/edge-agent")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
         description="Edge device agent: samples sensors and sends signed Celery tasks over MQTT (mutual TLS).",
     )
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="state directory (key, certificates, agent.toml, outbox); "
-                             "default $EDGE_AGENT_DATA_DIR or /var/lib/edge-agent")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _data_dir(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -163,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Create the private key (0600) and a certificate signing request.")
     p.add_argument("--id", help="agent id (certificate CN): letters, digits, - _ .")
     p.add_argument("--force", action="store_true", help="replace an existing key")
+    _data_dir(p)
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("enroll", help="install the certificate the coordinator signed",
@@ -172,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crl", type=Path, help="the fleet CRL (PEM), optional")
     p.add_argument("--bundle", type=Path, help="directory with ca.pem, <id>.pem, optional crl.pem and agent.toml")
     p.add_argument("--broker-url", help="mqtts://host:port to store in agent.toml")
+    _data_dir(p)
     p.set_defaults(func=cmd_enroll)
 
     p = sub.add_parser("run", help="run the agent (Celery worker on agent.<id>, sampler, outbox)",
@@ -181,11 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker-url", help="override broker_url (mqtts://host:port)")
     p.add_argument("--interval", type=float, help="override the sampling interval (seconds)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default), ERROR")
+    _data_dir(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="show local state (id, certificate, outbox) without the broker",
                        description="Print the agent's local state from its files; needs no broker.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _data_dir(p)
     p.set_defaults(func=cmd_status)
     return parser
 
@@ -196,9 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except AgentError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
-        return 1
+        return exc.code
     except KeyboardInterrupt:
-        return 130
+        return exit_codes.INTERRUPTED
+    except BrokenPipeError:
+        return exit_codes.silence_stdout()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,27 @@ def keygen(cfg: AgentConfig, agent_id: str, *, force: bool = False) -> Path:
     return cfg.csr_file
 
 
+def _install(source: Path, target: Path) -> None:
+    """Copy into the data dir; the installed file itself (renewal: `--ca <data-dir>/ca.pem`) stays as it is."""
+    if target.exists() and source.resolve() == target.resolve():
+        return
+    shutil.copyfile(source, target)
+
+
+def require_certificate_identity(cfg: AgentConfig) -> None:
+    """`run` refuses an agent id other than its certificate's CN.
+
+    Why: the coordinator binds every task to the signer's CN, so an agent configured as
+    B but holding A's certificate would send readings that are journaled (or refused) as
+    A's; it must fail at start with one line, not produce mislabelled data."""
+    cert = _pki(pki.load_certificate, cfg.cert_file)
+    cn = _pki(pki.common_name, cert)
+    if cn != cfg.agent_id:
+        raise AgentError(f"agent id {cfg.agent_id!r} differs from the certificate's CN {cn!r} ({cfg.cert_file}): "
+                         f"set agent_id = \"{cn}\" in {cfg.data_dir / CONFIG_NAME} (and unset EDGE_AGENT_AGENT_ID), "
+                         "or enroll a certificate for this id")
+
+
 def _public_der(obj) -> bytes:
     return obj.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -140,9 +161,9 @@ def enroll(
             raise AgentError("this certificate is revoked in the given CRL: ask the coordinator for a new one")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     pki.write_pem(cert, cfg.cert_file)
-    shutil.copyfile(ca_path, cfg.ca_file)
+    _install(Path(ca_path), cfg.ca_file)
     if crl_path is not None:
-        shutil.copyfile(crl_path, cfg.crl_file)
+        _install(Path(crl_path), cfg.crl_file)
     if broker_url:
         settings["broker_url"] = broker_url
     update_toml(cfg.data_dir, agent_id=_pki(pki.common_name, cert), **settings)

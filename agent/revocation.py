@@ -22,7 +22,8 @@ from .errors import AgentError
 #: packaging/edge-agent.service RestartPreventExitStatus=78).
 EXIT_REVOKED = 78
 META_KEY = "revoked"
-FIX = ("re-enroll this device (edge-agent keygen --force, have the coordinator sign the CSR, "
+FIX = ("re-enroll this device (edge-agent keygen --force, have the coordinator sign the CSR with "
+       "`edge-coordinator enroll CSR --force`, "
        "edge-agent enroll) or contact the fleet operator")
 
 

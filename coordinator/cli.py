@@ -1,7 +1,8 @@
-"""The `edge-coordinator` command: init, run, enroll, revoke, agents, send, demo.
+"""The `edge-coordinator` command: init, run, enroll, revoke, agents, send, result, demo.
 
 Why: one entry point for the fleet operator. Every failure the operator can fix is a
-`CoordinatorError` printed as one line (exit 1); usage errors exit 2 (argparse).
+`CoordinatorError` printed as one line, with the exit code of its kind
+(security.exit_codes; usage errors exit 2 like argparse's).
 Heavy imports (Celery, web3) happen inside the commands that need them so `--help`
 and `init` stay fast.
 """
@@ -13,19 +14,39 @@ import datetime as dt
 import json
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
 from .config import CoordinatorConfig, load_config, save_config, validate
 from .broker_acl import agent_enrolled, agent_revoked
 from .errors import CoordinatorError
+from security import exit_codes
 
 PROG = "edge-coordinator"
 
+SEND_EXAMPLES = """examples (agent pi-01):
+  edge-coordinator send pi-01 status
+  edge-coordinator send pi-01 set_interval 30
+  edge-coordinator send pi-01 set_interval -k seconds=2.5 --json
+  edge-coordinator send pi-01 sample_now --kwargs '{"sensor": "simulated"}'
+  edge-coordinator send pi-01 set_interval 10 --countdown 5 --expires 600 --timeout 60
+  ID=$(edge-coordinator send pi-01 status --no-wait) && edge-coordinator result "$ID" --timeout 60
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, help="data directory (default var/coordinator or $EDGE_COORDINATOR_DATA_DIR)")
-    parser.add_argument("--config", type=Path, help="config file (default <data-dir>/coordinator.toml or $EDGE_COORDINATOR_CONFIG)")
+sample_now's sensor is a driver name from the agent's `sensors` setting (e.g. simulated),
+not the `sensor` field of its readings (sim_temp). A command that gets no result in time
+stays queued for the agent: `edge-coordinator result ID` shows its result later.
+exit codes: 0 success, 2 usage, 3 the command failed on the agent, 4 no result in time,
+5 not delivered (broker down, agent not enrolled, not connected or revoked); see docs/OPERATIONS.md."""
+
+
+def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """--data-dir/--config, accepted before and after the subcommand (a later one wins)."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--data-dir", type=Path, default=default,
+                        help="data directory (default var/coordinator or $EDGE_COORDINATOR_DATA_DIR)")
+    parser.add_argument("--config", type=Path, default=default,
+                        help="config file (default <data-dir>/coordinator.toml or $EDGE_COORDINATOR_CONFIG)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Fleet coordinator: ingests signed tasks from edge agents over MQTT/TLS and records every execution on an Ethereum ledger.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("init", help="create the data dir, fleet CA, coordinator and broker certificates, coordinator.toml")
@@ -45,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acl-mode", choices=("dynsec", "file"),
                    help="broker ACLs: dynsec (default: subscriptions checked, revoke cuts live connections) or "
                         "file (UNSAFE: SUBSCRIBE unchecked, any agent can drop others' readings; revoked agents stay connected)")
+    p.add_argument("--repair", action="store_true",
+                   help="on an existing data dir: re-issue a missing coordinator or broker certificate/key (and CRL) "
+                        "from its fleet CA; nothing else changes")
 
     p = sub.add_parser("run", help="run the daemon: broker, chain, ingest worker, chain writer, metrics",
                        description="Run the daemon: managed Mosquitto (broker.acl_mode dynsec by default; 'file' is "
@@ -58,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", metavar="NAME", help="demo convenience: generate key, CSR and certificate for agent NAME in a bundle dir")
     p.add_argument("--out", type=Path, help="certificate file (CSR mode, default stdout) or bundle dir (default <data-dir>/bundles/NAME)")
     p.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
+    p.add_argument("--force", action="store_true",
+                   help="issue although the id is revoked (re-enrolment) or still has a valid certificate")
 
     p = sub.add_parser("revoke", help="revoke an agent: new CRL, broker reload, its broker rights and live connection cut, CRL pushed to agents")
     _common(p)
@@ -66,13 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agents", help="list enrolled agents: status, last seen, certificate expiry, outbox backlog")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--expiring", type=int, default=14, metavar="DAYS",
+                   help="warn about certificates that expire within DAYS (default 14)")
 
-    p = sub.add_parser("send", help="send a command to an agent and wait for its signed result")
+    p = sub.add_parser("send", help="send a command to an agent and wait for its signed result",
+                       description="Send one signed command to one agent (like `celery call`) and wait for its "
+                                   "signed result. Arguments are checked against the command's signature first.",
+                       epilog=SEND_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("agent", help="agent id")
     p.add_argument("task", help="command: sample_now, set_interval, status (or the full name edge.agent.<command>)")
     p.add_argument("args", nargs="*", help="positional arguments (JSON values, e.g. 5 or '\"temp\"')")
+    p.add_argument("--kwargs", metavar="JSON", help="keyword arguments as a JSON object")
+    p.add_argument("-k", dest="kw", action="append", default=[], metavar="NAME=VALUE",
+                   help="one keyword argument (VALUE as JSON when it parses); repeatable")
+    p.add_argument("--countdown", type=float, metavar="SECONDS", help="run it SECONDS from now (at most signing's max_delay_seconds)")
+    p.add_argument("--expires", type=float, metavar="SECONDS", help="drop it unless it starts within SECONDS")
     p.add_argument("--timeout", type=float, help="seconds to wait for the result (default worker.send_timeout)")
+    p.add_argument("--no-wait", action="store_true", help="print the task id and return at once (`result ID` later)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("result", help="show (or wait for) the result of a command sent earlier",
+                       description="Show the result an agent reported for a command sent earlier (journaled by the "
+                                   "running daemon); only the commanded agent's report counts.")
+    _common(p)
+    p.add_argument("task_id", metavar="ID", help="task id printed by `send` (or a unique prefix of it)")
+    p.add_argument("--timeout", type=float, default=0.0, help="seconds to wait for it (default 0: show what is there)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("demo", help="bring everything up on loopback with simulated agents and audit the result")
     _common(p)
@@ -83,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgeledger")
+    except Exception:  # noqa: BLE001 - a frozen binary carries no package metadata
+        return "unknown"
+
+
+def emit_json(value: object) -> None:
+    """The one JSON style of every edge-* tool: one document on stdout."""
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
 def _config(args: argparse.Namespace, require_file: bool = True) -> CoordinatorConfig:
     return load_config(args.config, data_dir=args.data_dir, require_file=require_file)
 
@@ -90,6 +152,11 @@ def _config(args: argparse.Namespace, require_file: bool = True) -> CoordinatorC
 def cmd_init(args: argparse.Namespace) -> int:
     from .fleet_pki import FleetStore
 
+    if args.repair:
+        cfg = _config(args)
+        made = FleetStore(cfg).repair()
+        print("\n".join(f"re-issued {p}" for p in made) if made else f"nothing to repair in {cfg.pki_dir}")
+        return 0
     cfg = _config(args, require_file=False)
     cfg.data_dir = cfg.data_dir.resolve()
     if args.broker_port is not None:
@@ -125,7 +192,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if args.bundle and args.csr:
         raise CoordinatorError("give either a CSR file or --bundle NAME, not both")
     if args.bundle:
-        out = store.make_bundle(args.bundle, args.out, cfg.broker_url, days=args.days)
+        out = store.make_bundle(args.bundle, args.out, cfg.broker_url, days=args.days, force=args.force)
         print(f"bundle for {args.bundle} written to {out}")
         _note(agent_enrolled(cfg, args.bundle))
         print(f"next: edge-agent enroll --bundle {out}")
@@ -136,7 +203,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         csr = args.csr.read_bytes()
     except OSError as exc:
         raise CoordinatorError(f"cannot read CSR {args.csr}: {exc.strerror}") from None
-    cert = store.sign_csr(csr, days=args.days)
+    cert = store.sign_csr(csr, days=args.days, force=args.force)
     from security.pki import common_name
     from cryptography import x509
 
@@ -216,9 +283,13 @@ def cmd_agents(args: argparse.Namespace) -> int:
     from .registry import list_agents
 
     cfg = _config(args)
+    from .preflight import check_database
+
+    check_database(cfg.journal_path)  # a damaged journal: one line, not a traceback from the registry read
     views = list_agents(FleetStore(cfg), cfg.journal_path)
+    _warn_expiring(views, args.expiring)
     if args.json:
-        print(json.dumps([v.__dict__ for v in views], indent=1))
+        emit_json([v.__dict__ for v in views])
         return 0
     if not views:
         print("no agents enrolled: edge-coordinator enroll CSR (or --bundle NAME)")
@@ -230,19 +301,66 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_expiring(views: list, days: int, now: float | None = None) -> None:
+    """One stderr line per unrevoked agent whose certificate expires within `days` (stdout stays parseable)."""
+    import time
+
+    now = time.time() if now is None else now
+    for v in views:
+        if v.status in ("revoked", "expired") or v.cert_not_after is None:
+            continue
+        left = v.cert_not_after - now
+        if left <= days * 86400:
+            print(f"warning: {v.agent_id}'s certificate expires in {left / 86400:.1f} day(s) ({_when(v.cert_not_after)} UTC): "
+                  f"issue a new one (`edge-coordinator enroll CSR --force`) and install it with `edge-agent enroll`",
+                  file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from .preflight import check_run, corrupt_database
+
+    cfg = _config(args)
+    check_run(cfg)  # before the broker and the chain start
     from .daemon import run_daemon
 
-    return run_daemon(_config(args))
+    try:
+        return run_daemon(cfg)
+    except sqlite3.DatabaseError as exc:
+        raise corrupt_database(cfg.journal_path, exc) from None
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from .dispatch import send_command
+    from .dispatch import check_call, parse_kwargs, send_command
 
+    kwargs = parse_kwargs(args.kwargs, args.kw)
+    check_call(args.task, args.args, kwargs)  # usage errors before the config is even read
     cfg = _config(args)
-    result = send_command(cfg, args.agent, args.task, args.args, timeout=args.timeout)
-    print(json.dumps(result, indent=1, sort_keys=True, default=str))
-    return 0
+    reply = send_command(cfg, args.agent, args.task, args.args, timeout=args.timeout, kwargs=kwargs,
+                         countdown=args.countdown, expires=args.expires, wait=not args.no_wait)
+    return _report(reply, args.json)
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    from .dispatch import fetch_result
+
+    return _report(fetch_result(_config(args), args.task_id, timeout=args.timeout), args.json)
+
+
+def _report(reply: dict, as_json: bool) -> int:
+    """Print a send/result reply; the exit code says SUCCESS (0) or FAILURE (3)."""
+    status = reply.get("status")
+    code = exit_codes.OK if status in ("SUCCESS", "SENT") else exit_codes.TASK_FAILED
+    if as_json:
+        emit_json(reply)
+        return code
+    if status == "SENT":
+        print(reply["task_id"])  # bare, for ID=$(edge-coordinator send ... --no-wait)
+        return code
+    took = f", {reply['seconds']:g}s" if "seconds" in reply else ""
+    print(f"{status}  {reply['command']} on {reply['agent']} (task {reply['task_id']}{took})")
+    result = reply.get("result")
+    print(result if isinstance(result, str) else json.dumps(result, indent=2, sort_keys=True, default=str))
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -258,6 +376,7 @@ COMMANDS = {
     "revoke": cmd_revoke,
     "agents": cmd_agents,
     "send": cmd_send,
+    "result": cmd_result,
     "demo": cmd_demo,
 }
 
@@ -272,10 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except CoordinatorError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return exc.code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
+    except BrokenPipeError:
+        return exit_codes.silence_stdout()
 
 
 if __name__ == "__main__":

@@ -1,20 +1,30 @@
-"""`edge-coordinator send`: one signed command to one agent, one signed result back.
+"""`edge-coordinator send` / `result`: one signed command to one agent, its result now or later.
 
 Why a separate short-lived client (not the daemon): an operator's command must not
 wait behind ingestion, and the daemon need not be running on this host — only the
 broker must be reachable. The task goes to queue `agent.<id>`; the broker answers
 PUBACK 0x10 when nobody consumes it (no agent session), which we report at once
 instead of waiting for a result that can never come.
+
+Arguments are checked against the command's signature (security.contract) before
+anything is recorded or published. A result that does not arrive in time is not lost:
+the agent also reports every command it ran as an `edge.command_result`, which the
+running daemon journals; `result ID` reads it from there, bound to the agent the
+`commands` table says was commanded (the ingest worker refuses results from others).
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import time
 import uuid
 from urllib.parse import urlparse
 from typing import Any
+
+from security import exit_codes
+from security.contract import AGENT_COMMAND_PREFIX, AGENT_COMMANDS, CommandArgumentError, agent_queue, check_command_args
 
 from . import commands
 from .commands import SentCommand
@@ -22,26 +32,61 @@ from .config import CoordinatorConfig
 from .errors import CoordinatorError
 from .ingest import canonical_digest
 
-COMMANDS = ("sample_now", "set_interval", "status")
-PREFIX = "edge.agent."
+COMMANDS = tuple(name[len(AGENT_COMMAND_PREFIX):] for name in AGENT_COMMANDS)
+PREFIX = AGENT_COMMAND_PREFIX
+POLL_SECONDS = 0.25
 
 
 def command_name(task: str) -> str:
     short = task[len(PREFIX):] if task.startswith(PREFIX) else task
     if short not in COMMANDS:
-        raise CoordinatorError(f"unknown command {task!r}: use one of {', '.join(COMMANDS)} (docs/INTERFACES.md)")
+        raise CoordinatorError(f"unknown command {task!r}: use one of {', '.join(COMMANDS)} (docs/INTERFACES.md)",
+                               exit_codes.USAGE)
     return PREFIX + short
+
+
+def _value(text: str) -> Any:
+    """JSON when it parses (5, 2.5, null, "x"), else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def parse_args(raw: list[str]) -> list[Any]:
     """Each argument as JSON when it parses (5, 2.5, null, "x"), else as a plain string."""
-    out: list[Any] = []
-    for value in raw:
+    return [_value(v) for v in raw]
+
+
+def parse_kwargs(kwargs_json: str | None, pairs: list[str] | None) -> dict[str, Any]:
+    """`--kwargs '{"sensor": "simulated"}'` and/or `-k sensor=simulated` (value as JSON when it parses)."""
+    out: dict[str, Any] = {}
+    if kwargs_json:
         try:
-            out.append(json.loads(value))
-        except ValueError:
-            out.append(value)
+            loaded = json.loads(kwargs_json)
+        except ValueError as exc:
+            raise CoordinatorError(f"--kwargs is not valid JSON ({exc}): e.g. --kwargs '{{\"seconds\": 5}}'",
+                                   exit_codes.USAGE) from None
+        if not isinstance(loaded, dict):
+            raise CoordinatorError("--kwargs must be a JSON object, e.g. --kwargs '{\"seconds\": 5}'", exit_codes.USAGE)
+        out.update(loaded)
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CoordinatorError(f"-k {pair!r}: use -k name=value", exit_codes.USAGE)
+        out[key] = _value(value)
     return out
+
+
+def check_call(task: str, args: list[str], kwargs: dict[str, Any]) -> tuple[str, list[Any]]:
+    """The full command name and the decoded args, or a usage CoordinatorError. Sends nothing."""
+    name = command_name(task)
+    values = parse_args(args)
+    try:
+        check_command_args(name, values, kwargs)
+    except CommandArgumentError as exc:
+        raise CoordinatorError(str(exc), exit_codes.USAGE) from None
+    return name, values
 
 
 def _reachable(url: str) -> bool:
@@ -53,28 +98,49 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def send_command(cfg: CoordinatorConfig, agent: str, task: str, args: list[str], timeout: float | None = None) -> dict[str, Any]:
+def _require_deliverable(cfg: CoordinatorConfig, agent: str) -> None:
+    """Refuse commands to an agent that was never enrolled here or is revoked: one line, nothing sent."""
+    from .fleet_pki import FleetStore
+
+    store = FleetStore(cfg)
+    if store.latest(agent) is None:
+        raise CoordinatorError(f"agent {agent!r} is not enrolled here: see `edge-coordinator agents`",
+                               exit_codes.NOT_DELIVERED)
+    if store.is_revoked(agent):
+        raise CoordinatorError(f"agent {agent!r} is revoked: it gets no commands; enroll a new certificate for it "
+                               "(`edge-coordinator enroll CSR --force`) if it should rejoin", exit_codes.NOT_DELIVERED)
+
+
+def send_command(cfg: CoordinatorConfig, agent: str, task: str, args: list[str], timeout: float | None = None, *,
+                 kwargs: dict[str, Any] | None = None, countdown: float | None = None,
+                 expires: float | None = None, wait: bool = True) -> dict[str, Any]:
+    """Send one command; with `wait`, its result (status SUCCESS or FAILURE). Raises
+    CoordinatorError with the exit code of the cause (usage, not delivered, timeout)."""
     from celery.exceptions import TimeoutError as CeleryTimeout
     from kombu.exceptions import OperationalError
 
     from security.pki import PKIError, validate_identity
+    from security.signing import SigningError
 
     from .celery_app import make_app, require_mqtt_transport
 
-    require_mqtt_transport()
-    from kombu_mqtt import NoSubscribersError
-
+    kwargs = dict(kwargs or {})
     try:
         validate_identity(agent)
     except PKIError as exc:
-        raise CoordinatorError(str(exc)) from None
-    name = command_name(task)
+        raise CoordinatorError(str(exc), exit_codes.USAGE) from None
+    name, values = check_call(task, args, kwargs)
+    require_mqtt_transport()
+    from kombu_mqtt import NoSubscribersError
+
+    _require_deliverable(cfg, agent)
     timeout = cfg.worker.send_timeout if timeout is None else timeout
     if not _reachable(cfg.broker_url):
-        raise CoordinatorError(f"cannot reach the broker at {cfg.broker_url}: is `edge-coordinator run` up (or broker.url right)?")
-    values = parse_args(args)
+        raise CoordinatorError(f"cannot reach the broker at {cfg.broker_url}: is `edge-coordinator run` up (or broker.url right)?",
+                               exit_codes.NOT_DELIVERED)
+    # the digest covers what the agent will execute: the positional list, plus kwargs when given
     sent = SentCommand(task_id=str(uuid.uuid4()), agent_id=agent, command=name,
-                       args_digest=canonical_digest(values), sent_at=time.time())
+                       args_digest=canonical_digest([values, kwargs] if kwargs else values), sent_at=time.time())
     app = make_app(cfg, consumer=False)
     started = time.monotonic()
     try:
@@ -87,30 +153,102 @@ def send_command(cfg: CoordinatorConfig, agent: str, task: str, args: list[str],
         commands.record(cfg.journal_path, sent)
         expect(sent.task_id, agent)
         try:
-            result = app.send_task(name, args=values, queue=f"agent.{agent}", retry=False, task_id=sent.task_id)
+            result = app.send_task(name, args=values, kwargs=kwargs, queue=agent_queue(agent), retry=False,
+                                   task_id=sent.task_id, countdown=countdown, expires=expires)
         except NoSubscribersError:
             commands.forget(cfg.journal_path, sent.task_id)
             raise CoordinatorError(
-                f"agent {agent!r} is not connected (nobody consumes queue agent.{agent}): start it, or check `edge-coordinator agents`"
-            ) from None
+                f"agent {agent!r} is not connected (nobody consumes queue {agent_queue(agent)}): start it, or check `edge-coordinator agents`",
+                exit_codes.NOT_DELIVERED) from None
+        except SigningError as exc:
+            commands.forget(cfg.journal_path, sent.task_id)
+            raise CoordinatorError(f"not sent: {exc}", exit_codes.USAGE) from None
         except OperationalError as exc:
-            raise CoordinatorError(f"cannot reach the broker at {cfg.broker_url} ({exc}): is `edge-coordinator run` up?") from None
+            commands.forget(cfg.journal_path, sent.task_id)
+            raise CoordinatorError(f"cannot reach the broker at {cfg.broker_url} ({exc}): is `edge-coordinator run` up?",
+                                   exit_codes.NOT_DELIVERED) from None
+        reply: dict[str, Any] = {"task_id": result.id, "agent": agent, "command": name}
+        if not wait:
+            return {**reply, "status": "SENT"}
         try:
             value = result.get(timeout=timeout, propagate=False)
         except CeleryTimeout:
             raise CoordinatorError(
-                f"no result from {agent!r} for {name} within {timeout:g}s (task {result.id}): the agent may be offline or busy; "
-                "retry with a longer --timeout"
-            ) from None
+                f"no result from {agent!r} for {name} within {timeout:g}s: the command stays queued for the agent "
+                f"(task {result.id}); get its result later with `edge-coordinator result {result.id}`",
+                exit_codes.TIMEOUT) from None
         except OperationalError as exc:
-            raise CoordinatorError(f"lost the broker while waiting for {agent!r} ({exc})") from None
+            raise CoordinatorError(f"lost the broker while waiting for {agent!r} ({exc}); get the result later with "
+                                   f"`edge-coordinator result {result.id}`", exit_codes.TIMEOUT) from None
         return {
-            "task_id": result.id,
-            "agent": agent,
-            "command": name,
+            **reply,
             "status": result.status,
             "result": value if result.successful() else repr(value),
             "seconds": round(time.monotonic() - started, 3),
         }
     finally:
         app.close()
+
+
+def _find_command(conn: sqlite3.Connection, task_id: str) -> SentCommand:
+    """The recorded command with this id (or unique id prefix), else a usage error."""
+    rows = conn.execute(
+        f"SELECT task_id, agent_id, command, args_digest, sent_at FROM {commands.TABLE} WHERE task_id = ? "
+        f"UNION SELECT task_id, agent_id, command, args_digest, sent_at FROM {commands.TABLE} "
+        "WHERE substr(task_id, 1, length(?)) = ? LIMIT 2", (task_id, task_id, task_id)).fetchall()
+    exact = [r for r in rows if r[0] == task_id]
+    if exact:
+        return SentCommand(*exact[0])
+    if len(rows) > 1:
+        raise CoordinatorError(f"task id prefix {task_id!r} is ambiguous: give more of it", exit_codes.USAGE)
+    if not rows:
+        raise CoordinatorError(f"no command with task id {task_id!r} was sent from this coordinator "
+                               "(`edge-coordinator send` records each one in the journal)", exit_codes.USAGE)
+    return SentCommand(*rows[0])
+
+
+def fetch_result(cfg: CoordinatorConfig, task_id: str, timeout: float = 0.0) -> dict[str, Any]:
+    """The journaled result of a command sent earlier, waiting up to `timeout` seconds.
+
+    Only a result reported by the agent the command was sent to counts (the `commands`
+    table says which); the running daemon journals it when the agent reports it."""
+    from ledger.sqlite_files import read_only
+
+    path = cfg.journal_path
+    if not path.exists():
+        raise CoordinatorError(f"no journal at {path}: wrong --data-dir, or nothing was sent yet")
+    deadline = time.monotonic() + max(0.0, timeout)
+    try:
+        while True:
+            with read_only(path) as conn:
+                try:
+                    sent = _find_command(conn, task_id)
+                except sqlite3.OperationalError:  # no commands table: nothing ever sent
+                    raise CoordinatorError(f"no command with task id {task_id!r} was sent from this coordinator",
+                                           exit_codes.USAGE) from None
+                try:
+                    row = conn.execute(
+                        "SELECT status, result, finished_at, received_at FROM command_results "
+                        "WHERE command_task_id = ? AND agent_id = ? ORDER BY received_at LIMIT 1",
+                        (sent.task_id, sent.agent_id)).fetchone()
+                except sqlite3.OperationalError:
+                    row = None
+            reply = {"task_id": sent.task_id, "agent": sent.agent_id, "command": sent.command, "sent_at": sent.sent_at}
+            if row is not None:
+                status, result, finished_at, received_at = row
+                try:
+                    value = json.loads(result)
+                except (TypeError, ValueError):
+                    value = result
+                return {**reply, "status": status, "result": value, "finished_at": finished_at,
+                        "received_at": received_at}
+            if time.monotonic() >= deadline:
+                raise CoordinatorError(
+                    f"no result from {sent.agent_id!r} for {sent.command} (task {sent.task_id}) yet: it stays queued "
+                    f"until the agent connects; retry with --timeout SECONDS (the daemon must run to journal it)",
+                    exit_codes.TIMEOUT)
+            time.sleep(POLL_SECONDS)
+    except sqlite3.DatabaseError as exc:
+        from .preflight import corrupt_database
+
+        raise corrupt_database(path, exc) from None

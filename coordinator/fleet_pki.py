@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from security.revocation import RevocationStore, write_crl_file
 
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
+from security import exit_codes
 
 BROKER_IDENTITY = "broker"
 BROKER_HOSTS = ("127.0.0.1", "localhost")
@@ -102,6 +104,26 @@ class FleetStore:
         self._remember(issue_identity(ca, self.dir, BROKER_IDENTITY, client=False, server=True, hosts=BROKER_HOSTS)[0])
         self._write_crl(ca, {})
 
+    def repair(self) -> list[Path]:
+        """Re-issue the coordinator's and the broker's certificate (new keys) from the existing CA
+        when either file of the pair is missing. Agents are untouched: they trust the CA."""
+        if not self.exists():
+            raise CoordinatorError(f"{self.dir} holds no fleet CA: restore it from a backup, or `init` a new data dir")
+        ca = self.ca()
+        made: list[Path] = []
+        pairs = ((self.cfg.identity, self.cfg.cert_path, self.cfg.key_path, {}),
+                 (BROKER_IDENTITY, self.broker_cert, self.broker_key,
+                  {"client": False, "server": True, "hosts": BROKER_HOSTS}))
+        for name, cert, key, extra in pairs:
+            if cert.exists() and key.exists():
+                continue
+            self._remember(issue_identity(ca, self.dir, name, **extra)[0])
+            made.append(cert)
+        if not self.cfg.crl_path.exists():
+            self.reissue_crl()
+            made.append(self.cfg.crl_path)
+        return made
+
     # -- registry of issued certificates --
     def issued(self) -> list[IssuedCert]:
         if not self.issued_path.exists():
@@ -127,14 +149,45 @@ class FleetStore:
         return found[-1] if found else None
 
     # -- enroll --
-    def sign_csr(self, csr_pem: bytes, days: int = 365) -> bytes:
+    def active_certificates(self, name: str, now: float | None = None) -> list[IssuedCert]:
+        """Certificates of `name` that are issued, unrevoked and unexpired (they can still sign)."""
+        now = time.time() if now is None else now
+        mine = [c for c in self.issued() if c.name == name and c.not_after > now]
+        if not mine or not self.revoked_path.exists():
+            return mine
+        store = self.revocations()
+        return [c for c in mine if not store.is_revoked(c.serial)]
+
+    def check_issuable(self, name: str, days: int, force: bool = False) -> None:
+        """Refuse what would make two devices one identity, or an unusable certificate.
+
+        Why: a second valid certificate for an active id lets two devices sign as one
+        agent (its readings, its commands); re-enrolling a revoked id quietly undoes a
+        revocation. Both need --force, and say so. A certificate that is expired at
+        issue (days <= 0) is refused outright."""
+        self._refuse_reserved(name)
+        if days <= 0:
+            raise CoordinatorError(f"--days {days}: a certificate must be valid for at least 1 day", exit_codes.USAGE)
+        if force:
+            return
+        active = self.active_certificates(name)
+        if active:
+            until = dt.datetime.fromtimestamp(active[-1].not_after, dt.timezone.utc)
+            raise CoordinatorError(
+                f"{name!r} already has a valid certificate (serial {active[-1].serial:x}, until {until:%Y-%m-%d}): "
+                f"revoke it first (`edge-coordinator revoke {name}`), or pass --force to issue a second one", exit_codes.USAGE)
+        if self.is_revoked(name):
+            raise CoordinatorError(f"{name!r} was revoked: pass --force to re-enroll it (a new certificate for the same id)",
+                                   exit_codes.USAGE)
+
+    def sign_csr(self, csr_pem: bytes, days: int = 365, force: bool = False) -> bytes:
         """Issue a client certificate for an agent's CSR (its key never leaves the device)."""
         try:
             csr = load_csr(csr_pem)
             name = common_name(csr)
         except PKIError as exc:
             raise CoordinatorError(str(exc)) from None
-        self._refuse_reserved(name)
+        self.check_issuable(name, days, force)
         ca = self.ca()
         try:
             cert = ca.issue(csr, client=True, days=days)
@@ -149,9 +202,9 @@ class FleetStore:
         if name in (self.cfg.identity, *RESERVED_NAMES):
             raise CoordinatorError(f"identity {name!r} is reserved for the coordinator/broker: pick another agent name")
 
-    def make_bundle(self, name: str, out: Path | None, broker_url: str, days: int = 365) -> Path:
+    def make_bundle(self, name: str, out: Path | None, broker_url: str, days: int = 365, force: bool = False) -> Path:
         """Demo convenience: key + CSR + cert for a simulated agent, plus agent.toml."""
-        self._refuse_reserved(name)
+        self.check_issuable(name, days, force)
         ca = self.ca()
         out = Path(out) if out else self.cfg.data_dir / "bundles" / name
         if (out / f"{name}.pem").exists():

@@ -1,6 +1,7 @@
 """`edge-audit`: list, show, verify, reconcile and export the execution ledger.
 
-Exit codes: 0 OK, 1 verification/reconciliation found problems, 2 usage or config error.
+Exit codes (security.exit_codes): 0 OK, 1 verification/reconciliation found problems,
+2 usage or config error, 65 the journal is corrupt, 141 stdout closed early.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from ledger import audit
 from ledger.audit_config import ENV, AuditConfig, ConfigError
+from ledger.audit_guard import data_dir_journal, guarded, open_journal, resolve_task_id
 from ledger.journal import Journal
 
 EPILOG = (f"Settings: flags > env ({ENV['journal']}, {ENV['rpc_url']}, {ENV['contract']}) > TOML file "
@@ -47,6 +49,8 @@ def _common(sub: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("where the ledger is")
     g.add_argument("--config", metavar="FILE", default=d, help=f"TOML settings file (env {ENV['config']})")
     g.add_argument("--journal", metavar="PATH", default=d, help=f"journal SQLite file (env {ENV['journal']})")
+    g.add_argument("--data-dir", dest="data_dir", metavar="DIR", default=d,
+                   help="the coordinator's data dir: its journal.db (same as --journal DIR/journal.db)")
     g.add_argument("--rpc-url", dest="rpc_url", metavar="URL", default=d,
                    help=f"Ethereum JSON-RPC URL (env {ENV['rpc_url']})")
     g.add_argument("--contract", metavar="ADDR", default=d, help=f"ExecutionLedger address (env {ENV['contract']})")
@@ -54,6 +58,15 @@ def _common(sub: bool) -> argparse.ArgumentParser:
                    help="trust events from this sender too (repeatable); the journal's recorders are always trusted")
     g.add_argument("--json", action="store_true", default=d, help="machine-readable output")
     return p
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgeledger")
+    except Exception:  # noqa: BLE001 - a frozen binary carries no package metadata
+        return "unknown"
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
@@ -69,6 +82,7 @@ def _filters(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-audit", parents=[_common(False)], epilog=EPILOG,
                                      description="Audit the edgeledger execution journal against the chain.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common(True)
     p = subs.add_parser("list", parents=[common], help="list journal records", epilog=EPILOG,
@@ -133,9 +147,10 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cli = {k: getattr(args, k, None) for k in ("config", "journal", "rpc_url", "contract", "recorders")}
+    cli["journal"] = cli["journal"] or data_dir_journal(getattr(args, "data_dir", None))
     args.json = bool(getattr(args, "json", False))
     config = AuditConfig.load(cli)
-    journal = Journal(config.require_journal())
+    journal = open_journal(config)  # read-only: the auditor never creates or changes what it audits
     try:
         if args.command == "list":
             rows = audit.list_records(journal, _filters_of(args))
@@ -145,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                 _print_rows(rows)
             return 0
         if args.command == "show":
-            shown = audit.show(journal, args.task_id)
+            shown = audit.show(journal, resolve_task_id(journal, args.task_id))
             if shown is None:
                 print(f"edge-audit: no record for task {args.task_id} in {config.journal}", file=sys.stderr)
                 return 1
@@ -187,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return guarded(lambda: run(args), lambda: getattr(args, "journal", None) or data_dir_journal(
+            getattr(args, "data_dir", None)) or __import__("os").environ.get(ENV["journal"]))
     except (ConfigError, audit.AuditError) as exc:
         print(f"edge-audit: {exc}", file=sys.stderr)
         return 2

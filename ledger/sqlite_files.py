@@ -50,3 +50,22 @@ def read_only(path: Path | str, timeout: float = 10.0) -> Iterator[sqlite3.Conne
         yield conn
     finally:
         conn.close()
+
+
+def unreadable_reason(path: Path | str) -> str | None:
+    """Why `path` is not a readable SQLite database (corrupt, truncated, not SQLite), or None.
+
+    Why: a process that opens a damaged file finds out deep inside a component, as a
+    traceback; under systemd that becomes a crash loop. Tools check first and exit once
+    with one line naming the file (an absent file is fine: it is created when needed)."""
+    if not Path(path).exists():
+        return None
+    try:
+        with read_only(path) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            row = conn.execute("PRAGMA quick_check(1)").fetchone()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    if row is None or row[0] != "ok":
+        return str(row[0]) if row else "quick_check returned nothing"
+    return None

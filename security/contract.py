@@ -13,7 +13,10 @@ the receiver deduplicates it.
 
 from __future__ import annotations
 
+import json
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 TASK_ID_NAMESPACE = uuid.UUID("6f1c1d2e-5b7a-4c5e-9a51-3c1f0e2d7a44")
 
@@ -65,3 +68,67 @@ def command_result_task_id(agent_id: str, command_task_id: str) -> str:
 def heartbeat_task_id(agent_id: str, sent_at: float) -> str:
     """Keyed by the heartbeat's own `sent_at` (repr of the float, as JSON round-trips it)."""
     return _derive(agent_id, "heartbeat", repr(float(sent_at)))
+
+
+# Signatures of the agent commands, checked by the sender BEFORE anything is published
+# (`edge-coordinator send`): a wrong argument is a usage error on the operator's terminal,
+# not a FAILURE on the device after a round trip. Kept here, next to the names, because
+# the coordinator never imports the agent package.
+@dataclass(frozen=True)
+class Param:
+    name: str
+    types: tuple[type, ...]  # accepted JSON value types (bool is never a number)
+    required: bool = True
+    doc: str = ""
+
+    def describe(self) -> str:
+        kinds = "|".join("null" if t is type(None) else {int: "int", float: "number", str: "string"}.get(t, t.__name__)
+                         for t in self.types if not (t is int and float in self.types))
+        return f"{self.name}: {kinds}" + ("" if self.required else " (optional)")
+
+
+AGENT_COMMAND_PARAMS: dict[str, tuple[Param, ...]] = {
+    SAMPLE_NOW_TASK: (Param("sensor", (str, type(None)), required=False,
+                            doc="sensor driver name as in the agent's `sensors` (e.g. simulated); default: all"),),
+    SET_INTERVAL_TASK: (Param("seconds", (int, float), doc="new sampling interval in seconds"),),
+    STATUS_TASK: (),
+}
+
+
+class CommandArgumentError(ValueError):
+    """The arguments do not fit the command's signature; the message says how to call it."""
+
+
+def command_usage(name: str) -> str:
+    params = AGENT_COMMAND_PARAMS[name]
+    return f"{name.removeprefix(AGENT_COMMAND_PREFIX)}({', '.join(p.describe() for p in params)})"
+
+
+def check_command_args(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Raise CommandArgumentError unless `args`/`kwargs` bind to `name`'s signature with the right types."""
+    if name not in AGENT_COMMAND_PARAMS:
+        raise CommandArgumentError(f"unknown command {name!r}: use one of "
+                                   f"{', '.join(n.removeprefix(AGENT_COMMAND_PREFIX) for n in AGENT_COMMAND_PARAMS)}")
+    params = AGENT_COMMAND_PARAMS[name]
+    usage = command_usage(name)
+    if len(args) > len(params):
+        raise CommandArgumentError(f"{usage} takes {len(params)} argument(s), {len(args)} given")
+    bound: dict[str, Any] = {}
+    for param, value in zip(params, args):
+        bound[param.name] = value
+    known = {p.name for p in params}
+    for key, value in kwargs.items():
+        if key not in known:
+            raise CommandArgumentError(f"{usage} has no argument {key!r}")
+        if key in bound:
+            raise CommandArgumentError(f"{usage}: {key!r} given twice (positional and keyword)")
+        bound[key] = value
+    for param in params:
+        if param.name not in bound:
+            if param.required:
+                raise CommandArgumentError(f"{usage}: missing argument {param.name!r}")
+            continue
+        value = bound[param.name]
+        if isinstance(value, bool) or not isinstance(value, param.types):
+            raise CommandArgumentError(f"{usage}: {param.name}={json.dumps(value, default=str)} is not a "
+                                       f"{param.describe().split(': ', 1)[1].replace(' (optional)', '')}")

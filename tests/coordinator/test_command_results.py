@@ -135,7 +135,7 @@ def test_result_signed_by_another_agent_is_refused_and_the_genuine_one_returned(
     try:
         spy.subscribe(f"{PREFIX}/d/+/agent.cmd-a")
         send = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "send", "--data-dir", str(coordinator.data_dir),
-                                 "cmd-a", "status", "--timeout", "120"], cwd=ROOT, stdout=subprocess.PIPE,
+                                 "cmd-a", "status", "--timeout", "120", "--json"], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             wait_until(lambda: spy.messages, 60, "the command on the agent's queue")
@@ -222,15 +222,17 @@ def test_failed_command_is_journaled_as_failure(fleet) -> None:
 
     coordinator, agent = fleet
     agent.start()
-    out = cli("send", "--data-dir", str(coordinator.data_dir), "cmd-a", "set_interval", "abc", "--timeout", "120")
-    assert out.returncode == 0, out.stderr
+    # 0.001 s is a number (the signature check passes) that the device refuses (below its minimum)
+    out = cli("send", "--data-dir", str(coordinator.data_dir), "cmd-a", "set_interval", "0.001", "--timeout", "120",
+              "--json")
+    assert out.returncode == 3, out.stderr  # security.exit_codes.TASK_FAILED
     reply = json.loads(out.stdout)
     assert reply["status"] == "FAILURE"
     rows = wait_until(lambda: coordinator.query(
         "SELECT task_id, command, status, args_digest FROM command_results WHERE command_task_id = ?",
         (reply["task_id"],)), 60, "the failed command's result journaled")
     (result_task, command, status, args_digest), = rows
-    assert (command, status, args_digest) == ("edge.agent.set_interval", "FAILURE", canonical_digest(["abc"]))
+    assert (command, status, args_digest) == ("edge.agent.set_interval", "FAILURE", canonical_digest([0.001]))
     listed = audit(coordinator.data_dir, "list", "--status", "failure", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [(r["task_id"], r["task_name"], r["agent_id"]) for r in json.loads(listed.stdout)] == [

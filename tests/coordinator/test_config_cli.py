@@ -25,7 +25,7 @@ def run_cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", ["", "init", "run", "enroll", "revoke", "agents", "send", "demo"])
+@pytest.mark.parametrize("command", ["", "init", "run", "enroll", "revoke", "agents", "send", "result", "demo"])
 def test_help_everywhere(command: str) -> None:
     argv = [command, "--help"] if command else ["--help"]
     proc = run_cli(*argv)
@@ -137,9 +137,10 @@ def test_unreachable_broker_and_chain_are_one_line_errors(tmp_path: Path) -> Non
     closed = free_port()
     assert main(["init", "--data-dir", str(data), "--broker-url", f"mqtts://127.0.0.1:{closed}",
                  "--chain-url", f"http://127.0.0.1:{closed}"]) == 0
+    assert main(["enroll", "--data-dir", str(data), "--bundle", "someone"]) == 0  # unenrolled ids are refused first
     proc = run_cli("send", "--data-dir", str(data), "someone", "status", "--timeout", "2",
                    env={"EDGE_COORDINATOR_BROKER_URL": f"mqtts://127.0.0.1:{closed}"})
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 5 and "Traceback" not in proc.stderr, proc.stderr  # exit_codes.NOT_DELIVERED
     assert proc.stderr.startswith("edge-coordinator: cannot reach the broker") and proc.stderr.count("\n") == 1
     proc = run_cli("run", "--data-dir", str(data))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -158,7 +159,7 @@ def test_unreachable_broker_and_chain_are_one_line_errors(tmp_path: Path) -> Non
 def test_send_rejects_unknown_command(tmp_path: Path) -> None:
     main(["init", "--data-dir", str(tmp_path / "d")])
     proc = run_cli("send", "--data-dir", str(tmp_path / "d"), "a1", "reboot")
-    assert proc.returncode == 1 and "unknown command 'reboot'" in proc.stderr
+    assert proc.returncode == 2 and "unknown command 'reboot'" in proc.stderr  # exit_codes.USAGE
 
 
 def test_command_names_and_argument_parsing() -> None:

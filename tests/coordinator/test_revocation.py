@@ -124,8 +124,8 @@ def test_revoked_agent_is_cut_stops_and_the_others_get_the_crl(coordinator: Coor
         (homes["rv-a"] / "crl.pem").write_bytes(stale_crl(coordinator))
         status = agent_cli(homes["rv-a"], "status", "--json")
         assert json.loads(status.stdout)["crl"]["state"] == "stale", status.stdout
-        out = cli("send", "--data-dir", str(coordinator.data_dir), "rv-a", "status", "--timeout", "60")
-        assert out.returncode == 0, out.stderr
+        out = cli("send", "--data-dir", str(coordinator.data_dir), "rv-a", "status", "--timeout", "60", "--json")
+        assert out.returncode == 3, out.stderr  # security.exit_codes.TASK_FAILED: it ran and failed on the device
         result = json.loads(out.stdout)
         assert result["status"] == "FAILURE" and "next-update passed" in result["result"], result
 
@@ -157,7 +157,7 @@ def test_revoked_agent_is_cut_stops_and_the_others_get_the_crl(coordinator: Coor
             return crl.get_revoked_certificate_by_serial_number(b_serial) is not None
         wait_until(a_crl_lists_b, 60, "the new CRL installed on rv-a")
         assert json.loads(agent_cli(homes["rv-a"], "status", "--json").stdout)["crl"]["state"] == "fresh"
-        out = cli("send", "--data-dir", str(coordinator.data_dir), "rv-a", "status", "--timeout", "60")
+        out = cli("send", "--data-dir", str(coordinator.data_dir), "rv-a", "status", "--timeout", "60", "--json")
         assert out.returncode == 0 and json.loads(out.stdout)["status"] == "SUCCESS", out.stdout + out.stderr
         # a stale CRL pushed to the agent is refused; its fresh CRL stays in place
         fresh = (homes["rv-a"] / "crl.pem").read_bytes()

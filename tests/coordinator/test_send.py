@@ -27,7 +27,7 @@ def test_send_gets_signed_result_then_times_out_cleanly_when_agent_is_gone(coord
     log.close()
     try:
         wait_until(lambda: coordinator.readings() >= 1, 60, "the agent's first reading")
-        out = cli("send", "--data-dir", str(coordinator.data_dir), "cmd-a", "set_interval", "2.5", "--timeout", "30")
+        out = cli("send", "--data-dir", str(coordinator.data_dir), "cmd-a", "set_interval", "2.5", "--timeout", "30", "--json")
         assert out.returncode == 0, out.stderr
         reply = json.loads(out.stdout)
         assert reply["status"] == "SUCCESS" and reply["result"] == {"interval": 2.5}
@@ -42,5 +42,6 @@ def test_send_gets_signed_result_then_times_out_cleanly_when_agent_is_gone(coord
         agent.wait(timeout=60)
     # the agent's persistent session keeps its queue: the command waits, send times out with one clear line
     out = cli("send", "--data-dir", str(coordinator.data_dir), "cmd-a", "status", "--timeout", "3")
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 4 and "Traceback" not in out.stderr, out.stderr  # security.exit_codes.TIMEOUT
     assert "no result from 'cmd-a'" in out.stderr and "within 3s" in out.stderr and out.stderr.count("\n") == 1
+    assert "stays queued" in out.stderr and "edge-coordinator result " in out.stderr

@@ -162,7 +162,7 @@ class Fleet:
         return upto - since
 
     def send(self, agent_id: str, task: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return cli("send", "--data-dir", str(self.data_dir), agent_id, task, *args, "--timeout", str(timeout),
+        return cli("send", "--data-dir", str(self.data_dir), agent_id, task, *args, "--timeout", str(timeout), "--json",
                    timeout=timeout + 60)
 
     def status_of(self, agent_id: str) -> dict[str, Any]:

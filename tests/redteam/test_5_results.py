@@ -57,7 +57,7 @@ def test_forged_result_from_another_agent_is_refused_and_the_genuine_one_kept(fl
     try:
         caller = subprocess.Popen(
             [sys.executable, "-m", "coordinator.cli", "send", "--data-dir", str(fleet.data_dir), VICTIM, "status",
-             "--timeout", "120"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             "--timeout", "120", "--json"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         settle(fleet, lambda: commands_seen(observer, "edge.agent.status"), 60, "the operator's command on B's queue")
         command = commands_seen(observer, "edge.agent.status")[0]
         task_id, reply_to = command["headers"]["id"], command["properties"]["reply_to"]

@@ -1,8 +1,9 @@
 """Delayed tasks: an eta/countdown may hold a command up to `max_delay_seconds` (its
 freshness runs from the eta, so it survives an offline agent and a restart); beyond
 that the sender refuses it at send time and a receiver refuses it as `eta_too_far`.
-`edge-coordinator send` has no countdown option, so the operator side is the
-coordinator's own signing app (`coordinator.celery_app.make_app`, what `send` uses)."""
+The operator side here is the coordinator's own signing app (`coordinator.celery_app.make_app`,
+what `edge-coordinator send --countdown` uses; tests/coordinator/test_cli_send.py checks
+that command's one-line refusal)."""
 
 from __future__ import annotations
 
