@@ -195,7 +195,7 @@ def test_replayed_result_is_refused_and_does_not_change_the_answer(fleet, tmp_pa
 
 
 def test_command_result_for_a_command_never_sent_is_rejected(fleet) -> None:
-    from agent.outbox import command_result_task_id
+    from security.contract import command_result_task_id
     from coordinator.simagent import INGEST_QUEUE, SimAgent
     from tests.support.celery_apps import close_app
 
