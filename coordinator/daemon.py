@@ -59,6 +59,8 @@ class Coordinator:
         self.anvil: Any = None
         self.journal: Any = None
         self.writer: Any = None
+        self.checkpointer: Any = None
+        self._checkpoint_thread: threading.Thread | None = None
         self.status: StatusServer | None = None
         self.worker_ready = threading.Event()
         self._stop = threading.Event()
@@ -131,9 +133,21 @@ class Coordinator:
 
         from .ingest import ensure_schema
 
+        from ledger.checkpointer import Checkpointer
+
+        from .tlog_setup import coordinator_log_key
+
         self.journal = Journal(self.cfg.journal_path)
         with self.journal.transaction() as db:
             ensure_schema(db)
+        signer = coordinator_log_key(self.cfg)
+        self.journal.set_config(log_origin=signer.name, log_vkey=signer.verifier().vkey)
+        self.checkpointer = Checkpointer(self.journal, signer, interval=self.cfg.chain.checkpoint_interval,
+                                         every=self.cfg.chain.checkpoint_every)
+        self._checkpoint_thread = threading.Thread(target=self.checkpointer.run, args=(self._stop,),
+                                                   name="checkpointer", daemon=True)
+        self._checkpoint_thread.start()
+        log.info("transparency log %s", signer.name)
         try:
             self.writer = ChainWriter(
                 self.journal, self.cfg.chain_url, self._private_key(),
@@ -161,7 +175,10 @@ class Coordinator:
         m.gauge_callback("edge_child_up", self._children_up)
         m.describe("edge_anchor_latency_seconds", "gauge", "Quantiles of journal append -> on-chain confirmation over the last 1000 records")
         m.extra_text(security_metrics.prometheus_text)
-        self.status = StatusServer(self.cfg.http.host, self.cfg.http.port, m, self.health).start()
+        from .tlog_http import TlogRoutes
+
+        routes = TlogRoutes(self.cfg.journal_path, self.cfg.pki_dir / "log.pub")
+        self.status = StatusServer(self.cfg.http.host, self.cfg.http.port, m, self.health, routes).start()
         log.info("metrics on http://%s:%d/metrics", self.cfg.http.host, self.status.port)
 
     # -- scrape-time gauges (own short-lived read connections: scrapes run in their own threads) --
@@ -261,6 +278,12 @@ class Coordinator:
     def stop(self, flush_timeout: float = 30.0) -> None:
         self.stopping.set()
         self._stop.set()
+        if self._checkpoint_thread is not None:
+            self._checkpoint_thread.join(timeout=30)
+            try:
+                self.checkpointer.checkpoint()  # cover what the worker journaled last
+            except Exception as exc:  # noqa: BLE001 - the next run signs it
+                log.warning("final checkpoint failed (the next run signs it): %s", exc)
         if self._writer_thread is not None:
             self._writer_thread.join(timeout=60)
             if self.anvil is not None and not self.anvil.running:
