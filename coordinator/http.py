@@ -15,14 +15,18 @@ from .errors import CoordinatorError
 from .metrics import Metrics
 
 HealthCheck = Callable[[], dict[str, bool]]
+# Extra GET routes (e.g. coordinator.tlog_http): path -> (status, body, content type), None = not mine.
+Routes = Callable[[str], "tuple[int, bytes, str] | None"]
 
 
 class StatusServer:
     """Serves metrics text and a JSON health report (503 when any check fails)."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics, health: HealthCheck) -> None:
+    def __init__(self, host: str, port: int, metrics: Metrics, health: HealthCheck,
+                 routes: Routes | None = None) -> None:
         self.metrics = metrics
         self.health = health
+        self.routes = routes
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,6 +39,8 @@ class StatusServer:
                     ok = all(checks.values())
                     body = json.dumps({"ok": ok, "checks": checks}).encode()
                     self._send(200 if ok else 503, body, "application/json")
+                elif server.routes is not None and (found := server.routes(self.path)) is not None:
+                    self._send(*found)
                 else:
                     self._send(404, b"not found: try /metrics or /healthz\n", "text/plain")
 
