@@ -7,7 +7,10 @@ stored checkpoint with a consistency proof to the newest one (so any pinned chec
 can be checked against it), the chain anchoring data of each checkpoint (to look up
 later), the signed envelopes still held and the signers' certificates.
 
-Format: one JSON object, "format": "edgeledger-audit-bundle/1".
+Format: one JSON object, "format": "edgeledger-audit-bundle/1". Each record carries its
+RFC 6962 inclusion path ("inclusion": base64 hashes, leaf sibling first) against the
+bundle's one "checkpoint"; record + index + path + checkpoint are exactly a C2SP
+tlog-proof (`tlog_proof(bundle, record)` renders it), stored once instead of per record.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from ledger.audit import (
     _check_envelope_bytes,
 )
 from ledger.journal import CONFIRMED, Journal
-from ledger.record import RECORD_FIELDS, ExecutionRecord
+from ledger.record import RECORD_FIELDS, canonical_json_of
 from ledger.tlog.checkpoint import open_checkpoint
 from ledger.tlog.cosignature import open_cosigned_checkpoint
 from ledger.tlog.errors import TlogError
-from ledger.tlog.merkle import leaf_hash, verify_consistency, verify_inclusion
+from ledger.tlog.merkle import MemoryNodeStore, MerkleLog, leaf_hash, verify_consistency, verify_inclusion
 from ledger.tlog.note import Ed25519Verifier
 from ledger.tlog.proof import ProofBundle
 
@@ -53,7 +56,7 @@ def export_bundle(journal: Journal, out: IO[str], filters: Filters = Filters(), 
     if target is None:
         raise BundleError("the journal has no signed checkpoint yet: start the coordinator (it signs one a second)")
     size = target["size"]
-    tree = journal.merkle()
+    tree = _memory_tree(journal)
     checkpoints = journal.checkpoints("size <= ?", (size,))
     records, fingerprints = [], set()
     where, params = filters.sql()
@@ -63,9 +66,9 @@ def export_bundle(journal: Journal, out: IO[str], filters: Filters = Filters(), 
         item.update(digest=row["digest"], log_index=index, erased=row.get("erased_at") is not None,
                     envelope=_b64(bytes(row["envelope"])) if row.get("envelope") is not None else None)
         if index is not None and index < size:
-            item["proof"] = ProofBundle(index, tuple(tree.inclusion_proof(index, size)), target["note"]).format()
+            item["inclusion"] = [_b64(h) for h in tree.inclusion_proof(index, size)]
         else:
-            item["proof"] = None  # journaled after the checkpoint: not provable yet
+            item["inclusion"] = None  # journaled after the checkpoint: not provable yet
         if row.get("signer_fingerprint"):
             fingerprints.add(row["signer_fingerprint"])
         records.append(item)
@@ -83,6 +86,25 @@ def export_bundle(journal: Journal, out: IO[str], filters: Filters = Filters(), 
     json.dump(bundle, out, sort_keys=True)
     out.write("\n")
     return len(records)
+
+
+def _memory_tree(journal: Journal) -> MerkleLog:
+    """The journal's stored tree copied into memory: one query instead of one per proof."""
+    store = MemoryNodeStore()
+    cur = journal.db.conn.execute("SELECT level, idx, hash FROM tlog_node ORDER BY level, idx")
+    size = journal.tree_size()
+    while True:
+        chunk = cur.fetchmany(50_000)
+        if not chunk:
+            break
+        store.append_nodes([(level, idx, bytes(h)) for level, idx, h in chunk], size)
+    return MerkleLog(store)
+
+
+def tlog_proof(data: dict[str, Any], item: dict[str, Any]) -> str:
+    """The C2SP tlog-proof of one bundled record."""
+    return ProofBundle(int(item["log_index"]), tuple(base64.b64decode(h) for h in item["inclusion"]),
+                       data["checkpoint"]).format()
 
 
 def load_bundle(text: str) -> dict[str, Any]:
@@ -147,24 +169,22 @@ def verify_bundle(data: dict[str, Any], policy: LogPolicy, *, check_signatures: 
     for item in data.get("records", []):
         report.rows += 1
         task_id = item.get("task_id")
-        record = ExecutionRecord.from_mapping(item)
-        entry = record.canonical_json()
+        entry = canonical_json_of(item)
         if hashlib.sha256(entry).hexdigest() != item.get("digest"):
             report.add(task_id, "journal_digest_mismatch", "the record's fields do not hash to its digest")
         if item.get("erased"):
             report.erased += 1
-        if item.get("proof") is None:
+        if item.get("inclusion") is None:
             report.unanchored += 1
         else:
             try:
-                bundle = ProofBundle.parse(item["proof"])
-                if bundle.checkpoint != data["checkpoint"]:
-                    raise TlogError("its proof is against another checkpoint than the bundle's")
-                verify_inclusion(leaf_hash(entry), bundle.index, target.size, bundle.inclusion_proof, target.root_hash)
-                if bundle.index != item.get("log_index"):
-                    raise TlogError(f"proof index {bundle.index} is not the record's log index {item.get('log_index')}")
+                index = item.get("log_index")
+                if not isinstance(index, int) or isinstance(index, bool):
+                    raise TlogError(f"log index {index!r} is not an integer")
+                path = [base64.b64decode(h, validate=True) for h in item["inclusion"]]
+                verify_inclusion(leaf_hash(entry), index, target.size, path, target.root_hash)
                 report.on_chain += 1
-            except TlogError as exc:
+            except (TlogError, ValueError, TypeError) as exc:
                 report.add(task_id, "record_not_in_log", f"record is not in the signed log: {exc}")
         envelope = base64.b64decode(item["envelope"]) if item.get("envelope") else None
         _check_envelope_bytes(envelope, item, certificates.get(item.get("signer_fingerprint") or ""), report,
