@@ -200,7 +200,7 @@ def _verify_bundle(args: argparse.Namespace, config: AuditConfig) -> int:
     report = bundle.verify_bundle(data, policy, check_signatures=not args.no_signatures,
                                   verifier=audit.default_verifier())
     if policy.pins is not None and bundle.pin_after(report) and report.tree_size:
-        from ledger.tlog.checkpoint import Checkpoint, open_checkpoint
+        from ledger.tlog.checkpoint import open_checkpoint
 
         cp, _ = open_checkpoint(data["checkpoint"], policy.log_verifier)
         policy.pins.update(cp.origin, policy.log_verifier.vkey, cp.size, cp.root_hash)

@@ -64,6 +64,7 @@ def test_log_served_erased_and_rewrites_caught(coordinator: CoordinatorProcess, 
     assert stat.S_IMODE((pki / "log.key").stat().st_mode) == 0o600
     log_verifier = Ed25519Verifier.from_vkey((pki / "log.pub").read_text().strip())
     assert log_verifier.name.startswith("edgeledger/") and log_verifier.name.endswith("/coordinator")
+    assert (coordinator.bundle("tl-a") / "log.pub").read_text() == (pki / "log.pub").read_text()  # agents get it
 
     coordinator.start()
     pub = simagent(coordinator.bundle("tl-a"), "--count", "40")

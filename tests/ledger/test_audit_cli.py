@@ -346,3 +346,17 @@ def test_witness_quorum_is_required_when_asked(ledger_setup):
     assert code == 0 and report["ok"], report["findings"]
     proc = cli("--journal", path, "verify", "--witnesses", "2", "--witness-key", witness.verifier().vkey)
     assert proc.returncode == 2 and "--witnesses 2 needs" in proc.stderr
+
+
+def test_reordered_records_fail_verify(ledger_setup):
+    """Swapping two records' log positions (a reorder) names both and exits 1."""
+    a, b = ledger_setup["records"][2].task_id, ledger_setup["records"][8].task_id
+    conn = ledger_setup["journal"].db.conn
+    ia = conn.execute("SELECT log_index FROM executions WHERE task_id = ?", (a,)).fetchone()[0]
+    ib = conn.execute("SELECT log_index FROM executions WHERE task_id = ?", (b,)).fetchone()[0]
+    conn.execute("UPDATE executions SET log_index = -1 WHERE task_id = ?", (a,))
+    conn.execute("UPDATE executions SET log_index = ? WHERE task_id = ?", (ia, b))
+    conn.execute("UPDATE executions SET log_index = ? WHERE task_id = ?", (ib, a))
+    code, report = _verify_json(ledger_setup["path"])
+    assert code == 1 and {(f["task_id"], f["kind"]) for f in report["findings"]} == {
+        (a, "record_not_in_log"), (b, "record_not_in_log")}
