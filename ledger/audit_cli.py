@@ -151,11 +151,11 @@ def _events(config: AuditConfig, journal: Journal, args: argparse.Namespace, ori
 def _log_verifier(config: AuditConfig, journal: Journal | None):
     """--log-key > env/TOML > the journal's own record of its key > pki/log.pub next to the journal."""
     if config.log_key:
-        return load_verifier(Path(config.log_key))
+        return load_verifier(config.log_key)
     if journal is not None:
         saved = journal.get_config().get("log_vkey")
         if saved:
-            return load_verifier(Path(saved))
+            return load_verifier(saved)
         beside = journal.path.parent / "pki" / "log.pub"
         if beside.exists():
             return load_verifier(beside)
@@ -190,7 +190,7 @@ def _verify_bundle(args: argparse.Namespace, config: AuditConfig) -> int:
         data = bundle.load_bundle(args.bundle.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read bundle {args.bundle}: {exc.strerror}") from None
-    log_verifier = load_verifier(Path(config.log_key)) if config.log_key else None
+    log_verifier = load_verifier(config.log_key) if config.log_key else None
     policy = _policy(args, log_verifier)
     if log_verifier is None:
         pin = policy.pins.get(data.get("origin", "")) if policy.pins else None

@@ -61,17 +61,19 @@ def ensure_log_key(pki_dir: Path, origin: str) -> Ed25519Signer:
     return signer
 
 
-def load_verifier(path: Path) -> Ed25519Verifier:
-    """The log's verifier from a vkey file (or a vkey string given directly)."""
-    text = str(path)
-    if "+" in text and not Path(text).exists():
-        vkey = text
+def load_verifier(source: str | Path) -> Ed25519Verifier:
+    """The log's verifier from a vkey file, or from a vkey string given directly.
+
+    A string is never turned into a Path first: vkeys contain '/' and Path would fold '//'.
+    """
+    if isinstance(source, str) and "+" in source and not os.path.exists(source):
+        vkey = source.strip()
     else:
         try:
-            vkey = Path(path).read_text().strip()
+            vkey = Path(source).read_text().strip()
         except OSError as exc:
-            raise LogKeyError(f"cannot read log key {path}: {exc.strerror}") from None
+            raise LogKeyError(f"cannot read log key {source}: {exc.strerror}") from None
     try:
         return Ed25519Verifier.from_vkey(vkey)
     except Exception as exc:  # noqa: BLE001
-        raise LogKeyError(f"{path} is not a signed-note verifier key: {exc}") from None
+        raise LogKeyError(f"{source} is not a signed-note verifier key: {exc}") from None
