@@ -139,7 +139,7 @@ def bench_anchor(anvil: ManagedAnvil, workdir: Path, n: int, every: int, batch: 
 def bench_keeps_up(anvil: ManagedAnvil, workdir: Path, rate: int, seconds: float, every: int) -> dict[str, float]:
     """Append at `rate` records/s with the checkpointer (1 s / `every`) and the writer running, as in the daemon."""
     journal = Journal(workdir / "live.db")
-    cp = Checkpointer(journal, Ed25519Signer.generate("edgeledger/bench/live"), interval=1.0, every=every)
+    cp = Checkpointer(journal, Ed25519Signer.generate("edgeledger/bench/live"), interval=1.0, every=every).attach()
     writer = ChainWriter(journal, anvil.rpc_url, anvil.dev_key, max_batch=100)
     assert writer.contract_address
     stop = threading.Event()

@@ -143,7 +143,7 @@ class Coordinator:
         signer = coordinator_log_key(self.cfg)
         self.journal.set_config(log_origin=signer.name, log_vkey=signer.verifier().vkey)
         self.checkpointer = Checkpointer(self.journal, signer, interval=self.cfg.chain.checkpoint_interval,
-                                         every=self.cfg.chain.checkpoint_every)
+                                         every=self.cfg.chain.checkpoint_every).attach()
         self._checkpoint_thread = threading.Thread(target=self.checkpointer.run, args=(self._stop,),
                                                    name="checkpointer", daemon=True)
         self._checkpoint_thread.start()

@@ -6,8 +6,9 @@ checkpoint covers under load. Checkpoints are stored in the journal's
 `tlog_checkpoint` table and never rewritten: after a lost chain the writer re-anchors
 exactly these, so the coordinator cannot quietly publish a different history.
 
-Usage: `Checkpointer(journal, signer).run(stop_event)` in its own thread, or
-`checkpoint()` to sign the current tree now (tests, shutdown flush).
+Usage: `Checkpointer(journal, signer).attach()` (every N records, signed inside the
+appending transaction: a busy ingest can never starve it) plus `.run(stop_event)` in
+its own thread (the interval), or `checkpoint()` to sign the current tree now.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ class Checkpointer:
         self.interval = interval
         self.every = max(1, every)
         self.signed = 0
+
+    def attach(self) -> "Checkpointer":
+        """Sign a checkpoint inside `journal.append` each time the tree reaches a multiple of `every`."""
+        self.journal.sign_checkpoints_every(self.every, self._sign)
+        return self
+
+    def _sign(self, size: int, root: bytes) -> str:
+        self.signed += 1
+        return sign_checkpoint(Checkpoint(self.origin, size, root), self.signer)
 
     def checkpoint(self) -> dict[str, int] | None:
         """Sign and store a checkpoint of the current tree if it grew; returns {size} or None."""

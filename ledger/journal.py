@@ -21,7 +21,7 @@ import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,7 @@ class Journal:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._checkpoint_hook: tuple[int, Callable[[int, bytes], str]] | None = None
         conn = self._conn()
         conn.executescript(SCHEMA)
         self._migrate(conn)
@@ -151,6 +152,11 @@ class Journal:
             log = MerkleLog(SQLiteNodeStore(conn, NODE_TABLE))
             self._local.log = log
         return log
+
+    def sign_checkpoints_every(self, every: int, sign: Callable[[int, bytes], str]) -> None:
+        """Have `append` store a checkpoint `sign(size, root)` whenever the tree size reaches a
+        multiple of `every`, in the same transaction (ledger.checkpointer.Checkpointer.attach)."""
+        self._checkpoint_hook = (max(1, int(every)), sign)
 
     def merkle(self) -> MerkleLog:
         """A MerkleLog over the committed tree, for roots and proofs (a fresh view each call)."""
@@ -244,6 +250,14 @@ class Journal:
             except BaseException:
                 self._local.log = None
                 raise
+            hook = self._checkpoint_hook
+            if hook is not None and log.size % hook[0] == 0:
+                # every N records, signed inside the appending transaction: never starved by
+                # a busy writer, and the checkpoint commits with the record that completes it
+                size, root = log.size, log.root()
+                conn.execute("INSERT INTO tlog_checkpoint (size, root, note, created_at) SELECT ?, ?, ?, ? "
+                             "WHERE NOT EXISTS (SELECT 1 FROM tlog_checkpoint WHERE size >= ?)",
+                             (size, root.hex(), hook[1](size, root), time.time(), size))
             if salt is not None:
                 conn.execute("INSERT OR REPLACE INTO record_salt (task_id, salt) VALUES (?, ?)",
                              (record.task_id, bytes(salt)))
@@ -355,11 +369,17 @@ class Journal:
         return SQLiteNodeStore(self._conn(), NODE_TABLE).size()
 
     def add_checkpoint(self, size: int, root: bytes, note: str) -> bool:
-        """Store a signed checkpoint; False if one of this size exists (first one wins)."""
+        """Store a signed checkpoint; False (nothing stored) unless it is larger than every stored one.
+
+        Why refuse smaller ones: checkpoints are anchored in size order and the contract
+        refuses a size below one already anchored; a checkpoint signed from an older
+        view of the tree and stored late must not wedge the writer.
+        """
         with self.transaction() as db:
             cur = db.conn.execute(
-                "INSERT OR IGNORE INTO tlog_checkpoint (size, root, note, created_at) VALUES (?, ?, ?, ?)",
-                (int(size), root.hex(), note, time.time()))
+                "INSERT INTO tlog_checkpoint (size, root, note, created_at) SELECT ?, ?, ?, ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM tlog_checkpoint WHERE size >= ?)",
+                (int(size), root.hex(), note, time.time(), int(size)))
             return cur.rowcount == 1
 
     def checkpoints(self, where: str = "1=1", params: Iterable[Any] = (), order: str = "size",

@@ -128,3 +128,22 @@ def test_vkey_strings_with_double_slashes_load_as_given(tmp_path):
     else:
         pytest.skip("no generated key contained '//'")
     assert load_verifier(signer.verifier().vkey).vkey == signer.verifier().vkey
+
+
+def test_checkpoints_only_grow_and_every_n_are_signed_in_the_append(journal):
+    """A checkpoint signed from an older view and stored late is refused (it would wedge
+    anchoring: the contract refuses sizes below an anchored one)."""
+    signer = Ed25519Signer.generate("edgeledger/test/hook")
+    cp = Checkpointer(journal, signer, interval=3600, every=4).attach()
+    for i in range(10):
+        journal.append(make_record(i))
+    assert [c["size"] for c in journal.checkpoints()] == [4, 8]  # signed inside the appends
+    stale_root = journal.merkle().root(6)
+    from ledger.tlog.checkpoint import Checkpoint, sign_checkpoint
+
+    assert not journal.add_checkpoint(6, stale_root, sign_checkpoint(Checkpoint(cp.origin, 6, stale_root), signer))
+    assert cp.checkpoint() == {"size": 10}
+    assert [c["size"] for c in journal.checkpoints()] == [4, 8, 10]
+    for c in journal.checkpoints():
+        checkpoint, _ = open_checkpoint(c["note"], signer.verifier())
+        assert checkpoint.root_hash == journal.merkle().root(c["size"])
