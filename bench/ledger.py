@@ -1,14 +1,22 @@
-"""Ledger benchmark: records/s anchored on anvil, single `record` vs `recordBatch`,
-and journal-to-confirmed latency (p50/p99) under a steady append rate.
+"""Ledger benchmark: per-record anchoring (legacy `recordBatch`) side by side with the
+transparency-log design (signed checkpoints anchored on chain), on anvil.
 
-Run: .venv/bin/python bench/ledger.py [--records 20000] [--single 1000] [--rate 2000 --seconds 5]
-Bounded: each phase has a record count and a time cap; total well under 3 minutes.
+Measures, for each design: records/s anchored and gas per record; for the log: journal
+append rate (record + tree nodes in one transaction), anchoring while appending at a
+target rate (does it keep up? lag p50/p99), proof sizes at 10^6 records, and audit
+rates: `edge-audit verify` (journal + chain) and `edge-audit verify --bundle` (one
+inclusion proof verified per record, offline).
+
+Run: .venv/bin/python bench/ledger.py [--records 100000] [--legacy 20000] [--rate 20000 --seconds 5]
+Bounded: each phase has a record count; total a few minutes on 2 busy cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import os
 import statistics
 import sys
@@ -24,10 +32,16 @@ from eth_account import Account  # noqa: E402
 
 from ledger import contract  # noqa: E402
 from ledger.anvil import ManagedAnvil  # noqa: E402
-from ledger.deploy import connect, deploy_contract, fee_params  # noqa: E402
+from ledger.checkpointer import Checkpointer  # noqa: E402
+from ledger.deploy import connect, fee_params  # noqa: E402
 from ledger.journal import CONFIRMED, Journal  # noqa: E402
 from ledger.record import ExecutionRecord  # noqa: E402
-from ledger.writer import ChainWriter, send_raw, wait_receipt  # noqa: E402
+from ledger.rpc import send_raw, wait_receipt  # noqa: E402
+from ledger.tlog.checkpoint import Checkpoint, sign_checkpoint  # noqa: E402
+from ledger.tlog.merkle import MemoryNodeStore, MerkleLog, inclusion_proof_length  # noqa: E402
+from ledger.tlog.note import Ed25519Signer  # noqa: E402
+from ledger.tlog.proof import ProofBundle  # noqa: E402
+from ledger.writer import ChainWriter  # noqa: E402
 
 
 def make_record(i: int) -> ExecutionRecord:
@@ -38,101 +52,97 @@ def make_record(i: int) -> ExecutionRecord:
                            received_at=now, started_at=now, finished_at=now, envelope_digest=h)
 
 
-def fill(journal: Journal, n: int) -> None:
-    with journal.transaction() as db:
-        for i in range(n):
-            journal.append(make_record(i), db=db)
-
-
 def progress(msg: str) -> None:
     print(f"  .. {msg}", file=sys.stderr, flush=True)
 
 
-def bench_single(anvil: ManagedAnvil, workdir: Path, n: int, key: str) -> tuple[float, int]:
-    """One `record` transaction per record, sent and confirmed one after another.
+# -- legacy: one on-chain event and storage slot per record --------------------------------------------
+def _deploy_legacy(w3, key: str) -> str:
+    art = contract.legacy_artifact()
+    account = Account.from_key(key)
+    data = bytes.fromhex(art["bytecode"][2:])
+    tx = {"data": data, "nonce": w3.eth.get_transaction_count(account.address, "pending"), "chainId": w3.eth.chain_id,
+          "value": 0, "gas": 3_000_000, "type": 2, **fee_params(w3)}
+    h = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+    return w3.eth.wait_for_transaction_receipt(h, timeout=60)["contractAddress"]
 
-    Uses the writer's raw send/receipt helpers so only batching differs between the runs.
-    """
-    journal = Journal(workdir / "single.db")
-    fill(journal, n)
+
+def bench_legacy(anvil: ManagedAnvil, n: int, batch: int) -> tuple[float, float]:
+    """The old per-record path: `recordBatch` of `batch` records per tx, 4 txs in flight."""
     w3 = connect(anvil.rpc_url)
-    address = deploy_contract(w3, key)
+    key = anvil.dev_key
+    address = _deploy_legacy(w3, key)
     account = Account.from_key(key)
     nonce = w3.eth.get_transaction_count(account.address, "pending")
     fees, chain_id = fee_params(w3), w3.eth.chain_id
-    rows = journal.pending(n)
+    records = [make_record(i) for i in range(n)]
+    gas_used = 0
     start = time.perf_counter()
-    for i, row in enumerate(rows):
-        rec = ExecutionRecord.from_mapping(row)
-        data = contract.encode_record(rec.task_key, rec.agent_key, bytes.fromhex(row["digest"]), rec.status_code,
-                                      rec.finished_at_ms)
-        tx = {"to": address, "data": data, "value": 0, "chainId": chain_id, "nonce": nonce, "gas": 80_000,
-              "type": 2, **fees}
-        tx_hash = send_raw(w3, account.sign_transaction(tx).raw_transaction)
+    pending: list[bytes] = []
+    for i in range(0, n, batch):
+        chunk = records[i:i + batch]
+        data = contract.encode_record_batch([r.task_key for r in chunk], [r.agent_key for r in chunk],
+                                            [r.digest() for r in chunk], [r.status_code for r in chunk],
+                                            [r.finished_at_ms for r in chunk])
+        tx = {"to": address, "data": data, "value": 0, "chainId": chain_id, "nonce": nonce,
+              "gas": 60_000 + 40_000 * len(chunk), "type": 2, **fees}
+        pending.append(send_raw(w3, account.sign_transaction(tx).raw_transaction))
         nonce += 1
-        receipt = wait_receipt(w3, "0x" + tx_hash.hex(), timeout=30)
-        journal.mark_confirmed([row["task_id"]], int(receipt["blockNumber"], 16), receipt["blockHash"])
-        if i and i % 250 == 0:
-            progress(f"single: {i}/{n}")
+        if len(pending) >= 4:
+            gas_used += sum(contract.as_int(wait_receipt(w3, "0x" + h.hex(), 60)["gasUsed"]) for h in pending)
+            pending.clear()
+    gas_used += sum(contract.as_int(wait_receipt(w3, "0x" + h.hex(), 60)["gasUsed"]) for h in pending)
     elapsed = time.perf_counter() - start
-    assert journal.counts()[CONFIRMED] == n
-    journal.close()
-    return n / elapsed, int(receipt["gasUsed"], 16)
+    return n / elapsed, gas_used / n
 
 
-def bench_batched(anvil: ManagedAnvil, workdir: Path, n: int, key: str, batch: int) -> tuple[float, int]:
-    journal = Journal(workdir / f"batched-{batch}.db")
-    fill(journal, n)
-    writer = ChainWriter(journal, anvil.rpc_url, key, max_batch=batch)
-    writer.anchor_pending(limit=batch)  # deploy + warm up (gas estimate) outside the timing
+# -- transparency log ------------------------------------------------------------------------------------
+def fill(journal: Journal, cp: Checkpointer, n: int, per_tx: int = 1000) -> float:
+    """Append n records (record + leaf + nodes per append, `per_tx` appends per commit) with the
+    checkpointer attached as in the daemon (a signed checkpoint every `cp.every` records); appends/s."""
+    cp.attach()
     start = time.perf_counter()
-    done = 0
-    while True:
-        step = writer.anchor_pending(limit=max(batch * 20, n // 5))
-        if not step:
-            break
-        done += step
-        progress(f"batched x{batch}: {done + batch}/{n}")
-    elapsed = time.perf_counter() - start
-    assert journal.counts()[CONFIRMED] == n
-    receipt_gas = _gas_per_record(writer, journal)
-    journal.close()
-    return done / elapsed, receipt_gas
+    for first in range(0, n, per_tx):
+        with journal.transaction() as db:
+            for i in range(first, min(n, first + per_tx)):
+                journal.append(make_record(i), db=db)
+    cp.checkpoint()
+    return n / (time.perf_counter() - start)
 
 
-def _gas_per_record(writer: ChainWriter, journal: Journal) -> int:
-    row = next(journal.rows("anchor_state = ?", (CONFIRMED,), order="id DESC", limit=1))
-    receipt = writer.w3.eth.get_transaction_receipt(row["tx_hash"])
-    return receipt["gasUsed"] // max(1, len(receipt["logs"]))
-
-
-def bench_verify(journal_path: Path) -> float:
-    """`edge-audit verify` over the x100 journal (in-process main(), chain still up)."""
-    import contextlib
-    import io
-
-    from ledger.audit_cli import main as audit_main
-
-    rows = Journal(journal_path).counts()[CONFIRMED]
+def bench_anchor(anvil: ManagedAnvil, workdir: Path, n: int, every: int, batch: int) -> dict[str, float]:
+    journal = Journal(workdir / "tlog.db")
+    cp = Checkpointer(journal, Ed25519Signer.generate("edgeledger/bench/coordinator"), every=every)
+    journal.set_config(log_vkey=cp.signer.verifier().vkey)
+    append_rate = fill(journal, cp, n)
+    writer = ChainWriter(journal, anvil.rpc_url, anvil.dev_key, max_batch=batch)
+    assert writer.contract_address
+    checkpoints = journal.checkpoint_counts()["pending"]
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = audit_main(["--journal", str(journal_path), "verify", "--quiet"])
+    covered = writer.anchor_pending()
     elapsed = time.perf_counter() - start
-    assert code == 0, "verify failed on the benchmark journal"
-    return rows / elapsed
+    assert covered == n and journal.counts()[CONFIRMED] == n
+    gas = 0
+    for tx_hash in {c["tx_hash"] for c in journal.checkpoints()}:
+        gas += contract.as_int(writer.w3.eth.get_transaction_receipt(tx_hash)["gasUsed"])
+    journal.close()
+    return {"append": append_rate, "anchor": n / elapsed, "gas": gas / n, "checkpoints": checkpoints,
+            "txs": writer.stats.batches}
 
 
-def bench_latency(anvil: ManagedAnvil, workdir: Path, rate: int, seconds: float, key: str) -> tuple[float, float, int]:
-    """Append at `rate` records/s while the writer runs; latency = confirmed - appended."""
-    journal = Journal(workdir / "latency.db")
-    writer = ChainWriter(journal, anvil.rpc_url, key, max_batch=100)
-    writer.anchor_pending()
+def bench_keeps_up(anvil: ManagedAnvil, workdir: Path, rate: int, seconds: float, every: int) -> dict[str, float]:
+    """Append at `rate` records/s with the checkpointer (1 s / `every`) and the writer running, as in the daemon."""
+    journal = Journal(workdir / "live.db")
+    cp = Checkpointer(journal, Ed25519Signer.generate("edgeledger/bench/live"), interval=1.0, every=every).attach()
+    writer = ChainWriter(journal, anvil.rpc_url, anvil.dev_key, max_batch=100)
+    assert writer.contract_address
     stop = threading.Event()
-    thread = threading.Thread(target=writer.run, args=(stop, 0.005), daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=writer.run, args=(stop, 0.01), daemon=True),
+               threading.Thread(target=cp.run, args=(stop, 0.01), daemon=True)]
+    for t in threads:
+        t.start()
     appended = 0
     start = time.perf_counter()
-    tick = 0.01
     while time.perf_counter() - start < seconds:
         due = int((time.perf_counter() - start) * rate) - appended
         if due > 0:
@@ -140,26 +150,67 @@ def bench_latency(anvil: ManagedAnvil, workdir: Path, rate: int, seconds: float,
                 for i in range(due):
                     journal.append(make_record(appended + i), db=db)
             appended += due
-        time.sleep(tick)
-    deadline = time.monotonic() + 60
+        time.sleep(0.005)
+    achieved = appended / (time.perf_counter() - start)
+    deadline = time.monotonic() + 120
     while journal.counts()[CONFIRMED] < appended and time.monotonic() < deadline:
         time.sleep(0.01)
     stop.set()
-    thread.join(timeout=30)
-    lat = sorted((r["anchored_at"] - r["appended_at"]) * 1000 for r in journal.rows("anchor_state = ?", (CONFIRMED,))
-                 if r["anchored_at"] is not None)
+    for t in threads:
+        t.join(timeout=30)
+    lat = sorted((r["anchored_at"] - r["appended_at"]) for r in journal.rows("anchor_state = ?", (CONFIRMED,)))
     journal.close()
-    p50 = statistics.median(lat)
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-    return p50, p99, len(lat)
+    return {"rate": achieved, "appended": appended, "confirmed": len(lat), "p50": statistics.median(lat),
+            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
+
+
+def proof_sizes(n: int = 10**6) -> tuple[int, int, int]:
+    """(hashes, raw bytes, tlog-proof text bytes incl. the signed checkpoint) of the longest proof at n leaves."""
+    log = MerkleLog(MemoryNodeStore())
+    log.extend_leaf_hashes(hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(n))
+    worst = max(range(n - 64, n), key=lambda i: inclusion_proof_length(i, n))
+    worst = max((0, worst), key=lambda i: inclusion_proof_length(i, n))
+    proof = log.inclusion_proof(worst, n)
+    signer = Ed25519Signer.generate("edgeledger/0123456789abcdef/coordinator")
+    note = sign_checkpoint(Checkpoint(signer.name, n, log.root()), signer)
+    text = ProofBundle(worst, tuple(proof), note).format()
+    return len(proof), 32 * len(proof), len(text.encode())
+
+
+def bench_verify(workdir: Path, anvil: ManagedAnvil) -> tuple[float, float, float]:
+    """`edge-audit verify` (journal + chain), bundle export, `verify --bundle` (a proof per record)."""
+    from ledger.audit_cli import main as audit_main
+
+    path = workdir / "tlog.db"
+    journal = Journal(path)
+    rows = journal.counts()[CONFIRMED]
+    journal.close()
+    out = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        code = audit_main(["--journal", str(path), "verify", "--quiet", "--no-pins", "--require-anchored"])
+    verify = rows / (time.perf_counter() - start)
+    assert code == 0, out.getvalue()[-2000:]
+    bundle = workdir / "bundle.json"
+    start = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert audit_main(["--journal", str(path), "export", "--bundle", "-o", str(bundle)]) == 0
+    export = rows / (time.perf_counter() - start)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        code = audit_main(["verify", "--bundle", str(bundle), "--no-pins", "--no-signatures"])
+    offline = rows / (time.perf_counter() - start)
+    assert code == 0, out.getvalue()[-2000:]
+    return verify, export, offline
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=20_000, help="records for the batched runs")
-    parser.add_argument("--single", type=int, default=1_000, help="records for the single-`record` run")
-    parser.add_argument("--rate", type=int, default=2_000, help="append rate for the latency run (records/s)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="latency run duration")
+    parser.add_argument("--records", type=int, default=100_000, help="records for the log runs")
+    parser.add_argument("--legacy", type=int, default=20_000, help="records for the per-record recordBatch run")
+    parser.add_argument("--every", type=int, default=256, help="records per checkpoint (coordinator default 256)")
+    parser.add_argument("--rate", type=int, default=20_000, help="append rate for the keep-up run (records/s)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="keep-up run duration")
     args = parser.parse_args()
     print(f"ledger bench: anvil, {os.cpu_count()} cores, journal SQLite WAL synchronous=FULL")
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,27 +219,31 @@ def main() -> int:
         def chain(name: str) -> ManagedAnvil:  # a fresh chain per phase: same starting state for each
             return ManagedAnvil(work / name, accounts=1)
 
-        with chain("single") as anvil:
-            single, g1 = bench_single(anvil, work, args.single, anvil.dev_key)
-        print(f"single `record` per tx:   {single:8.0f} records/s  ({args.single} records, {g1} gas/record)")
-        with chain("b10") as anvil:
-            b10, g10 = bench_batched(anvil, work, args.records // 4, anvil.dev_key, 10)
-        print(f"recordBatch x10:          {b10:8.0f} records/s  ({args.records // 4} records, {g10} gas/record)")
-        with chain("b100") as anvil:
-            b100, g100 = bench_batched(anvil, work, args.records, anvil.dev_key, 100)
-            verify_rate = bench_verify(work / "batched-100.db")
-        print(f"recordBatch x100:         {b100:8.0f} records/s  ({args.records} records, {g100} gas/record)"
-              "  <- writer default")
-        with chain("b200") as anvil:
-            b200, g200 = bench_batched(anvil, work, args.records, anvil.dev_key, 200)
-        print(f"recordBatch x200:         {b200:8.0f} records/s  ({args.records} records, {g200} gas/record)")
-        print(f"ratio x100/single:        {b100 / single:8.1f}x   x200/x100: {b200 / b100:.2f}x   x10/single: "
-              f"{b10 / single:.1f}x")
-        print(f"target >= 4,000 records/s batched (x100): {'met' if b100 >= 4000 else 'NOT met'}")
-        print(f"edge-audit verify:        {verify_rate:8.0f} rows/s     (digest recompute + chunked eth_getLogs)")
-        with chain("latency") as anvil:
-            p50, p99, n = bench_latency(anvil, work, args.rate, args.seconds, anvil.dev_key)
-        print(f"journal->confirmed latency at {args.rate}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({n} records)")
+        with chain("legacy") as anvil:
+            legacy, legacy_gas = bench_legacy(anvil, args.legacy, 100)
+        print(f"legacy recordBatch x100 (per-record events): {legacy:9.0f} records/s  {legacy_gas:8.0f} gas/record "
+              f"({args.legacy} records)")
+        with chain("tlog") as anvil:
+            r = bench_anchor(anvil, work, args.records, args.every, 100)
+            print(f"log: journal append (record + leaf + nodes):  {r['append']:9.0f} records/s  "
+                  f"({args.records} records, 1000 per commit)")
+            print(f"log: anchoring checkpoints (every {args.every}):     {r['anchor']:9.0f} records/s  "
+                  f"{r['gas']:8.1f} gas/record ({r['checkpoints']:.0f} checkpoints in {r['txs']:.0f} txs)")
+            print(f"gas/record: legacy {legacy_gas:.0f} -> log {r['gas']:.1f} ({legacy_gas / r['gas']:.0f}x less); "
+                  f"anchoring target >= 20,000 records/s: {'met' if r['anchor'] >= 20_000 else 'NOT met'}")
+            verify, export, offline = bench_verify(work, anvil)
+        print(f"edge-audit verify (journal + chain):        {verify:9.0f} records/s  "
+              f"({'met' if verify >= 20_000 else 'NOT met'}: target >= 20,000)")
+        print(f"edge-audit export --bundle:                 {export:9.0f} records/s  (one inclusion proof each)")
+        print(f"edge-audit verify --bundle (offline):       {offline:9.0f} records/s  (one inclusion proof verified each)")
+        hashes, raw, text = proof_sizes()
+        print(f"inclusion proof at 10^6 records: {hashes} hashes = {raw} B raw "
+              f"({'<=' if raw <= 1024 else '>'} 1 KB); tlog-proof text with the signed checkpoint {text} B")
+        with chain("live") as anvil:
+            k = bench_keeps_up(anvil, work, args.rate, args.seconds, args.every)
+        print(f"keep-up: appended at {k['rate']:.0f}/s for {args.seconds:g} s ({k['appended']} records), "
+              f"{k['confirmed']} covered on chain; append->anchored p50 {k['p50'] * 1000:.0f} ms, "
+              f"p99 {k['p99'] * 1000:.0f} ms")
     return 0
 
 

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="seconds the agents run (default 20)")
     p.add_argument("--interval", type=float, default=0.5, help="agents' sampling interval in seconds (default 0.5)")
     p.add_argument("--keep", action="store_true", help="keep the demo data dir (printed at the end)")
+
+    from .erase import add_parser as add_erase_parser
+
+    add_erase_parser(sub, _common)
     return parser
 
 
@@ -174,12 +178,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     validate(cfg)
     store = FleetStore(cfg)
     store.init()
+    from .tlog_setup import coordinator_log_key
+
+    coordinator_log_key(cfg)  # pki/log.key (0600) + pki/log.pub: the transparency log's key
     path = save_config(cfg)
     print(f"initialised {cfg.data_dir}")
     print(f"  config       {path}")
     print(f"  fleet CA     {cfg.ca_path}")
     print(f"  coordinator  {cfg.cert_path}")
     print(f"  broker cert  {store.broker_cert}")
+    print(f"  log key      {cfg.pki_dir / 'log.pub'}")
     print(f"next: edge-coordinator run --data-dir {cfg.data_dir}")
     return 0
 
@@ -369,7 +377,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(agents=args.agents, duration=args.duration, interval=args.interval, data_dir=args.data_dir, keep=args.keep)
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    from .erase import cmd_erase as erase
+
+    return erase(args, _config(args))
+
+
 COMMANDS = {
+    "erase": cmd_erase,
     "init": cmd_init,
     "run": cmd_run,
     "enroll": cmd_enroll,

@@ -47,8 +47,10 @@ class ChainConfig:
     port: int = 8545
     private_key: str = ""  # recorder account; empty -> anvil's first dev account
     contract_address: str = ""  # empty -> deploy once and remember it in the data dir
-    batch_size: int = 100
+    batch_size: int = 100  # checkpoints per anchoring transaction
     batch_interval: float = 1.0
+    checkpoint_interval: float = 1.0  # sign a log checkpoint at least this often (s) when records arrived
+    checkpoint_every: int = 256  # ... and after this many new records
 
 
 @dataclass

@@ -57,6 +57,8 @@ class Coordinator:
         self.anvil: Any = None
         self.journal: Any = None
         self.writer: Any = None
+        self.checkpointer: Any = None
+        self._checkpoint_thread: threading.Thread | None = None
         self.status: StatusServer | None = None
         self.health_checks: dict[str, Any] = {}
         # hooks for other parts (e.g. the transparency log): more HTTP routes ({path: handler},
@@ -177,9 +179,21 @@ class Coordinator:
 
         from .ingest import ensure_schema
 
+        from ledger.checkpointer import Checkpointer
+
+        from .tlog_setup import coordinator_log_key
+
         self.journal = Journal(self.cfg.journal_path)
         with self.journal.transaction() as db:
             ensure_schema(db)
+        signer = coordinator_log_key(self.cfg)
+        self.journal.set_config(log_origin=signer.name, log_vkey=signer.verifier().vkey)
+        self.checkpointer = Checkpointer(self.journal, signer, interval=self.cfg.chain.checkpoint_interval,
+                                         every=self.cfg.chain.checkpoint_every).attach()
+        self._checkpoint_thread = threading.Thread(target=self.checkpointer.run, args=(self._stop,),
+                                                   name="checkpointer", daemon=True)
+        self._checkpoint_thread.start()
+        log.info("transparency log %s", signer.name)
         try:
             self.writer = ChainWriter(
                 self.journal, self.cfg.chain_url, self._private_key(),
@@ -205,6 +219,7 @@ class Coordinator:
         from .http import Response
         from .metrics import AnchorLatencyFeed, agent_families, child_families, ledger_families
         from .registry import list_agents
+        from .tlog_http import TlogRoutes
 
         cfg, m = self.cfg, self.metrics
         m.before_scrape(AnchorLatencyFeed(cfg.journal_path, m.anchor_latency, now=self.metrics_since))
@@ -231,6 +246,7 @@ class Coordinator:
         self.status = StatusServer(cfg.http.host, cfg.http.port, m, self.health)
         self.status.route("/", fleet)
         self.status.route("/fleet", fleet)
+        self.status.route("/tlog/", TlogRoutes(cfg.journal_path, cfg.pki_dir / "log.pub"))
         for path, handler in self.extra_routes.items():
             self.status.route(path, handler)
         self.status.start()
@@ -316,6 +332,12 @@ class Coordinator:
     def stop(self, flush_timeout: float = 30.0) -> None:
         self.stopping.set()
         self._stop.set()
+        if self._checkpoint_thread is not None:
+            self._checkpoint_thread.join(timeout=30)
+            try:
+                self.checkpointer.checkpoint()  # cover what the worker journaled last
+            except Exception as exc:  # noqa: BLE001 - the next run signs it
+                log.warning("final checkpoint failed (the next run signs it): %s", exc)
         if self._writer_thread is not None:
             self._writer_thread.join(timeout=60)
             if self.anvil is not None and not self.anvil.running:

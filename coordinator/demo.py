@@ -213,7 +213,7 @@ class Demo:
     def audit(self) -> dict[str, Any]:
         proc = subprocess.run(
             [PY, "-m", "ledger.audit_cli", "--journal", str(self.data_dir / "journal.db"), "--json", "verify",
-             "--require-anchored", "--quiet"],
+             "--require-anchored", "--quiet", "--pins", str(self.base / "audit-pins.json")],
             capture_output=True, text=True, timeout=180,
         )
         try:
@@ -229,15 +229,17 @@ class Demo:
         for agent, task, n, confirmed in rows:
             per.setdefault(agent, {})[task.rsplit(".", 1)[-1]] = n
             per[agent]["confirmed"] = per[agent].get("confirmed", 0) + int(confirmed or 0)
-        _say("[6/6] audit (edge-audit verify: digest vs on-chain event, agent signature vs certificate)")
+        _say("[6/6] audit (edge-audit verify: record in the signed log, checkpoint anchored on chain, "
+             "agent signature vs certificate)")
         _say(f"  {'AGENT':<12} {'INGEST':>7} {'HEARTBEAT':>9} {'CMD RESULT':>10} {'ON CHAIN':>9}")
         for agent, c in sorted(per.items()):
             _say(f"  {agent:<12} {c.get('ingest', 0):>7} {c.get('heartbeat', 0):>9} {c.get('command_result', 0):>10} {c.get('confirmed', 0):>9}")
         findings = report.get("findings") or []
         ok = bool(report.get("ok")) and not findings
         all_agents_sent = all(per.get(a.name, {}).get("ingest", 0) > 0 for a in self.agents)
-        _say(f"  records {report.get('rows')}  on chain {report.get('on_chain')}  signatures verified "
-             f"{report.get('signatures_ok')}  findings {len(findings)}")
+        _say(f"  records {report.get('rows')}  in anchored checkpoints {report.get('on_chain')}  checkpoints "
+             f"anchored {report.get('anchored_checkpoints')}  signatures verified {report.get('signatures_ok')}  "
+             f"findings {len(findings)}")
         for f in findings[:5]:
             _say(f"    finding: {json.dumps(f, default=str)[:160]}")
         failed = [c for c in commands if c.get("status") != "SUCCESS"]

@@ -217,6 +217,9 @@ class FleetStore:
         self._remember(cert_path)
         (out / "ca.pem").write_bytes(self.cfg.ca_path.read_bytes())
         (out / "crl.pem").write_bytes(self.cfg.crl_path.read_bytes())
+        log_pub = self.cfg.pki_dir / "log.pub"  # the transparency log's verifier key (issue #12)
+        if log_pub.exists():
+            (out / "log.pub").write_bytes(log_pub.read_bytes())
         (out / "agent.toml").write_text(
             f'agent_id = "{name}"\n'
             f'broker_url = "{broker_url}"\n'

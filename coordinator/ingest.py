@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -65,9 +66,18 @@ class Refused(Exception):
         self.detail = detail
 
 
-def canonical_digest(value: Any) -> str:
+def canonical_digest(value: Any, salt: bytes = b"") -> str:
+    """SHA-256 hex of `salt || canonical JSON of value`.
+
+    Why a salt for the args digest: the digest is a log leaf forever, while the reading
+    may have to be erased; with a random per-record salt (kept next to the raw data and
+    erased with it) nobody can recover an erased value by hashing candidates.
+    """
     data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(salt + data).hexdigest()
+
+
+ARGS_SALT_BYTES = 16
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
@@ -159,12 +169,13 @@ class Ingestor:
             result: dict[str, Any] = {"status": status}
             if reason:
                 result.update(reason=reason, detail=detail)
+            salt = os.urandom(ARGS_SALT_BYTES)
             record = ExecutionRecord(
                 task_id=ctx.task_id,
                 task_name=ctx.task_name,
                 agent_id=ctx.signer.agent_id,
                 signer_fingerprint=ctx.signer.fingerprint,
-                args_digest=canonical_digest(payload),
+                args_digest=canonical_digest(payload, salt),
                 result_digest=canonical_digest(result),
                 status=status,
                 received_at=ctx.received_at,
@@ -173,7 +184,7 @@ class Ingestor:
                 envelope_digest=ctx.signer.envelope_digest,
             )
             inserted = self.journal.append(
-                record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem
+                record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem, salt=salt
             )
             if not inserted:
                 self.metrics.inc("edgeledger_tasks_duplicate_total", task=ctx.task_name)

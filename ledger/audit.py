@@ -1,11 +1,13 @@
 """Audit queries behind `edge-audit`: list, show, verify, reconcile, export.
 
-Why verify reads the chain itself: an auditor must not trust the coordinator's view of
-anchoring. Each journal row's digest is recomputed from its fields and compared with
-the ExecutionRecorded event for that taskId, read with chunked `eth_getLogs` from every
-sender; events from senders other than the journal's known recorders are forgeries
-as far as this journal is concerned. Signed envelopes are re-verified with the stored
-signer certificate through a `SignatureVerifier` (security.envelope when available).
+Why verify trusts neither the coordinator nor its database: every record is a leaf of
+an RFC 6962 log; the auditor recomputes every leaf from the record's fields, rebuilds
+the tree (which checks every record's inclusion at once) and compares it with the
+checkpoints signed by the log key, checks that successive checkpoints extend each
+other (consistency proofs) and the auditor's own pinned one, requires the witness
+quorum it is told to, and reads the chain itself (chunked `eth_getLogs`) for the
+checkpoints anchored by the journal's known recorders. Signed envelopes are re-verified
+with the stored signer certificate through a `SignatureVerifier`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -21,15 +23,22 @@ from eth_utils import to_checksum_address
 from web3 import Web3
 
 from ledger import contract
-from ledger.contract import ChainEvent
-from ledger.journal import PENDING, SENT, Journal, certificate_fingerprint
-from ledger.record import ExecutionRecord
+from ledger.contract import CheckpointEvent
+from ledger.journal import CONFIRMED, Journal, certificate_fingerprint
+from ledger.pins import PinStore
+from ledger.record import RECORD_FIELDS, ExecutionRecord, canonical_json_of
 from ledger.rpc import LOG_CHUNK, scan_events
+from ledger.tlog.checkpoint import open_checkpoint
+from ledger.tlog.cosignature import CosignatureV1Verifier, open_cosigned_checkpoint
+from ledger.tlog.errors import TlogError
+from ledger.tlog.merkle import MemoryNodeStore, MerkleLog, leaf_hash, verify_consistency
+from ledger.tlog.note import Ed25519Verifier
+from ledger.tlog.proof import ProofBundle
 
 EXPORT_FIELDS = (
     "task_id", "task_name", "agent_id", "status", "received_at", "started_at", "finished_at",
     "signer_fingerprint", "args_digest", "result_digest", "envelope_digest", "digest",
-    "anchor_state", "tx_hash", "block_number", "block_hash", "chain_id", "contract",
+    "anchor_state", "tx_hash", "block_number", "block_hash", "chain_id", "contract", "log_index", "erased_at",
 )
 
 
@@ -104,6 +113,21 @@ def show(journal: Journal, task_id: str) -> dict[str, Any] | None:
     out["task_key"] = "0x" + record.task_key.hex()
     out["agent_key"] = "0x" + record.agent_key.hex()
     out["certificate_stored"] = bool(row.get("signer_fingerprint")) and journal.certificate(row["signer_fingerprint"]) is not None
+    out["erased"] = row.get("erased_at") is not None
+    index = row.get("log_index")
+    out["leaf_hash"] = leaf_hash(record.canonical_json()).hex()
+    cp = None
+    if index is not None:
+        covering = journal.checkpoints("size > ? AND anchor_state = ?", (index, CONFIRMED), limit=1)
+        cp = covering[0] if covering else journal.latest_checkpoint()
+    if cp is not None and index is not None and index < cp["size"]:
+        proof = journal.merkle().inclusion_proof(index, cp["size"])
+        out["inclusion_proof"] = ProofBundle(index, tuple(proof), cp["note"]).format()
+        out["checkpoint_size"] = cp["size"]
+        out["checkpoint_anchor"] = {k: cp[k] for k in ("anchor_state", "tx_hash", "block_number", "block_hash",
+                                                         "chain_id", "contract")}
+    else:
+        out["inclusion_proof"] = None
     return out
 
 
@@ -123,18 +147,18 @@ def export(journal: Journal, out: IO[str], fmt: str = "jsonl", filters: Filters 
 
 
 # -- chain events ----------------------------------------------------------------------
-def fetch_events(w3: Web3, contract_address: str, from_block: int = 0, to_block: int | None = None,
-                 chunk: int = LOG_CHUNK, progress: Callable[[int, int], None] | None = None,
-                 ) -> dict[bytes, list[ChainEvent]]:
-    """All ExecutionRecorded events of the contract (any sender), grouped by taskId key."""
+def fetch_events(w3: Web3, contract_address: str, origin: str | None = None, from_block: int = 0,
+                 to_block: int | None = None, chunk: int = LOG_CHUNK,
+                 progress: Callable[[int, int], None] | None = None) -> list[CheckpointEvent]:
+    """CheckpointAnchored events of the contract (any sender), for one log origin if given."""
     address = to_checksum_address(contract_address)
     if not bytes(w3.eth.get_code(address)):
         raise AuditError(f"no contract code at {address}: wrong --contract or --rpc-url, or the chain was reset "
                          "(the writer re-anchors on restart)")
-    events: dict[bytes, list[ChainEvent]] = {}
-    for event in scan_events(w3, address, [contract.EVENT_TOPIC], from_block, to_block, chunk, progress):
-        events.setdefault(event.task_key, []).append(event)
-    return events
+    topics: list[Any] = [contract.CHECKPOINT_TOPIC]
+    if origin is not None:
+        topics.append("0x" + contract.origin_hash(origin).hex())
+    return list(scan_events(w3, address, topics, from_block, to_block, chunk, progress))
 
 
 # -- verify / reconcile ------------------------------------------------------------------
@@ -150,10 +174,15 @@ class Finding:
 
 # Finding kinds that fail `verify` / `reconcile`.
 FAILING = {
-    "journal_digest_mismatch", "chain_digest_mismatch", "chain_field_mismatch", "missing_on_chain",
-    "duplicate_on_chain", "foreign_recorder", "missing_from_journal", "envelope_digest_mismatch",
-    "signature_invalid", "certificate_missing", "certificate_mismatch", "unanchored_required",
+    "journal_digest_mismatch", "record_not_in_log", "record_missing", "record_unlogged", "log_rewritten",
+    "checkpoint_signature_invalid", "checkpoint_mismatch", "checkpoint_inconsistent", "chain_checkpoint_mismatch",
+    "anchored_checkpoint_unknown", "missing_on_chain", "pin_inconsistent", "log_key_changed",
+    "witness_quorum_not_met", "envelope_digest_mismatch", "signature_invalid",
+    "certificate_missing", "certificate_mismatch", "unanchored_required",
 }
+# Of those, the ones that mean the signed history itself is not trustworthy (no pin moves then).
+HISTORY_FAILURES = {"checkpoint_signature_invalid", "checkpoint_mismatch", "checkpoint_inconsistent",
+                    "chain_checkpoint_mismatch", "anchored_checkpoint_unknown", "pin_inconsistent", "log_key_changed"}
 
 
 @dataclass
@@ -161,11 +190,17 @@ class AuditReport:
     rows: int = 0
     on_chain: int = 0
     unanchored: int = 0
+    erased: int = 0
     signatures_ok: int = 0
     signatures_not_checked: int = 0
     no_envelope: int = 0
     events: int = 0
     other_recorder_events: int = 0
+    checkpoints: int = 0
+    anchored_checkpoints: int = 0
+    tree_size: int = 0
+    origin: str = ""
+    pinned: dict[str, Any] | None = None
     recorders: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     signature_note: str = ""
@@ -180,9 +215,11 @@ class AuditReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok, "rows": self.rows, "on_chain": self.on_chain, "unanchored": self.unanchored,
-            "signatures_ok": self.signatures_ok, "signatures_not_checked": self.signatures_not_checked,
-            "no_envelope": self.no_envelope, "events": self.events,
-            "other_recorder_events": self.other_recorder_events, "recorders": self.recorders,
+            "erased": self.erased, "signatures_ok": self.signatures_ok,
+            "signatures_not_checked": self.signatures_not_checked, "no_envelope": self.no_envelope,
+            "events": self.events, "other_recorder_events": self.other_recorder_events,
+            "checkpoints": self.checkpoints, "anchored_checkpoints": self.anchored_checkpoints,
+            "tree_size": self.tree_size, "origin": self.origin, "pinned": self.pinned, "recorders": self.recorders,
             "signature_note": self.signature_note, "findings": [f.as_dict() for f in self.findings],
         }
 
@@ -196,87 +233,206 @@ def known_recorders(journal: Journal, extra: Iterable[str] = ()) -> list[str]:
     return sorted(found)
 
 
+@dataclass
+class LogPolicy:
+    """What the auditor requires of the log: its key, pins, witnesses."""
+
+    log_verifier: Ed25519Verifier
+    pins: PinStore | None = None
+    witnesses: Sequence[CosignatureV1Verifier] = ()
+    quorum: int = 0
+
+
+def _signed_checkpoints(journal: Journal, policy: LogPolicy, report: AuditReport) -> dict[int, dict[str, Any]]:
+    """Stored checkpoints whose note verifies under the log key, by size."""
+    out: dict[int, dict[str, Any]] = {}
+    for row in journal.checkpoints():
+        report.checkpoints += 1
+        try:
+            cp, _ = open_checkpoint(row["note"], policy.log_verifier)
+        except TlogError as exc:
+            report.add(None, "checkpoint_signature_invalid", f"stored checkpoint of size {row['size']}: {exc}")
+            continue
+        if cp.size != row["size"] or cp.root_hash.hex() != row["root"]:
+            report.add(None, "checkpoint_mismatch", f"checkpoint row of size {row['size']} differs from its signed note")
+            continue
+        out[cp.size] = {**row, "root_bytes": cp.root_hash}
+    return out
+
+
 def audit(
     journal: Journal,
-    events: dict[bytes, list[ChainEvent]],
+    events: Sequence[CheckpointEvent],
     recorders: list[str],
+    policy: LogPolicy,
     *,
     check_signatures: bool = True,
     verifier: SignatureVerifier | None = None,
     require_anchored: bool = False,
     list_unanchored: bool = False,
 ) -> AuditReport:
-    """Compare every journal row with the chain (and its envelope); see FAILING for failures.
+    """Verify the journal's records against the signed, anchored log; see FAILING for failures.
 
-    Pending/sent rows with no event are "unanchored" (a failure only if require_anchored).
+    Rows no anchored checkpoint covers yet are "unanchored" (a failure only if require_anchored).
     """
     if not recorders:
         raise AuditError("no known recorder address: the journal has no ledger config; pass --recorder ADDR")
     trusted = {to_checksum_address(a) for a in recorders}
-    report = AuditReport(recorders=sorted(trusted), events=sum(len(v) for v in events.values()))
+    origin = policy.log_verifier.name
+    report = AuditReport(recorders=sorted(trusted), origin=origin)
     if check_signatures and verifier is None:
         report.signature_note = "signatures not checked: security.envelope.verify_envelope_signature unavailable"
     elif not check_signatures:
         report.signature_note = "signatures not checked (--no-signatures)"
-    seen: set[bytes] = set()
-    for row in journal.rows():
+    tree = journal.merkle()
+    report.tree_size = tree.size
+
+    # 1. the signed history: signatures, mutual consistency, chain anchors, pin, witnesses
+    signed = _signed_checkpoints(journal, policy, report)
+    sizes = sorted(signed)
+    for a, b in zip(sizes, sizes[1:]):
+        try:
+            verify_consistency(a, b, signed[a]["root_bytes"], signed[b]["root_bytes"], tree.consistency_proof(a, b))
+        except TlogError as exc:
+            report.add(None, "checkpoint_inconsistent", f"checkpoint {b} does not extend checkpoint {a}: {exc}")
+    origin_key = contract.origin_hash(origin)
+    anchored: dict[int, CheckpointEvent] = {}
+    for event in events:
+        if event.origin_key != origin_key:
+            continue
+        if event.recorder not in trusted:  # anyone may call the contract: only known recorders count
+            report.other_recorder_events += 1
+            report.add(None, "foreign_recorder", f"size {event.size} anchored for this log by unknown sender "
+                                                 f"{event.recorder} in block {event.block_number} (ignored)")
+            continue
+        report.events += 1
+        anchored.setdefault(event.size, event)
+        if event.size not in signed:
+            report.add(None, "anchored_checkpoint_unknown",
+                       f"size {event.size} anchored in block {event.block_number} (tx {event.tx_hash[:18]}..) has no "
+                       "signed checkpoint in the journal: the log's history was replaced")
+        elif event.root != signed[event.size]["root_bytes"]:
+            report.add(None, "chain_checkpoint_mismatch",
+                       f"root anchored for size {event.size} in block {event.block_number} differs from the signed one")
+    verified_anchored = [s for s in sizes if s in anchored and anchored[s].root == signed[s]["root_bytes"]]
+    report.anchored_checkpoints = len(verified_anchored)
+    for size in sizes:
+        if signed[size]["anchor_state"] == CONFIRMED and size not in anchored:
+            report.add(None, "missing_on_chain", f"journal says checkpoint {size} is anchored (block "
+                                                 f"{signed[size]['block_number']}) but the chain has no event")
+    latest = sizes[-1] if sizes else None
+    if latest is not None:
+        if latest > tree.size:
+            report.add(None, "record_missing", f"checkpoint of size {latest} covers more leaves than the journal's "
+                                               f"tree holds ({tree.size}): tree nodes were deleted")
+        _check_pin_and_witnesses(journal, policy, report, signed[latest], tree)
+    elif tree.size:  # not a failure by itself: its rows count as unanchored (--require-anchored fails them)
+        report.add(None, "no_checkpoint", "the log has records but no signed checkpoint yet")
+
+    # 2. every record: its leaf, rebuilt into a tree of our own, must give the signed roots
+    leaves: dict[int, bytes] = {}
+    rows_at: dict[int, str] = {}
+    anchored_size = verified_anchored[-1] if verified_anchored else 0
+    columns = (*RECORD_FIELDS, "digest", "log_index", "erased_at", "envelope")
+    cur = journal.db.conn.execute(f"SELECT {', '.join(columns)} FROM executions ORDER BY id")
+    nfields = len(RECORD_FIELDS)
+    for values in cur:  # tuples, not dicts: this loop is the audit's hot path
         report.rows += 1
-        task_id = row["task_id"]
-        record = ExecutionRecord.from_mapping(row)
-        digest = record.digest()
-        if digest.hex() != row["digest"]:
-            report.add(task_id, "journal_digest_mismatch",
-                       f"fields hash to {digest.hex()[:16]}.. but the row says {str(row['digest'])[:16]}..: row was altered")
-        key = record.task_key
-        seen.add(key)
-        mine = [e for e in events.get(key, []) if e.recorder in trusted]
-        foreign = [e for e in events.get(key, []) if e.recorder not in trusted]
-        for event in foreign:
-            report.add(task_id, "foreign_recorder",
-                       f"event in block {event.block_number} (tx {event.tx_hash[:18]}..) from unknown sender {event.recorder}")
-        if not mine:
-            if row["anchor_state"] in (PENDING, SENT):
+        fields = dict(zip(RECORD_FIELDS, values))
+        digest, index, erased_at, envelope = values[nfields:]
+        task_id = fields["task_id"]
+        entry = canonical_json_of(fields)
+        if hashlib.sha256(entry).hexdigest() != digest:
+            report.add(task_id, "journal_digest_mismatch", "the row's fields no longer hash to its digest column: "
+                                                           "row was altered")
+        if index is None:
+            report.add(task_id, "record_unlogged", "row has no log index: it was inserted behind the journal's back")
+        else:
+            leaves[index] = leaf_hash(entry)
+            rows_at[index] = task_id
+            if index < anchored_size:
+                report.on_chain += 1
+            else:
                 report.unanchored += 1
                 if require_anchored:
-                    report.add(task_id, "unanchored_required", f"row is {row['anchor_state']}, not on chain yet")
+                    report.add(task_id, "unanchored_required", f"log index {index} is not covered by an anchored "
+                                                               f"checkpoint yet (anchored size {anchored_size})")
                 elif list_unanchored:
-                    report.add(task_id, "unanchored", f"row is {row['anchor_state']}, not on chain yet (not a failure)")
-            else:
-                report.add(task_id, "missing_on_chain",
-                           f"journal says {row['anchor_state']} (block {row['block_number']}) but the chain has no event")
+                    report.add(task_id, "unanchored", f"log index {index} not anchored yet (not a failure)")
+        if erased_at is not None:
+            report.erased += 1
+        if envelope is None:
+            report.no_envelope += 1
         else:
-            report.on_chain += 1
-            if len(mine) > 1:
-                report.add(task_id, "duplicate_on_chain", f"{len(mine)} events for one task")
-            event = mine[0]
-            if event.digest != digest:
-                report.add(task_id, "chain_digest_mismatch",
-                           f"chain digest {event.digest.hex()[:16]}.. != recomputed {digest.hex()[:16]}..")
-            elif (event.agent_key, event.status, event.finished_ms) != (record.agent_key, record.status_code,
-                                                                        record.finished_at_ms):
-                report.add(task_id, "chain_field_mismatch", "agentId/status/timestamp on chain differ from the journal")
-        _check_envelope(journal, row, report, check_signatures, verifier)
-    for key, evs in events.items():
-        if key in seen:
-            continue
-        for event in evs:
-            if event.recorder in trusted:
-                report.add(None, "missing_from_journal",
-                           f"task key 0x{key.hex()[:16]}.. recorded by {event.recorder} in block "
-                           f"{event.block_number} has no journal row (row deleted?)")
-            else:
-                report.other_recorder_events += 1
+            _check_envelope(journal, {**fields, "envelope": envelope}, report, check_signatures, verifier)
+    if latest is not None:
+        _check_records_in_log(report, tree, signed, sizes, leaves, rows_at)
     return report
+
+
+def _check_pin_and_witnesses(journal: Journal, policy: LogPolicy, report: AuditReport, newest: dict[str, Any],
+                             tree: MerkleLog) -> None:
+    vkey = policy.log_verifier.vkey
+    if policy.pins is not None:
+        for kind, detail in policy.pins.check(report.origin, vkey, newest["size"], newest["root_bytes"],
+                                              tree.consistency_proof):
+            report.add(None, kind, detail)
+        pin = policy.pins.get(report.origin)
+        report.pinned = {"size": pin.size} if pin else None
+    if policy.quorum:
+        try:
+            open_cosigned_checkpoint(newest["note"], policy.log_verifier, policy.witnesses, policy.quorum)
+        except TlogError as exc:
+            report.add(None, "witness_quorum_not_met", str(exc))
+
+
+def _check_records_in_log(report: AuditReport, tree: MerkleLog, signed: dict[int, dict[str, Any]],
+                          sizes: list[int], leaves: dict[int, bytes], rows_at: dict[int, str]) -> None:
+    """Rebuild the tree from the records' own leaves; every signed root must come out again."""
+    top = max(sizes[-1], max(leaves, default=-1) + 1)
+    gaps = [i for i in range(min(top, tree.size)) if i not in leaves]
+    stored = dict(zip(gaps, tree.store.get_nodes([(0, i) for i in gaps]))) if gaps else {}
+    for i in gaps:
+        report.add(None, "record_missing", f"log index {i} has no journal row: a record was deleted")
+    mine = MerkleLog(MemoryNodeStore())
+    mine.extend_leaf_hashes(leaves.get(i) or stored.get(i) or b"\0" * 32 for i in range(top))
+    bad = [s for s in sizes if s <= top and mine.root(s) != signed[s]["root_bytes"]]
+    if not bad:
+        return
+    first_bad = bad[0]
+    # Name the records: compare each leaf with the tree the journal stored (whose roots the
+    # checkpoints signed); if they agree, the stored tree itself was rebuilt.
+    limit = min(sizes[-1], tree.size)
+    named = 0
+    indexes = sorted(i for i in leaves if i < limit)
+    for start in range(0, len(indexes), 500):
+        chunk = indexes[start:start + 500]
+        for i, node in zip(chunk, tree.store.get_nodes([(0, i) for i in chunk])):
+            if node != leaves[i]:
+                named += 1
+                report.add(rows_at[i], "record_not_in_log",
+                           f"record at log index {i} is not the leaf the signed checkpoints include: "
+                           "it was edited, moved or replaced")
+    if not named:
+        report.add(None, "log_rewritten", f"the records do not rebuild the signed root of size {first_bad}, and the "
+                                          "stored tree agrees with them: the tree was rebuilt after signing")
 
 
 def _check_envelope(journal: Journal, row: dict[str, Any], report: AuditReport, check: bool,
                     verifier: SignatureVerifier | None) -> None:
     envelope = row.get("envelope")
+    fingerprint = row.get("signer_fingerprint")
+    pem = journal.certificate(fingerprint) if fingerprint and envelope is not None and check and verifier else None
+    _check_envelope_bytes(None if envelope is None else bytes(envelope), row, pem, report, check, verifier)
+
+
+def _check_envelope_bytes(envelope: bytes | None, row: dict[str, Any], pem: str | None, report: AuditReport,
+                          check: bool, verifier: SignatureVerifier | None) -> None:
+    """The stored envelope hashes to the record's envelope_digest and is signed by the signer's certificate."""
     task_id = row["task_id"]
     if envelope is None:
-        report.no_envelope += 1
+        report.no_envelope += 1  # never stored, or erased (the record still verifies: it holds digests only)
         return
-    envelope = bytes(envelope)
     if row.get("envelope_digest") and hashlib.sha256(envelope).hexdigest() != row["envelope_digest"]:
         report.add(task_id, "envelope_digest_mismatch", "stored envelope does not hash to envelope_digest")
         return
@@ -284,7 +440,6 @@ def _check_envelope(journal: Journal, row: dict[str, Any], report: AuditReport, 
         report.signatures_not_checked += 1
         return
     fingerprint = row.get("signer_fingerprint")
-    pem = journal.certificate(fingerprint) if fingerprint else None
     if pem is None:
         report.add(task_id, "certificate_missing", f"no stored certificate for fingerprint {str(fingerprint)[:16]}..")
         return
@@ -299,17 +454,20 @@ def _check_envelope(journal: Journal, row: dict[str, Any], report: AuditReport, 
     report.signatures_ok += 1
 
 
-def reconcile(journal: Journal, events: dict[bytes, list[ChainEvent]], recorders: list[str]) -> AuditReport:
-    """Chain vs journal only: missing on chain, mismatched, unanchored, unknown on chain."""
-    report = audit(journal, events, recorders, check_signatures=False, list_unanchored=True)
+def reconcile(journal: Journal, events: Sequence[CheckpointEvent], recorders: list[str],
+              policy: LogPolicy) -> AuditReport:
+    """Log and chain vs journal only (no signatures): missing, mismatched, unanchored."""
+    report = audit(journal, events, recorders, policy, check_signatures=False, list_unanchored=True)
     report.signature_note = ""  # reconcile never looks at signatures; `verify` does
     return report
 
 
 def summarize(report: AuditReport, limit: int = 50) -> Iterator[str]:
     """Readable lines for the terminal."""
-    yield (f"{report.rows} journal rows: {report.on_chain} on chain, {report.unanchored} not anchored yet; "
-           f"{report.events} events read ({report.other_recorder_events} from other recorders)")
+    yield (f"{report.rows} journal rows: {report.on_chain} in an anchored checkpoint, {report.unanchored} not "
+           f"anchored yet, {report.erased} erased; log {report.origin} size {report.tree_size}")
+    yield (f"checkpoints: {report.checkpoints} signed, {report.anchored_checkpoints} anchored; {report.events} "
+           f"anchoring events read ({report.other_recorder_events} from other recorders)")
     if report.signature_note or report.signatures_ok or report.signatures_not_checked:
         yield (f"signatures: {report.signatures_ok} verified, {report.signatures_not_checked} not checked, "
                f"{report.no_envelope} rows without envelope")

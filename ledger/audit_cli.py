@@ -10,12 +10,16 @@ import argparse
 import json
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
-from ledger import audit
+from ledger import audit, bundle
 from ledger.audit_config import ENV, AuditConfig, ConfigError
 from ledger.audit_guard import data_dir_journal, guarded, open_journal, resolve_task_id
 from ledger.journal import Journal
+from ledger.logkey import LogKeyError, load_verifier
+from ledger.pins import PinError, PinStore, default_pins_path
+from ledger.tlog.cosignature import CosignatureV1Verifier
 
 EPILOG = (f"Settings: flags > env ({ENV['journal']}, {ENV['rpc_url']}, {ENV['contract']}) > TOML file "
           f"(--config or {ENV['config']}) > the journal's own ledger config.")
@@ -56,6 +60,9 @@ def _common(sub: bool) -> argparse.ArgumentParser:
     g.add_argument("--contract", metavar="ADDR", default=d, help=f"ExecutionLedger address (env {ENV['contract']})")
     g.add_argument("--recorder", dest="recorders", metavar="ADDR", action="append", default=d,
                    help="trust events from this sender too (repeatable); the journal's recorders are always trusted")
+    g.add_argument("--log-key", dest="log_key", metavar="VKEY", default=d,
+                   help=f"the log's verifier key: a vkey file (the coordinator's pki/log.pub) or string (env "
+                        f"{ENV['log_key']}; default: the journal's, or pki/log.pub next to it)")
     g.add_argument("--json", action="store_true", default=d, help="machine-readable output")
     return p
 
@@ -67,6 +74,16 @@ def _version() -> str:
         return version("edgeledger")
     except Exception:  # noqa: BLE001 - a frozen binary carries no package metadata
         return "unknown"
+
+
+def _log_policy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pins", metavar="FILE", type=Path, help=f"checkpoint pin file (default {default_pins_path()}); "
+                   "first use pins the log, later use must be consistent with it")
+    p.add_argument("--no-pins", action="store_true", help="neither check nor update a pin file")
+    p.add_argument("--witnesses", type=int, default=0, metavar="K",
+                   help="require K witness cosignatures on the checkpoint (default 0)")
+    p.add_argument("--witness-key", dest="witness_keys", action="append", default=[], metavar="VKEY",
+                   help="a witness's cosignature/v1 verifier key (string or file; repeatable)")
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
@@ -91,10 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = subs.add_parser("show", parents=[common], help="show one record in full", epilog=EPILOG,
                         description="Show one record: fields, canonical JSON, digests, anchoring.")
     p.add_argument("task_id", metavar="TASK_ID")
-    p = subs.add_parser("verify", parents=[common], help="verify every record against the chain and signatures",
-                        epilog=EPILOG, description="Recompute each record's digest, compare it with its on-chain "
-                        "event, re-verify the signed envelope. Exit 1 on any problem.")
+    p = subs.add_parser("verify", parents=[common], help="verify every record against the signed, anchored log",
+                        epilog=EPILOG, description="Recompute each record's log leaf and check it is in the "
+                        "checkpoints the log key signed and the chain anchored; check checkpoints extend each other "
+                        "and the pinned one; re-verify the signed envelopes. With --bundle: offline, from an "
+                        "exported bundle (no journal, no chain). Exit 1 on any problem.")
+    p.add_argument("--bundle", metavar="FILE", type=Path, help="verify this exported bundle offline instead")
     p.add_argument("--no-signatures", action="store_true", help="skip envelope signature checks")
+    _log_policy(p)
     p.add_argument("--require-anchored", action="store_true", help="fail on rows not yet on chain")
     p.add_argument("--from-block", type=int, help="first block to scan (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -103,9 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "anchored yet and chain events with no journal row. Exit 1 on missing/mismatched.")
     p.add_argument("--from-block", type=int, help="first block to scan (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p = subs.add_parser("export", parents=[common], help="export records as JSONL or CSV", epilog=EPILOG,
-                        description="Export records (without envelope bytes) as JSONL or CSV.")
+    p.set_defaults(no_pins=True, witnesses=0, witness_keys=[], pins=None)
+    p = subs.add_parser("export", parents=[common], help="export records as JSONL, CSV or a verifiable bundle",
+                        epilog=EPILOG, description="Export records (without envelope bytes) as JSONL or CSV, or "
+                        "with --bundle a self-contained bundle (records, inclusion proofs, checkpoints, "
+                        "cosignatures, envelopes, certificates) that `edge-audit verify --bundle` checks offline.")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--bundle", action="store_true", help="write a verifiable audit bundle (JSON)")
     p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     _filters(p)
     return parser
@@ -116,7 +141,7 @@ def _filters_of(args: argparse.Namespace) -> audit.Filters:
                          since=args.since, until=args.until, limit=args.limit)
 
 
-def _events(config: AuditConfig, journal: Journal, args: argparse.Namespace):
+def _events(config: AuditConfig, journal: Journal, args: argparse.Namespace, origin: str):
     from ledger.deploy import connect
 
     saved = journal.get_config()
@@ -134,7 +159,66 @@ def _events(config: AuditConfig, journal: Journal, args: argparse.Namespace):
             if last >= config.log_chunk:
                 print(f"\rscanning blocks: {done}/{last}", end="" if done < last else "\n", file=sys.stderr)
     from_block = args.from_block if args.from_block is not None else config.from_block
-    return audit.fetch_events(w3, address, from_block=from_block, chunk=config.log_chunk, progress=progress)
+    return audit.fetch_events(w3, address, origin, from_block=from_block, chunk=config.log_chunk, progress=progress)
+
+
+def _log_verifier(config: AuditConfig, journal: Journal | None):
+    """--log-key > env/TOML > the journal's own record of its key > pki/log.pub next to the journal."""
+    if config.log_key:
+        return load_verifier(config.log_key)
+    if journal is not None:
+        saved = journal.get_config().get("log_vkey")
+        if saved:
+            return load_verifier(saved)
+        beside = journal.path.parent / "pki" / "log.pub"
+        if beside.exists():
+            return load_verifier(beside)
+    raise ConfigError(f"no log key: pass --log-key FILE (the coordinator's pki/log.pub) or set {ENV['log_key']}")
+
+
+def _policy(args: argparse.Namespace, log_verifier: Any) -> audit.LogPolicy:
+    pins = None if args.no_pins else PinStore(args.pins or default_pins_path())
+    witnesses = []
+    for text in args.witness_keys:
+        vkey = Path(text).read_text().strip() if Path(text).exists() else text
+        try:
+            witnesses.append(CosignatureV1Verifier.from_vkey(vkey))
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a usage error
+            raise ConfigError(f"--witness-key {text[:40]!r} is not a cosignature/v1 verifier key: {exc}") from None
+    if not 0 <= args.witnesses <= len(witnesses):
+        raise ConfigError(f"--witnesses {args.witnesses} needs at least that many --witness-key (got {len(witnesses)})")
+    return audit.LogPolicy(log_verifier, pins, witnesses, args.witnesses)
+
+
+def _report(report: audit.AuditReport, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in audit.summarize(report):
+            print(line)
+    return 0 if report.ok else 1
+
+
+def _verify_bundle(args: argparse.Namespace, config: AuditConfig) -> int:
+    try:
+        data = bundle.load_bundle(args.bundle.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read bundle {args.bundle}: {exc.strerror}") from None
+    log_verifier = load_verifier(config.log_key) if config.log_key else None
+    policy = _policy(args, log_verifier)
+    if log_verifier is None:
+        pin = policy.pins.get(data.get("origin", "")) if policy.pins else None
+        from ledger.tlog.note import Ed25519Verifier
+
+        policy.log_verifier = Ed25519Verifier.from_vkey(pin.vkey) if pin else bundle.bundle_verifier(data)
+    report = bundle.verify_bundle(data, policy, check_signatures=not args.no_signatures,
+                                  verifier=audit.default_verifier())
+    if policy.pins is not None and bundle.pin_after(report) and report.tree_size:
+        from ledger.tlog.checkpoint import open_checkpoint
+
+        cp, _ = open_checkpoint(data["checkpoint"], policy.log_verifier)
+        policy.pins.update(cp.origin, policy.log_verifier.vkey, cp.size, cp.root_hash)
+    return _report(report, args.json)
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -149,7 +233,9 @@ def run(args: argparse.Namespace) -> int:
     cli = {k: getattr(args, k, None) for k in ("config", "journal", "rpc_url", "contract", "recorders")}
     cli["journal"] = cli["journal"] or data_dir_journal(getattr(args, "data_dir", None))
     args.json = bool(getattr(args, "json", False))
-    config = AuditConfig.load(cli)
+    config = AuditConfig.load({**cli, "log_key": getattr(args, "log_key", None)})
+    if args.command == "verify" and args.bundle is not None:
+        return _verify_bundle(args, config)
     journal = open_journal(config)  # read-only: the auditor never creates or changes what it audits
     try:
         if args.command == "list":
@@ -168,10 +254,29 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(shown, indent=2))
             else:
                 width = max(len(k) for k in shown)
+                proof = shown.pop("inclusion_proof")
+                anchor = shown.pop("checkpoint_anchor", None)
                 for key, value in shown.items():
                     if key in ("received_at", "started_at", "finished_at") and value is not None:
                         value = f"{value} ({_iso(value)})"
                     print(f"{key:{width}}  {value if value is not None else '-'}")
+                if proof is None:
+                    print("\ninclusion proof: none yet (no signed checkpoint covers this record)")
+                else:
+                    print(f"\ninclusion proof (c2sp.org/tlog-proof, checkpoint of size {shown['checkpoint_size']}):")
+                    print(proof, end="")
+                    print(f"\ncheckpoint anchored: {anchor['anchor_state']} tx {anchor['tx_hash'] or '-'} block "
+                          f"{anchor['block_number'] if anchor['block_number'] is not None else '-'} chain "
+                          f"{anchor['chain_id'] or '-'} contract {anchor['contract'] or '-'}")
+            return 0
+        if args.command == "export" and args.bundle:
+            vkey = _log_verifier(config, journal).vkey
+            if args.output:
+                with open(args.output, "w") as out:
+                    n = bundle.export_bundle(journal, out, _filters_of(args), vkey)
+                print(f"exported a bundle of {n} records to {args.output}", file=sys.stderr)
+            else:
+                bundle.export_bundle(journal, sys.stdout, _filters_of(args), vkey)
             return 0
         if args.command == "export":
             if args.output:
@@ -181,19 +286,20 @@ def run(args: argparse.Namespace) -> int:
             else:
                 audit.export(journal, sys.stdout, args.format, _filters_of(args))
             return 0
-        events = _events(config, journal, args)
+        policy = _policy(args, _log_verifier(config, journal))
+        events = _events(config, journal, args, policy.log_verifier.name)
         recorders = audit.known_recorders(journal, config.recorders)
         if args.command == "verify":
-            report = audit.audit(journal, events, recorders, check_signatures=not args.no_signatures,
+            report = audit.audit(journal, events, recorders, policy, check_signatures=not args.no_signatures,
                                  verifier=audit.default_verifier(), require_anchored=args.require_anchored)
         else:
-            report = audit.reconcile(journal, events, recorders)
-        if args.json:
-            print(json.dumps(report.as_dict(), indent=2))
-        else:
-            for line in audit.summarize(report):
-                print(line)
-        return 0 if report.ok else 1
+            report = audit.reconcile(journal, events, recorders, policy)
+        if policy.pins is not None and bundle.pin_after(report):
+            newest = journal.latest_checkpoint()
+            if newest is not None and not any(f.kind == "checkpoint_signature_invalid" for f in report.findings):
+                policy.pins.update(policy.log_verifier.name, policy.log_verifier.vkey, newest["size"],
+                                   bytes.fromhex(newest["root"]))
+        return _report(report, args.json)
     finally:
         journal.close()
 
@@ -204,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return guarded(lambda: run(args), lambda: getattr(args, "journal", None) or data_dir_journal(
             getattr(args, "data_dir", None)) or __import__("os").environ.get(ENV["journal"]))
-    except (ConfigError, audit.AuditError) as exc:
+    except (ConfigError, audit.AuditError, LogKeyError, PinError, bundle.BundleError) as exc:
         print(f"edge-audit: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

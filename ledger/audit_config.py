@@ -11,6 +11,7 @@ TOML (file given by --config or EDGE_AUDIT_CONFIG), all keys optional:
     recorders = ["0x...", "0x..."]
     from_block = 0
     log_chunk = 5000
+    log_key = "/var/lib/edgeledger/pki/log.pub"   # the log's verifier key (vkey file or string)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ENV = {"journal": "EDGE_AUDIT_JOURNAL", "rpc_url": "EDGE_AUDIT_RPC_URL", "contract": "EDGE_AUDIT_CONTRACT",
-       "config": "EDGE_AUDIT_CONFIG"}
+       "config": "EDGE_AUDIT_CONFIG", "log_key": "EDGE_AUDIT_LOG_KEY"}
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,7 @@ class AuditConfig:
     recorders: list[str] = field(default_factory=list)
     from_block: int = 0
     log_chunk: int = 5000
+    log_key: str | None = None
 
     @classmethod
     def load(cls, cli: dict[str, Any], environ: dict[str, str] | None = None) -> "AuditConfig":
@@ -51,20 +53,21 @@ class AuditConfig:
                 raise ConfigError(f"config file {path} does not exist: fix --config / {ENV['config']}") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        for name in ("journal", "rpc_url", "contract"):
+        for name in ("journal", "rpc_url", "contract", "log_key"):
             if env.get(ENV[name]):
                 values[name] = env[ENV[name]]
-        for name in ("journal", "rpc_url", "contract", "from_block", "log_chunk"):
+        for name in ("journal", "rpc_url", "contract", "from_block", "log_chunk", "log_key"):
             if cli.get(name) is not None:
                 values[name] = cli[name]
         recorders = list(values.get("recorders", [])) + list(cli.get("recorders") or [])
-        unknown = set(values) - {"journal", "rpc_url", "contract", "recorders", "from_block", "log_chunk"}
+        unknown = set(values) - {"journal", "rpc_url", "contract", "recorders", "from_block", "log_chunk", "log_key"}
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}: see `edge-audit --help`")
         try:
             return cls(journal=Path(values["journal"]) if values.get("journal") else None,
                        rpc_url=values.get("rpc_url"), contract=values.get("contract"), recorders=recorders,
-                       from_block=int(values.get("from_block", 0)), log_chunk=int(values.get("log_chunk", 5000)))
+                       from_block=int(values.get("from_block", 0)), log_chunk=int(values.get("log_chunk", 5000)),
+                       log_key=values.get("log_key"))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad config value: {exc}") from None
 

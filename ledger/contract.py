@@ -1,11 +1,14 @@
 """The committed ExecutionLedger artifact and the few encodings the writer and audit need.
 
-Why hand-rolled encoding: `recordBatch` is on the hot path; eth_abi on a fixed
-signature is several times cheaper than building a web3 contract call per batch.
+The contract anchors transparency-log checkpoints (`anchorCheckpoints`, event
+`CheckpointAnchored`). The per-record `recordBatch` encodings below belong to the
+legacy artifact (contracts/legacy/ExecutionLedgerV1.json) that bench/ledger.py keeps
+as the baseline; nothing else uses them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,6 +19,13 @@ from eth_abi import decode, encode
 from eth_utils import keccak, to_checksum_address
 
 ARTIFACT_PATH = Path(__file__).resolve().parent / "contracts" / "ExecutionLedger.json"
+LEGACY_ARTIFACT_PATH = Path(__file__).resolve().parent / "contracts" / "legacy" / "ExecutionLedgerV1.json"
+
+ANCHOR_SIG = "anchorCheckpoint(bytes32,uint64,bytes32)"
+ANCHOR_BATCH_SIG = "anchorCheckpoints(bytes32,uint64[],bytes32[])"
+ROOTS_OF_SIG = "rootsOf(address,bytes32,uint64[])"
+CHECKPOINT_EVENT_SIG = "CheckpointAnchored(bytes32,address,uint64,bytes32)"
+CHECKPOINT_TOPIC = keccak(text=CHECKPOINT_EVENT_SIG)
 
 RECORD_SIG = "record(bytes32,bytes32,bytes32,uint8,uint64)"
 RECORD_BATCH_SIG = "recordBatch(bytes32[],bytes32[],bytes32[],uint8[],uint64[])"
@@ -41,8 +51,63 @@ def deployed_bytecode() -> bytes:
     return bytes.fromhex(artifact()["deployedBytecode"][2:])
 
 
+def legacy_artifact() -> dict[str, Any]:
+    """The per-record contract (recordBatch) the checkpoint design replaced: the bench's baseline."""
+    return json.loads(LEGACY_ARTIFACT_PATH.read_text())
+
+
 def _selector(sig: str) -> bytes:
     return keccak(text=sig)[:4]
+
+
+def origin_hash(origin: str) -> bytes:
+    """bytes32 on-chain key of a log: sha256 of its origin line (UTF-8)."""
+    return hashlib.sha256(origin.encode("utf-8")).digest()
+
+
+def encode_anchor_checkpoints(origin_key: bytes, sizes: list[int], roots: list[bytes]) -> bytes:
+    return _selector(ANCHOR_BATCH_SIG) + encode(["bytes32", "uint64[]", "bytes32[]"], [origin_key, sizes, roots])
+
+
+def encode_anchor_checkpoint(origin_key: bytes, size: int, root: bytes) -> bytes:
+    return _selector(ANCHOR_SIG) + encode(["bytes32", "uint64", "bytes32"], [origin_key, size, root])
+
+
+def encode_roots_of(recorder: str, origin_key: bytes, sizes: list[int]) -> bytes:
+    return _selector(ROOTS_OF_SIG) + encode(["address", "bytes32", "uint64[]"], [recorder, origin_key, sizes])
+
+
+def decode_roots_of(data: bytes) -> list[bytes]:
+    (out,) = decode(["bytes32[]"], data)
+    return list(out)
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    """One CheckpointAnchored log, decoded."""
+
+    origin_key: bytes
+    recorder: str
+    size: int
+    root: bytes
+    block_number: int
+    block_hash: str
+    tx_hash: str
+    log_index: int
+
+
+def decode_checkpoint_event(log: Any) -> "CheckpointEvent | None":
+    """Decode a raw log; None if it is not CheckpointAnchored."""
+    topics = [_bytes(t) for t in log["topics"]]
+    if len(topics) != 4 or topics[0] != CHECKPOINT_TOPIC:
+        return None
+    data = _bytes(log["data"])
+    if len(data) != 32:
+        return None
+    return CheckpointEvent(
+        origin_key=topics[1], recorder=_checksum(topics[2][12:]), size=int.from_bytes(topics[3], "big"),
+        root=data, block_number=as_int(log["blockNumber"]), block_hash=_hex(log["blockHash"]),
+        tx_hash=_hex(log["transactionHash"]), log_index=as_int(log["logIndex"]))
 
 
 def encode_record_batch_reference(task_keys: list[bytes], agent_keys: list[bytes], digests: list[bytes],

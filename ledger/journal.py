@@ -6,14 +6,22 @@ Rows carry their anchoring state: `pending` -> `sent` (tx hash) -> `confirmed` (
 
 Exactly-once: `task_id` is unique; appending a task_id that is already journaled is a
 no-op returning False (first write wins), so a redelivered task is journaled once.
+
+Transparency log (issue #12): every journaled record is also a leaf of an RFC 6962
+Merkle tree (leaf = SHA-256(0x00 || canonical record JSON)); its position is the row's
+`log_index`, and the tree's complete-subtree hashes live in `tlog_node`, written in
+the SAME transaction as the row, so no crash can leave a journaled record outside the
+log. Signed checkpoints of the tree (`tlog_checkpoint`) are what goes on chain; a row
+is `confirmed` once an anchored checkpoint covers its log index.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,9 @@ from cryptography.hazmat.primitives import hashes
 
 from ledger.record import RECORD_FIELDS, ExecutionRecord
 from ledger.sqlite_files import enable_wal, read_only
+from ledger.tlog.merkle import MerkleLog, SQLiteNodeStore
+
+NODE_TABLE = "tlog_node"
 
 PENDING, SENT, CONFIRMED = "pending", "sent", "confirmed"
 
@@ -63,11 +74,31 @@ CREATE TABLE IF NOT EXISTS ledger_config (
     key TEXT PRIMARY KEY,
     value TEXT
 );
+CREATE TABLE IF NOT EXISTS tlog_checkpoint (
+    size INTEGER PRIMARY KEY,
+    root TEXT NOT NULL,
+    note TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    anchor_state TEXT NOT NULL DEFAULT '{PENDING}',
+    tx_hash TEXT,
+    chain_id INTEGER,
+    contract TEXT,
+    block_number INTEGER,
+    block_hash TEXT,
+    anchored_at REAL
+);
+CREATE INDEX IF NOT EXISTS tlog_checkpoint_anchor ON tlog_checkpoint(anchor_state, size);
+CREATE TABLE IF NOT EXISTS record_salt (
+    task_id TEXT PRIMARY KEY,
+    salt BLOB NOT NULL
+);
 """
+# Columns added after the first release: (name, declaration). Old journals get them on open.
+_LATE_COLUMNS = (("log_index", "INTEGER"), ("erased_at", "REAL"))
 
 _INSERT = (
-    f"INSERT OR IGNORE INTO executions ({', '.join(RECORD_FIELDS)}, digest, envelope, appended_at) "
-    f"VALUES ({', '.join('?' * (len(RECORD_FIELDS) + 3))})"
+    f"INSERT OR IGNORE INTO executions ({', '.join(RECORD_FIELDS)}, digest, envelope, appended_at, log_index) "
+    f"VALUES ({', '.join('?' * (len(RECORD_FIELDS) + 4))})"
 )
 
 
@@ -90,8 +121,46 @@ class Journal:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._checkpoint_hook: tuple[int, Callable[[int, bytes], str]] | None = None
         conn = self._conn()
         conn.executescript(SCHEMA)
+        self._migrate(conn)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Add late columns; put rows journaled before the log existed into it, in id order."""
+        with self.transaction():
+            have = {r[1] for r in conn.execute("PRAGMA table_info(executions)")}
+            for name, decl in _LATE_COLUMNS:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE executions ADD COLUMN {name} {decl}")
+            conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS executions_log_index ON executions(log_index)")
+            log = self._log(conn)
+            missing = list(self.rows("log_index IS NULL"))
+            if missing:
+                start = log.size
+                log.extend(ExecutionRecord.from_mapping(r).canonical_json() for r in missing)
+                conn.executemany("UPDATE executions SET log_index = ? WHERE id = ?",
+                                 [(start + i, r["id"]) for i, r in enumerate(missing)])
+
+    def _log(self, conn: sqlite3.Connection) -> MerkleLog:
+        """This thread's MerkleLog, reloaded when another connection appended meanwhile.
+
+        Call inside a write transaction (the size check is then race-free).
+        """
+        log: MerkleLog | None = getattr(self._local, "log", None)
+        if log is None or log.store.size() != log.size:
+            log = MerkleLog(SQLiteNodeStore(conn, NODE_TABLE))
+            self._local.log = log
+        return log
+
+    def sign_checkpoints_every(self, every: int, sign: Callable[[int, bytes], str]) -> None:
+        """Have `append` store a checkpoint `sign(size, root)` whenever the tree size reaches a
+        multiple of `every`, in the same transaction (ledger.checkpointer.Checkpointer.attach)."""
+        self._checkpoint_hook = (max(1, int(every)), sign)
+
+    def merkle(self) -> MerkleLog:
+        """A MerkleLog over the committed tree, for roots and proofs (a fresh view each call)."""
+        return MerkleLog(SQLiteNodeStore(self._conn(), NODE_TABLE))
 
     # -- connections and transactions -------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -126,6 +195,7 @@ class Journal:
         try:
             yield db
         except BaseException:
+            self._local.log = None  # its in-memory frontier may hold rolled-back leaves
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
@@ -149,11 +219,14 @@ class Journal:
         db: sqlite_utils.Database | None = None,
         envelope: bytes | None = None,
         certificate_pem: str | None = None,
+        salt: bytes | None = None,
     ) -> bool:
         """Journal `record` as pending. Returns False (and changes nothing) if its task_id exists.
 
         Pass the `db` from `transaction()` to commit it together with other writes; the
         signed envelope bytes and signer certificate are kept so audits can re-verify.
+        The record becomes the next leaf of the log in the same transaction. `salt` is
+        the per-record salt of its args digest (kept until the record is erased).
         """
         if certificate_pem is not None:
             fingerprint = certificate_fingerprint(certificate_pem)
@@ -164,10 +237,31 @@ class Journal:
                 )
         with self.transaction() if db is None else _nullcontext(db) as tx:
             conn = tx.conn
+            log = self._log(conn)
             values = [getattr(record, name) for name in RECORD_FIELDS]
-            cur = conn.execute(_INSERT, [*values, record.digest().hex(), envelope, time.time()])
+            entry = record.canonical_json()
+            digest = hashlib.sha256(entry).hexdigest()
+            cur = conn.execute(_INSERT, [*values, digest, envelope, time.time(), log.size])
             inserted = cur.rowcount == 1
-            if inserted and certificate_pem is not None:
+            if not inserted:
+                return False
+            try:
+                log.append(entry)
+            except BaseException:
+                self._local.log = None
+                raise
+            hook = self._checkpoint_hook
+            if hook is not None and log.size % hook[0] == 0:
+                # every N records, signed inside the appending transaction: never starved by
+                # a busy writer, and the checkpoint commits with the record that completes it
+                size, root = log.size, log.root()
+                conn.execute("INSERT INTO tlog_checkpoint (size, root, note, created_at) SELECT ?, ?, ?, ? "
+                             "WHERE NOT EXISTS (SELECT 1 FROM tlog_checkpoint WHERE size >= ?)",
+                             (size, root.hex(), hook[1](size, root), time.time(), size))
+            if salt is not None:
+                conn.execute("INSERT OR REPLACE INTO record_salt (task_id, salt) VALUES (?, ?)",
+                             (record.task_id, bytes(salt)))
+            if certificate_pem is not None:
                 conn.execute(
                     "INSERT OR IGNORE INTO certificates (fingerprint, pem, added_at) VALUES (?, ?, ?)",
                     (fingerprint, certificate_pem, time.time()),
@@ -269,6 +363,112 @@ class Journal:
             db.conn.executemany(
                 "UPDATE executions SET anchor_state = ?, tx_hash = NULL, block_number = NULL, "
                 "block_hash = NULL, anchored_at = NULL WHERE task_id = ?", [(PENDING, t) for t in task_ids])
+
+    # -- the transparency log: tree size, checkpoints and their anchoring --------------------
+    def tree_size(self) -> int:
+        return SQLiteNodeStore(self._conn(), NODE_TABLE).size()
+
+    def add_checkpoint(self, size: int, root: bytes, note: str) -> bool:
+        """Store a signed checkpoint; False (nothing stored) unless it is larger than every stored one.
+
+        Why refuse smaller ones: checkpoints are anchored in size order and the contract
+        refuses a size below one already anchored; a checkpoint signed from an older
+        view of the tree and stored late must not wedge the writer.
+        """
+        with self.transaction() as db:
+            cur = db.conn.execute(
+                "INSERT INTO tlog_checkpoint (size, root, note, created_at) SELECT ?, ?, ?, ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM tlog_checkpoint WHERE size >= ?)",
+                (int(size), root.hex(), note, time.time(), int(size)))
+            return cur.rowcount == 1
+
+    def checkpoints(self, where: str = "1=1", params: Iterable[Any] = (), order: str = "size",
+                    limit: int | None = None) -> list[dict[str, Any]]:
+        sql = f"SELECT * FROM tlog_checkpoint WHERE {where} ORDER BY {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        cur = self._conn().execute(sql, list(params))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, values)) for values in cur]
+
+    def latest_checkpoint(self, anchored: bool = False) -> dict[str, Any] | None:
+        where = "anchor_state = ?" if anchored else "1=1"
+        found = self.checkpoints(where, (CONFIRMED,) if anchored else (), order="size DESC", limit=1)
+        return found[0] if found else None
+
+    def checkpoint_counts(self) -> dict[str, int]:
+        out = {PENDING: 0, SENT: 0, CONFIRMED: 0}
+        for state, n in self._conn().execute("SELECT anchor_state, COUNT(*) FROM tlog_checkpoint GROUP BY 1"):
+            out[state] = n
+        return out
+
+    def max_confirmed_checkpoint_block(self) -> tuple[int, str] | None:
+        cur = self._conn().execute(
+            "SELECT block_number, block_hash FROM tlog_checkpoint WHERE anchor_state = ? "
+            "ORDER BY block_number DESC LIMIT 1", (CONFIRMED,))
+        found = cur.fetchone()
+        return (int(found[0]), found[1]) if found else None
+
+    def checkpoints_sent(self, flights: list[tuple[list[int], str]], chain_id: int, contract: str) -> None:
+        """(sizes, tx_hash) per transaction just broadcast, in one commit."""
+        with self.transaction() as db:
+            for sizes, tx_hash in flights:
+                db.conn.executemany(
+                    "UPDATE tlog_checkpoint SET anchor_state = ?, tx_hash = ?, chain_id = ?, contract = ? "
+                    "WHERE size = ? AND anchor_state = ?", [(SENT, tx_hash, chain_id, contract, s, PENDING) for s in sizes])
+
+    def checkpoints_confirmed(self, found: list[tuple[int, int, str, str]], chain_id: int, contract: str) -> None:
+        """Checkpoints seen on chain as (size, block, block_hash, tx_hash); rows they cover become
+        confirmed with the anchoring of the first checkpoint that covers them. One commit."""
+        if not found:
+            return
+        now = time.time()
+        with self.transaction() as db:
+            conn = db.conn
+            conn.executemany(
+                "UPDATE tlog_checkpoint SET anchor_state = ?, block_number = ?, block_hash = ?, tx_hash = ?, "
+                "chain_id = ?, contract = ?, anchored_at = COALESCE(anchored_at, ?) WHERE size = ?",
+                [(CONFIRMED, b, h, t, chain_id, contract, now, size) for size, b, h, t in found])
+            for size, b, h, t in sorted(found):
+                # rows below the next smaller confirmed checkpoint are confirmed already: an index
+                # range per checkpoint, not a scan of the whole journal
+                lower = conn.execute("SELECT COALESCE(MAX(size), 0) FROM tlog_checkpoint WHERE anchor_state = ? "
+                                     "AND size < ?", (CONFIRMED, size)).fetchone()[0]
+                conn.execute(
+                    "UPDATE executions SET anchor_state = ?, block_number = ?, block_hash = ?, tx_hash = ?, "
+                    "chain_id = ?, contract = ?, anchored_at = COALESCE(anchored_at, ?) "
+                    "WHERE log_index >= ? AND log_index < ? AND anchor_state != ?",
+                    (CONFIRMED, b, h, t, chain_id, contract, now, lower, size, CONFIRMED))
+
+    def checkpoints_reset(self, sizes: list[int], state: str = PENDING) -> None:
+        """Checkpoints the chain lost (back to pending, re-sent as they are) or parked in `state`;
+        rows above the largest checkpoint still confirmed go back to pending."""
+        with self.transaction() as db:
+            conn = db.conn
+            conn.executemany(
+                "UPDATE tlog_checkpoint SET anchor_state = ?, tx_hash = NULL, block_number = NULL, "
+                "block_hash = NULL WHERE size = ?", [(state, s) for s in sizes])
+            top = conn.execute("SELECT COALESCE(MAX(size), 0) FROM tlog_checkpoint WHERE anchor_state = ?",
+                               (CONFIRMED,)).fetchone()[0]
+            conn.execute(
+                "UPDATE executions SET anchor_state = ?, tx_hash = NULL, block_number = NULL, block_hash = NULL "
+                "WHERE log_index >= ? AND anchor_state != ?", (PENDING, top, PENDING))
+
+    # -- right to erasure ------------------------------------------------------------
+    def erase_records(self, db: sqlite_utils.Database, where: str, params: Iterable[Any]) -> list[str]:
+        """Inside the caller's transaction: drop envelopes and salts of the matching rows, mark them
+        erased. The record fields (digests only) stay: they are log leaves and must keep verifying."""
+        conn = db.conn
+        ids = [r[0] for r in conn.execute(f"SELECT task_id FROM executions WHERE {where}", list(params))]
+        now = time.time()
+        conn.executemany("UPDATE executions SET envelope = NULL, erased_at = COALESCE(erased_at, ?) WHERE task_id = ?",
+                         [(now, t) for t in ids])
+        conn.executemany("DELETE FROM record_salt WHERE task_id = ?", [(t,) for t in ids])
+        return ids
+
+    def salt(self, task_id: str) -> bytes | None:
+        found = self._conn().execute("SELECT salt FROM record_salt WHERE task_id = ?", (task_id,)).fetchone()
+        return bytes(found[0]) if found else None
 
     # -- ledger config (rpc url, contract address, chain id, recorder) ------------------
     def get_config(self) -> dict[str, str]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from json.encoder import encode_basestring as _encode_str
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -62,8 +64,7 @@ class ExecutionRecord:
         return {name: getattr(self, name) for name in _FIELD_NAMES}  # asdict() is 10x slower
 
     def canonical_json(self) -> bytes:
-        return json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
+        return canonical_json_of(self.as_dict())
 
     def digest(self) -> bytes:
         """bytes32: sha256 of canonical_json()."""
@@ -95,3 +96,36 @@ class ExecutionRecord:
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ExecutionRecord))
 _FIELD_NAMES = RECORD_FIELDS
+_SORTED_KEYS = tuple((name, '"' + name + '":') for name in sorted(RECORD_FIELDS))
+_TIME_FIELDS = frozenset(("received_at", "started_at", "finished_at"))
+
+
+def _reference_json(values: dict[str, Any]) -> bytes:
+    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def canonical_json_of(values: dict[str, Any]) -> bytes:
+    """canonical JSON of a record's fields (from a record, a journal row or a bundle).
+
+    Byte for byte what `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    allow_nan=False)` gives for the record (times as floats), built directly because the
+    audit recomputes it for every row: strings through json's own C escaper, floats by
+    their shortest repr (as json does). Any other type takes the json.dumps path.
+    """
+    parts = []
+    for name, key in _SORTED_KEYS:
+        value = values.get(name)
+        if value is None:
+            parts.append(key + "null")
+        elif type(value) is str:
+            parts.append(key + _encode_str(value))
+        elif name in _TIME_FIELDS and type(value) in (float, int) and math.isfinite(value):
+            parts.append(key + float.__repr__(float(value)))
+        else:
+            fixed = {n: values.get(n) for n in RECORD_FIELDS}
+            for t in _TIME_FIELDS:
+                if isinstance(fixed[t], int) and not isinstance(fixed[t], bool):
+                    fixed[t] = float(fixed[t])
+            return _reference_json(fixed)
+    return ("{" + ",".join(parts) + "}").encode("utf-8")

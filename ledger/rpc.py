@@ -84,15 +84,15 @@ LOG_CHUNK = 5_000  # blocks per eth_getLogs call: nodes cap the range or the res
 
 def scan_events(w3: Web3, address: str, topics: list[Any], from_block: int = 0, to_block: int | None = None,
                 chunk: int = LOG_CHUNK, progress: Callable[[int, int], None] | None = None,
-                ) -> Iterator[contract.ChainEvent]:
-    """Decoded ExecutionRecorded events of `address` matching `topics`, oldest first, read in
-    block ranges of `chunk`; `progress(done_block, last_block)` after each range."""
+                decoder: Callable[[Any], Any] = contract.decode_checkpoint_event) -> Iterator[Any]:
+    """Decoded events of `address` matching `topics` (CheckpointAnchored by default), oldest
+    first, read in block ranges of `chunk`; `progress(done_block, last_block)` after each range."""
     last = w3.eth.block_number if to_block is None else to_block
     start = from_block
     while start <= last:
         end = min(start + chunk - 1, last)
         for raw in get_logs(w3, {"address": address, "fromBlock": start, "toBlock": end, "topics": topics}):
-            event = contract.decode_event(raw)
+            event = decoder(raw)
             if event is not None:
                 yield event
         if progress is not None:

@@ -1,19 +1,25 @@
-"""ChainWriter: anchors pending journal rows on chain with `recordBatch` transactions.
+"""ChainWriter: anchors the journal's signed log checkpoints on chain (`anchorCheckpoints`).
+
+Why checkpoints, not records (issue #12): every record is a leaf of the journal's
+Merkle log; one (origin, size, root) on chain commits to every record below `size`, so
+per-record gas tends to zero and anchoring keeps up with any ingest rate. A row is
+`confirmed` once an anchored checkpoint covers its log index.
 
 Why this shape (measured on anvil, docs/BENCHMARKS.md "Ledger"): a local nonce and fixed
-fees (`build_transaction` per tx cuts throughput to ~140 tx/s), fast coincurve signing, gas from `eth_estimateGas` with a margin
-and never below the EIP-7623 calldata floor (a tx under the floor is accepted then
-silently dropped), receipts always awaited with a timeout.
+fees, fast coincurve signing, gas from `eth_estimateGas` with a margin and never below
+the EIP-7623 calldata floor, receipts always awaited with a timeout.
 
-Recovery is keyed by taskId: the contract keeps `recorder => taskId => digest` and skips
-a taskId this recorder already recorded, so re-sending is always safe. When the chain
-looks different from what the journal remembers (genesis hash changed, contract code
-gone, a confirmed block's hash changed or vanished) the writer redeploys if needed and
-asks the contract (`digestsOf`) which rows it still has; the rest go back to pending.
+Recovery is keyed by checkpoint size: the contract keeps `recorder => origin => size =>
+root` and skips an (size, root) this recorder already anchored, so re-sending is always
+safe. When the chain looks different from what the journal remembers (genesis hash
+changed, contract code gone, an anchoring block's hash changed or vanished) the writer
+redeploys if needed and asks the contract (`rootsOf`) which checkpoints it still has;
+the rest go back to pending and are re-sent AS STORED: a lost chain gets the same signed
+history back, never a recomputed one.
 
 Usage:
     writer = ChainWriter(journal, rpc_url, private_key)   # deploys/finds the contract
-    writer.anchor_pending()                               # -> records confirmed
+    writer.anchor_pending()                               # -> rows newly covered on chain
     writer.run(stop_event, interval=1.0)                  # loop until stop_event is set
 """
 
@@ -31,24 +37,24 @@ from web3 import Web3
 
 from ledger import contract
 from ledger.deploy import LedgerConfig, chain_identity, connect, ensure_deployed, fee_params, has_ledger_code
-from ledger.journal import CONFIRMED, SENT, Journal
-from ledger.record import ExecutionRecord
+from ledger.journal import CONFIRMED, PENDING, SENT, Journal
 from ledger.rpc import fast_signing, get_receipt, scan_events, send_raw, wait_receipt
 
 log = logging.getLogger(__name__)
 
-CONFLICT = "conflict"  # the chain holds another digest for this taskId from us: audit reports it
-DIGESTS_CHUNK = 500
+CONFLICT = "conflict"  # the chain holds another root for this size from us: audit reports it
+ROOTS_CHUNK = 500
+ZERO = b"\0" * 32
 
 
 class ChainWriterError(RuntimeError):
-    """A batch could not be anchored (the rows stay pending and are retried)."""
+    """A batch could not be anchored (the checkpoints stay pending and are retried)."""
 
 
 @dataclass
 class WriterStats:
     batches: int = 0
-    confirmed: int = 0
+    confirmed: int = 0  # checkpoints confirmed
     resent: int = 0
     redeployed: int = 0
     reconciled: int = 0
@@ -59,17 +65,21 @@ class WriterStats:
 
 @dataclass
 class _InFlight:
-    task_ids: list[str]
-    task_keys: dict[bytes, str]
+    sizes: list[int]
     tx_hash: bytes
+
+
+def origin_of(note: str) -> str:
+    """The origin line of a stored checkpoint note (its first line)."""
+    return note.split("\n", 1)[0]
 
 
 class ChainWriter:
     """ChainWriter(journal, rpc_url, private_key): one recorder account, one journal.
 
     rpc_url may be a URL string or a ready `Web3` (eth-tester in unit tests).
-    max_batch: records per `recordBatch`; in_flight: transactions sent before waiting
-    for receipts; receipt_timeout: seconds before a tx counts as lost.
+    max_batch: checkpoints per `anchorCheckpoints`; in_flight: transactions sent before
+    waiting for receipts; receipt_timeout: seconds before a tx counts as lost.
     redeploy: deploy a new contract when the configured one is gone (local chains).
     """
 
@@ -88,10 +98,9 @@ class ChainWriter:
     ) -> None:
         self.journal = journal
         self.w3 = connect(rpc_url) if isinstance(rpc_url, str) else rpc_url
-        self._rpc = rpc_url
         self.account = Account.from_key(private_key)
         self._key = private_key
-        self.max_batch = max_batch
+        self.max_batch = max(1, max_batch)
         self.in_flight = max(1, in_flight)
         self.receipt_timeout = receipt_timeout
         self.gas_margin = gas_margin
@@ -118,6 +127,10 @@ class ChainWriter:
             self._ensure_chain()
         assert self.config is not None
         return self.config.contract_address
+
+    def _origin_key(self) -> bytes | None:
+        first = self.journal.checkpoints(limit=1)
+        return contract.origin_hash(origin_of(first[0]["note"])) if first else None
 
     # -- chain health -----------------------------------------------------------------
     def _ensure_chain(self) -> None:
@@ -155,118 +168,91 @@ class ChainWriter:
         self._needs_check = False
 
     def _confirmed_block_still_there(self) -> bool:
-        latest = self.journal.max_confirmed_block()
+        latest = self.journal.max_confirmed_checkpoint_block()
         if latest is None:
             return True
         number, block_hash = latest
-        try:
-            block = self.w3.eth.get_block(number)
-        except Exception:  # noqa: BLE001 - BlockNotFound and RPC variants: the block is gone
-            return False
-        return "0x" + bytes(block["hash"]).hex() == block_hash
-
-    def _onchain_digests(self, task_keys: list[bytes]) -> list[bytes]:
-        assert self.config is not None
-        out: list[bytes] = []
-        for i in range(0, len(task_keys), DIGESTS_CHUNK):
-            chunk = task_keys[i:i + DIGESTS_CHUNK]
-            data = contract.encode_digests_of(self.address, chunk)
-            raw = self.w3.eth.call({"to": self.config.contract_address, "data": data})
-            out.extend(contract.decode_digests_of(bytes(raw)))
-        return out
-
-    def reconcile(self, states: tuple[str, ...] = (SENT, CONFIRMED, CONFLICT)) -> dict[str, int]:
-        """Ask the contract which rows (in `states`) it holds; fix the journal to match.
-
-        Returns counts: confirmed (on chain with the journal's digest), pending (missing,
-        will be re-sent), conflict (chain holds another digest from us for that taskId).
-        """
-        placeholders = ",".join("?" * len(states))
-        return self._reconcile_rows(list(self.journal.rows(f"anchor_state IN ({placeholders})", states)))
-
-    def _reconcile_rows(self, rows: list[dict[str, Any]]) -> dict[str, int]:
-        result = {"confirmed": 0, "pending": 0, "conflict": 0}
-        if not rows:
-            return result
-        keys = [ExecutionRecord.from_mapping(r).task_key for r in rows]
-        onchain = self._onchain_digests(keys)
-        missing, found, conflict = [], [], []
-        for row, digest in zip(rows, onchain):
-            if digest == b"\0" * 32:
-                missing.append(row["task_id"])
-            elif digest.hex() == row["digest"]:
-                found.append(row)
-            else:
-                conflict.append(row["task_id"])
-        if missing:
-            self.journal.mark_pending(missing)
-            self.stats.resent += len(missing)
-        self._confirm_found(found)
-        if conflict:
-            self.journal.mark_state(conflict, CONFLICT)
-            log.error("%d journal rows disagree with their on-chain digest: run `edge-audit verify`", len(conflict))
-        self.stats.reconciled += len(rows)
-        result.update(confirmed=len(found), pending=len(missing), conflict=len(conflict))
-        log.info("reconciled %d rows: %s", len(rows), result)
-        return result
-
-    def _confirm_found(self, rows: list[dict[str, Any]]) -> None:
-        """Rows the contract has: keep their block if it still exists, else find their event."""
-        if not rows:
-            return
-        assert self.config is not None
-        hashes: dict[int, str | None] = {}
-        stale: list[dict[str, Any]] = []
-        for row in rows:
-            number = row["block_number"]
-            if row["anchor_state"] == CONFIRMED and row["block_hash"] and number is not None:
-                if number not in hashes:
-                    hashes[number] = self._block_hash(number)
-                if hashes[number] == row["block_hash"]:
-                    continue
-            stale.append(row)
-        if not stale:
-            return
-        events = self._my_events()
-        updates = []
-        orphans = []
-        for row in stale:
-            event = events.get(ExecutionRecord.from_mapping(row).task_key)
-            if event is None:
-                orphans.append(row["task_id"])
-            else:
-                updates.append((event.block_number, event.block_hash, event.tx_hash, row["task_id"]))
-        if orphans:
-            # State says recorded, history has no event (an inconsistent node snapshot):
-            # it cannot be re-sent to this contract; park it for the auditor.
-            log.error("%d tasks are recorded in %s's state but have no event (e.g. %s): marked %s; "
-                      "`edge-audit verify` reports them", len(orphans), self.config.contract_address,
-                      orphans[0], CONFLICT)
-        self.journal.mark_found(updates, self.config.chain_id, self.config.contract_address, orphans, CONFLICT)
+        return self._block_hash(number) == block_hash
 
     def _block_hash(self, number: int | None) -> str | None:
         if number is None:
             return None
         try:
             return "0x" + bytes(self.w3.eth.get_block(number)["hash"]).hex()
-        except Exception:  # noqa: BLE001 - missing block
+        except Exception:  # noqa: BLE001 - BlockNotFound and RPC variants: the block is gone
             return None
 
-    def _my_events(self) -> dict[bytes, contract.ChainEvent]:
-        """This recorder's events on the contract, by taskId key (first one wins)."""
+    def _onchain_roots(self, origin_key: bytes, sizes: list[int]) -> list[bytes]:
         assert self.config is not None
-        recorder_topic = "0x" + "00" * 12 + self.address[2:].lower()
-        out: dict[bytes, contract.ChainEvent] = {}
-        for event in scan_events(self.w3, self.config.contract_address,
-                                 [contract.EVENT_TOPIC, None, None, recorder_topic]):
-            out.setdefault(event.task_key, event)
+        out: list[bytes] = []
+        for i in range(0, len(sizes), ROOTS_CHUNK):
+            data = contract.encode_roots_of(self.address, origin_key, sizes[i:i + ROOTS_CHUNK])
+            out.extend(contract.decode_roots_of(bytes(self.w3.eth.call({"to": self.config.contract_address,
+                                                                         "data": data}))))
         return out
 
-    def _resolve_sent(self) -> None:
-        """Rows left `sent` by an earlier run or a timeout: receipt if any, else ask the contract."""
-        sent = list(self.journal.rows("anchor_state = ?", (SENT,)))
-        if not sent:
+    def reconcile(self, states: tuple[str, ...] = (SENT, CONFIRMED, CONFLICT)) -> dict[str, int]:
+        """Ask the contract which stored checkpoints (in `states`) it holds; fix the journal to match.
+
+        Returns counts: confirmed (on chain with the stored root), pending (missing, will be
+        re-sent as stored), conflict (the chain holds another root from us for that size).
+        """
+        placeholders = ",".join("?" * len(states))
+        return self._reconcile(self.journal.checkpoints(f"anchor_state IN ({placeholders})", states))
+
+    def _reconcile(self, rows: list[dict[str, Any]]) -> dict[str, int]:
+        result = {"confirmed": 0, "pending": 0, "conflict": 0}
+        origin_key = self._origin_key()
+        if not rows or origin_key is None:
+            return result
+        onchain = self._onchain_roots(origin_key, [r["size"] for r in rows])
+        missing, found, conflict = [], [], []
+        for row, root in zip(rows, onchain):
+            if root == ZERO:
+                missing.append(row["size"])
+            elif root.hex() == row["root"]:
+                found.append(row)
+            else:
+                conflict.append(row["size"])
+        if missing:
+            self.journal.checkpoints_reset(missing)
+            self.stats.resent += len(missing)
+        if conflict:
+            self.journal.checkpoints_reset(conflict, CONFLICT)
+            log.error("%d stored checkpoints disagree with the roots on chain: run `edge-audit verify`", len(conflict))
+        self._confirm_found(found, origin_key)
+        self.stats.reconciled += len(rows)
+        result.update(confirmed=len(found), pending=len(missing), conflict=len(conflict))
+        log.info("reconciled %d checkpoints: %s", len(rows), result)
+        return result
+
+    def _confirm_found(self, rows: list[dict[str, Any]], origin_key: bytes) -> None:
+        """Checkpoints the contract has: keep their block if it still exists, else find their event."""
+        assert self.config is not None
+        stale = [r for r in rows if not (r["anchor_state"] == CONFIRMED and r["block_hash"]
+                                         and self._block_hash(r["block_number"]) == r["block_hash"])]
+        if not stale:
             return
+        recorder_topic = "0x" + "00" * 12 + self.address[2:].lower()
+        events = {e.size: e for e in scan_events(self.w3, self.config.contract_address,
+                                                 [contract.CHECKPOINT_TOPIC, "0x" + origin_key.hex(), recorder_topic])}
+        found = []
+        for row in stale:
+            event = events.get(row["size"])
+            if event is not None:
+                found.append((row["size"], event.block_number, event.block_hash, event.tx_hash))
+        orphans = [r["size"] for r in stale if r["size"] not in events]
+        if orphans:
+            # State says anchored, history has no event (an inconsistent node snapshot):
+            # it cannot be re-sent to this contract; park it for the auditor.
+            log.error("%d checkpoints are anchored in %s's state but have no event (e.g. size %d): marked %s",
+                      len(orphans), self.config.contract_address, orphans[0], CONFLICT)
+            self.journal.checkpoints_reset(orphans, CONFLICT)
+        self.journal.checkpoints_confirmed(found, self.config.chain_id, self.config.contract_address)
+
+    def _resolve_sent(self) -> None:
+        """Checkpoints left `sent` by an earlier run or a timeout: receipt if any, else ask the contract."""
+        sent = self.journal.checkpoints("anchor_state = ?", (SENT,))
         by_tx: dict[str, list[dict[str, Any]]] = {}
         for row in sent:
             by_tx.setdefault(row["tx_hash"], []).append(row)
@@ -276,62 +262,57 @@ class ChainWriter:
             if receipt is None or contract.as_int(receipt["status"]) != 1:
                 unresolved.extend(rows)
                 continue
-            self._apply_receipt(receipt, {ExecutionRecord.from_mapping(r).task_key: r["task_id"] for r in rows})
+            self._apply_receipt(receipt, [r["size"] for r in rows])
         if unresolved:
-            keys = [ExecutionRecord.from_mapping(r).task_key for r in unresolved]
-            onchain = self._onchain_digests(keys)
-            missing = [r["task_id"] for r, d in zip(unresolved, onchain) if d == b"\0" * 32]
-            self.journal.mark_pending(missing)
-            self.stats.resent += len(missing)
-            self._confirm_found([r for r, d in zip(unresolved, onchain) if d.hex() == r["digest"]])
+            self._reconcile(unresolved)
 
     # -- sending ----------------------------------------------------------------------
     def anchor_pending(self, max_batch: int | None = None, limit: int | None = None) -> int:
-        """Anchor pending rows in batches until none are left (or `limit` rows were taken).
+        """Anchor pending checkpoints in batches until none are left (or `limit` were taken).
 
-        Returns how many rows were confirmed. Raises on RPC failure (rows stay pending or
-        sent and are resolved on the next call).
+        Returns how many journal rows became covered by an anchored checkpoint. Raises on
+        RPC failure (checkpoints stay pending or sent and are resolved on the next call).
         """
         with self._lock:
             try:
-                return self._anchor(max_batch or self.max_batch, limit)
+                self._ensure_chain()  # may send lost checkpoints back to pending
+                before = self._covered()
+                self._anchor(max_batch or self.max_batch, limit)
             except Exception as exc:
                 self._needs_check = True
                 self.stats.errors += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 raise
+            return self._covered() - before
 
-    def _anchor(self, batch_size: int, limit: int | None) -> int:
-        self._ensure_chain()
-        confirmed = 0
+    def _covered(self) -> int:
+        latest = self.journal.latest_checkpoint(anchored=True)
+        return latest["size"] if latest else 0
+
+    def _anchor(self, batch_size: int, limit: int | None) -> None:
         taken = 0
         while limit is None or taken < limit:
-            flights: list[_InFlight] = []
             want = batch_size * self.in_flight if limit is None else min(batch_size * self.in_flight, limit - taken)
-            rows = self.journal.pending(want)
+            rows = self.journal.checkpoints("anchor_state = ?", (PENDING,), limit=want)
             if not rows:
                 break
             taken += len(rows)
-            for i in range(0, len(rows), batch_size):
-                flights.append(self._send_batch(rows[i:i + batch_size]))
+            origin_key = contract.origin_hash(origin_of(rows[0]["note"]))
+            flights = [self._send_batch(origin_key, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
             assert self.config is not None
-            self.journal.mark_sent_if_pending([(f.task_ids, "0x" + f.tx_hash.hex()) for f in flights],
-                                              self.config.chain_id, self.config.contract_address)
-            batch: list[tuple[list[str], int, str, str]] = []
+            self.journal.checkpoints_sent([(f.sizes, "0x" + f.tx_hash.hex()) for f in flights],
+                                          self.config.chain_id, self.config.contract_address)
+            batch: list[tuple[int, int, str, str]] = []
             try:
                 for flight in flights:
-                    confirmed += self._await(flight, batch)
+                    self._await(flight, batch)
             finally:
-                self.journal.mark_confirmed_many(batch)  # one commit per round, even on error
-        return confirmed
+                self.journal.checkpoints_confirmed(batch, self.config.chain_id, self.config.contract_address)
 
-    def _send_batch(self, rows: list[dict[str, Any]]) -> _InFlight:
+    def _send_batch(self, origin_key: bytes, rows: list[dict[str, Any]]) -> _InFlight:
         assert self.config is not None and self._nonce is not None
-        records = [ExecutionRecord.from_mapping(r) for r in rows]
-        task_keys = [r.task_key for r in records]
-        data = contract.encode_record_batch(
-            task_keys, [r.agent_key for r in records], [bytes.fromhex(row["digest"]) for row in rows],
-            [r.status_code for r in records], [r.finished_at_ms for r in records])
+        sizes = [int(r["size"]) for r in rows]
+        data = contract.encode_anchor_checkpoints(origin_key, sizes, [bytes.fromhex(r["root"]) for r in rows])
         tx = {"to": self.config.contract_address, "data": data, "value": 0, "chainId": self.config.chain_id,
               "nonce": self._nonce, "gas": self._gas_for(len(rows), data), "type": 2, **self._fees}
         signed = self.account.sign_transaction(tx)
@@ -342,66 +323,66 @@ class ChainWriter:
             raise
         self._nonce += 1
         self.stats.batches += 1
-        return _InFlight(task_ids=[r.task_id for r in records], task_keys=dict(zip(task_keys, (r.task_id for r in records))),
-                         tx_hash=tx_hash)
+        return _InFlight(sizes=sizes, tx_hash=tx_hash)
 
     def _gas_for(self, size: int, data: bytes) -> int:
-        """Estimated once per batch size (all-new records cost the most), plus margin and floor."""
+        """Estimated once per batch size (a fresh checkpoint costs the most), plus margin and floor."""
         assert self.config is not None
         gas = self._gas_by_size.get(size)
         if gas is None:
-            estimate = self.w3.eth.estimate_gas({"from": self.address, "to": self.config.contract_address,
-                                                 "data": data, "value": 0})
-            gas = int(estimate * self.gas_margin) + 20_000
+            try:
+                estimate = self.w3.eth.estimate_gas({"from": self.address, "to": self.config.contract_address,
+                                                     "data": data, "value": 0})
+            except Exception:  # noqa: BLE001 - a revert (size not increasing): reconcile decides
+                self._needs_check = True
+                raise
+            gas = int(estimate * self.gas_margin) + 20_000 + 30_000 * size
             self._gas_by_size[size] = gas
         return max(gas, int(contract.calldata_floor_gas(data) * 1.1))
 
-    def _await(self, flight: _InFlight, batch: list[tuple[list[str], int, str, str]] | None = None) -> int:
+    def _await(self, flight: _InFlight, batch: list[tuple[int, int, str, str]]) -> None:
         try:
             receipt = wait_receipt(self.w3, "0x" + flight.tx_hash.hex(), self.receipt_timeout)
         except TimeoutError as exc:
             self._needs_check = True
             raise ChainWriterError(f"no receipt for {flight.tx_hash.hex()} after {self.receipt_timeout}s: "
-                                   "its rows stay `sent` and are re-checked on the next run") from exc
+                                   "its checkpoints stay `sent` and are re-checked on the next run") from exc
         if contract.as_int(receipt["status"]) != 1:
             self._needs_check = True
-            self.journal.mark_pending(flight.task_ids)
-            raise ChainWriterError(f"recordBatch {flight.tx_hash.hex()} reverted: rows returned to pending")
-        return self._apply_receipt(receipt, flight.task_keys, batch)
+            self.journal.checkpoints_reset(flight.sizes)
+            raise ChainWriterError(f"anchorCheckpoints {flight.tx_hash.hex()} reverted: checkpoints returned to "
+                                   "pending (a size at or below the latest anchored one? see `edge-audit verify`)")
+        self._apply_receipt(receipt, flight.sizes, batch)
 
-    def _apply_receipt(self, receipt: Any, task_keys: dict[bytes, str],
-                       batch: list[tuple[list[str], int, str, str]] | None = None) -> int:
-        """Confirm rows whose event is in this receipt; rows skipped as duplicates get checked.
-
-        With `batch`, the confirmation is queued there for one journal commit per round.
-        """
+    def _apply_receipt(self, receipt: Any, sizes: list[int], batch: list[tuple[int, int, str, str]] | None = None
+                       ) -> None:
+        """Confirm checkpoints whose event is in this receipt; ones skipped as already anchored get checked."""
         assert self.config is not None
         block_hash = "0x" + contract.as_bytes(receipt["blockHash"]).hex()
         tx_hash = "0x" + contract.as_bytes(receipt["transactionHash"]).hex()
-        recorded: list[str] = []
+        number = contract.as_int(receipt["blockNumber"])
         contract_bytes = contract.as_bytes(self.config.contract_address)
-        recorder_topic = b"\0" * 12 + contract.as_bytes(self.address)
+        recorder = contract.as_bytes(self.address)
+        wanted = set(sizes)
+        found: list[tuple[int, int, str, str]] = []
         for raw in receipt["logs"]:
-            topics = raw["topics"]
-            if len(topics) != 4 or contract.as_bytes(raw["address"]) != contract_bytes:
+            if contract.as_bytes(raw["address"]) != contract_bytes:
                 continue
-            if contract.as_bytes(topics[0]) != contract.EVENT_TOPIC or contract.as_bytes(topics[3]) != recorder_topic:
+            event = contract.decode_checkpoint_event(raw)
+            if event is None or contract.as_bytes(event.recorder) != recorder or event.size not in wanted:
                 continue
-            task_id = task_keys.get(contract.as_bytes(topics[1]))
-            if task_id is not None:
-                recorded.append(task_id)
-        confirmation = (recorded, contract.as_int(receipt["blockNumber"]), block_hash, tx_hash)
+            found.append((event.size, number, block_hash, tx_hash))
         if batch is None:
-            self.journal.mark_confirmed_many([confirmation])
+            self.journal.checkpoints_confirmed(found, self.config.chain_id, self.config.contract_address)
         else:
-            batch.append(confirmation)
-        self.stats.confirmed += len(recorded)
-        if len(recorded) != len(task_keys):
-            done = set(recorded)
-            skipped = [t for t in task_keys.values() if t not in done]
-            log.info("%d rows were already on chain (re-sent after a timeout or restart)", len(skipped))
-            self._reconcile_rows([r for t in skipped if (r := self.journal.get(t)) is not None])
-        return len(task_keys)
+            batch.extend(found)
+        self.stats.confirmed += len(found)
+        if len(found) != len(sizes):
+            done = {f[0] for f in found}
+            skipped = [s for s in sizes if s not in done]
+            log.info("%d checkpoints were already on chain (re-sent after a timeout or restart)", len(skipped))
+            self._reconcile(self.journal.checkpoints(
+                f"size IN ({','.join('?' * len(skipped))})", skipped))
 
     # -- loop -------------------------------------------------------------------------
     def run(self, stop_event: threading.Event, interval: float = 1.0, progress_every: float = 30.0) -> None:
@@ -411,8 +392,9 @@ class ChainWriter:
         last_progress = time.monotonic()
         while not stop_event.is_set():
             try:
-                # bounded per call so a flood of new rows cannot delay stop or progress logs
-                done = self.anchor_pending(limit=self.max_batch * self.in_flight * 10)
+                # bounded per call so a flood of checkpoints cannot delay stop or progress logs
+                self.anchor_pending(limit=self.max_batch * self.in_flight * 10)
+                pending = self.journal.checkpoint_counts()[PENDING]
                 backoff = first_backoff
             except Exception as exc:  # noqa: BLE001 - the loop must survive chain outages
                 log.warning("chain writer: %s (retrying in %.1fs)", self.stats.last_error or exc, backoff)
@@ -421,8 +403,8 @@ class ChainWriter:
                 continue
             if time.monotonic() - last_progress >= progress_every:
                 last_progress = time.monotonic()
-                counts = self.journal.counts()
-                log.info("chain writer: %d confirmed in %d batches; journal %s", self.stats.confirmed,
-                         self.stats.batches, counts)
-            if not done:
+                log.info("chain writer: %d checkpoints confirmed in %d batches; checkpoints %s, journal %s",
+                         self.stats.confirmed, self.stats.batches, self.journal.checkpoint_counts(),
+                         self.journal.counts())
+            if not pending:
                 stop_event.wait(interval)

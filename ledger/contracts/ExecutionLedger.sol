@@ -1,73 +1,72 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.30;
 
-/// @title ExecutionLedger: a permissionless, append-only commitment log of task executions.
-/// @notice Each recorder (msg.sender) can record a taskId once; a repeated taskId from the
-///         same recorder is skipped (no event, no revert) so a re-sent batch is harmless.
-///         Ids are sha256 of the UTF-8 task id / agent id; `digest` is sha256 of the
-///         record's canonical JSON (see ledger/record.py). Auditors trust events by
-///         recorder address: anyone may call this contract, only known recorders count.
+/// @title ExecutionLedger: public anchor of transparency-log checkpoints.
+/// @notice Every execution record is a leaf of the coordinator's RFC 6962 Merkle log;
+///         this contract stores only signed checkpoints' tree heads: (origin, size, root).
+///         `originHash` is sha256 of the log's origin line (UTF-8). Per recorder
+///         (msg.sender) and origin, sizes must grow: anchoring an already anchored
+///         (size, root) again is a no-op (no event, no revert) so a re-sent batch is
+///         harmless; any other size at or below the latest reverts. Auditors trust
+///         events by recorder address: anyone may call this contract, only known
+///         recorders count.
 contract ExecutionLedger {
-    /// @dev recorder => taskId => record digest (zero = not recorded).
-    mapping(address => mapping(bytes32 => bytes32)) private _digests;
+    /// @dev recorder => originHash => size => root (zero = not anchored).
+    mapping(address => mapping(bytes32 => mapping(uint64 => bytes32))) private _roots;
+    /// @dev recorder => originHash => largest anchored size.
+    mapping(address => mapping(bytes32 => uint64)) private _latest;
 
-    event ExecutionRecorded(
-        bytes32 indexed taskId,
-        bytes32 indexed agentId,
-        address indexed recorder,
-        bytes32 digest,
-        uint8 status,
-        uint64 finishedAtMs
-    );
+    event CheckpointAnchored(bytes32 indexed originHash, address indexed recorder, uint64 indexed size, bytes32 root);
 
+    error SizeNotIncreasing(uint64 size, uint64 latest);
+    error ZeroRoot();
     error LengthMismatch();
-    error ZeroDigest();
 
-    /// @notice Record one execution. Returns false when this recorder already recorded taskId.
-    function record(bytes32 taskId, bytes32 agentId, bytes32 digest, uint8 status, uint64 finishedAtMs)
-        external
-        returns (bool)
-    {
-        return _record(taskId, agentId, digest, status, finishedAtMs);
+    /// @notice Anchor one checkpoint. Returns false when this exact (size, root) was anchored already.
+    function anchorCheckpoint(bytes32 originHash, uint64 size, bytes32 root) external returns (bool) {
+        return _anchor(originHash, size, root);
     }
 
-    /// @notice Record many executions in one transaction. Returns how many were new.
-    function recordBatch(
-        bytes32[] calldata taskIds,
-        bytes32[] calldata agentIds,
-        bytes32[] calldata digests,
-        uint8[] calldata statuses,
-        uint64[] calldata finishedAtMs
-    ) external returns (uint256 added) {
-        uint256 n = taskIds.length;
-        if (agentIds.length != n || digests.length != n || statuses.length != n || finishedAtMs.length != n) {
-            revert LengthMismatch();
-        }
-        for (uint256 i = 0; i < n; ++i) {
-            if (_record(taskIds[i], agentIds[i], digests[i], statuses[i], finishedAtMs[i])) {
+    /// @notice Anchor several checkpoints of one log, in increasing size. Returns how many were new.
+    function anchorCheckpoints(bytes32 originHash, uint64[] calldata sizes, bytes32[] calldata roots)
+        external
+        returns (uint256 added)
+    {
+        if (sizes.length != roots.length) revert LengthMismatch();
+        for (uint256 i = 0; i < sizes.length; ++i) {
+            if (_anchor(originHash, sizes[i], roots[i])) {
                 ++added;
             }
         }
     }
 
-    /// @notice The digest `recorder` recorded for each taskId (zero where none).
-    function digestsOf(address recorder, bytes32[] calldata taskIds) external view returns (bytes32[] memory out) {
-        out = new bytes32[](taskIds.length);
-        mapping(bytes32 => bytes32) storage byTask = _digests[recorder];
-        for (uint256 i = 0; i < taskIds.length; ++i) {
-            out[i] = byTask[taskIds[i]];
+    /// @notice The roots `recorder` anchored for `originHash` at each size (zero where none).
+    function rootsOf(address recorder, bytes32 originHash, uint64[] calldata sizes)
+        external
+        view
+        returns (bytes32[] memory out)
+    {
+        out = new bytes32[](sizes.length);
+        mapping(uint64 => bytes32) storage bySize = _roots[recorder][originHash];
+        for (uint256 i = 0; i < sizes.length; ++i) {
+            out[i] = bySize[sizes[i]];
         }
     }
 
-    function _record(bytes32 taskId, bytes32 agentId, bytes32 digest, uint8 status, uint64 finishedAtMs)
-        private
-        returns (bool)
-    {
-        if (digest == bytes32(0)) revert ZeroDigest();
-        mapping(bytes32 => bytes32) storage byTask = _digests[msg.sender];
-        if (byTask[taskId] != bytes32(0)) return false;
-        byTask[taskId] = digest;
-        emit ExecutionRecorded(taskId, agentId, msg.sender, digest, status, finishedAtMs);
+    /// @notice The largest size `recorder` anchored for `originHash` (0 when none).
+    function latestOf(address recorder, bytes32 originHash) external view returns (uint64) {
+        return _latest[recorder][originHash];
+    }
+
+    function _anchor(bytes32 originHash, uint64 size, bytes32 root) private returns (bool) {
+        if (root == bytes32(0)) revert ZeroRoot();
+        mapping(uint64 => bytes32) storage bySize = _roots[msg.sender][originHash];
+        if (bySize[size] == root) return false;
+        uint64 latest = _latest[msg.sender][originHash];
+        if (size <= latest) revert SizeNotIncreasing(size, latest);
+        bySize[size] = root;
+        _latest[msg.sender][originHash] = size;
+        emit CheckpointAnchored(originHash, msg.sender, size, root);
         return true;
     }
 }

@@ -159,5 +159,6 @@ def simagent(bundle: Path, *args: str) -> subprocess.Popen:
 
 
 def audit(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EDGE_AUDIT_PINS": str(data_dir / "audit-pins.json")}  # never the user's pins
     return subprocess.run([PY, "-m", "ledger.audit_cli", "--journal", str(data_dir / "journal.db"), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)

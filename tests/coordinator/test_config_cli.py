@@ -93,7 +93,8 @@ def test_enroll_csr_and_bundle_then_revoke(tmp_path: Path, capsys: pytest.Captur
 
     assert main(["enroll", "--data-dir", str(data), "--bundle", "sim-1"]) == 0
     bundle = data / "bundles" / "sim-1"
-    assert {p.name for p in bundle.iterdir()} == {"ca.pem", "crl.pem", "sim-1.pem", "sim-1.key", "agent.toml"}
+    # log.pub: the coordinator's transparency-log verifier key (issue #12)
+    assert {p.name for p in bundle.iterdir()} == {"ca.pem", "crl.pem", "sim-1.pem", "sim-1.key", "agent.toml", "log.pub"}
     import tomllib
 
     agent = tomllib.loads((bundle / "agent.toml").read_text())

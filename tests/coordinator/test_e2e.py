@@ -121,9 +121,11 @@ def test_sigkill_during_stream_every_reading_stored_and_anchored_once(coordinato
     verified = audit(coordinator.data_dir, "--json", "verify", "--require-anchored", "--quiet")
     report = json.loads(verified.stdout)
     assert report["ok"], verified.stdout
-    # one on-chain event per record: nothing anchored twice (events from our recorder only)
+    # checkpoint anchoring (issue #12): every record in an anchored checkpoint, one on-chain
+    # event per stored checkpoint, nothing anchored twice (events from our recorder only)
     assert report["on_chain"] == report["rows"] == 2000
-    assert report["events"] == 2000, report
+    assert report["events"] == report["anchored_checkpoints"] == report["checkpoints"], report
+    assert report["events"] < 2000 / 10  # per-record gas is gone: a checkpoint covers many records
 
 
 def test_broker_restart_mid_stream_loses_nothing(coordinator: CoordinatorProcess) -> None:

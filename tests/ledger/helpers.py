@@ -31,3 +31,19 @@ def eth_tester_chain():
     w3 = Web3(EthereumTesterProvider(tester))
     keys = ["0x" + bytes(k.to_bytes()).hex() for k in tester.backend.account_keys]
     return w3, keys
+
+
+def make_log(journal, name: str | None = None, **kw):
+    """A fresh log key for `journal` (remembered in its config, as the coordinator does) and its Checkpointer."""
+    from ledger.checkpointer import Checkpointer
+    from ledger.tlog.note import Ed25519Signer
+
+    signer = Ed25519Signer.generate(name or f"edgeledger/test/{uuid.uuid4().hex[:12]}")
+    journal.set_config(log_origin=signer.name, log_vkey=signer.verifier().vkey)
+    return Checkpointer(journal, signer, **kw)
+
+
+def log_policy(checkpointer, pins=None):
+    from ledger.audit import LogPolicy
+
+    return LogPolicy(checkpointer.signer.verifier(), pins)

@@ -25,7 +25,11 @@ def test_artifact_settings():
     assert art["evmVersion"] == "cancun" and art["optimizer"]["enabled"] is True
     assert art["compiler"] == "solc 0.8.30"
     names = {item.get("name") for item in art["abi"]}
-    assert {"record", "recordBatch", "digestsOf", "ExecutionRecorded"} <= names
+    # checkpoint anchoring replaced per-record anchoring (issue #12)
+    assert {"anchorCheckpoint", "anchorCheckpoints", "rootsOf", "latestOf", "CheckpointAnchored"} <= names
+    assert not {"record", "recordBatch", "digestsOf", "ExecutionRecorded"} & names
+    legacy = json.loads((solc.CONTRACTS_DIR / "legacy" / "ExecutionLedgerV1.json").read_text())
+    assert "recordBatch" in {item.get("name") for item in legacy["abi"]}  # the bench's per-record baseline
 
 
 def test_check_command_reports_fresh_artifact():

@@ -1,4 +1,10 @@
-"""Contract rules and writer logic on an in-process eth-tester chain (py-evm)."""
+"""Contract rules, writer logic and the log audit on an in-process eth-tester chain (py-evm).
+
+Checkpoint anchoring replaced per-record anchoring (issue #12): these tests check the
+contract's checkpoint rules, that the writer anchors the stored signed checkpoints
+exactly once (also after lost receipts and crashes), and that the audit names each
+way of rewriting the log.
+"""
 
 import pytest
 from eth_account import Account
@@ -6,10 +12,13 @@ from eth_account import Account
 from ledger import contract
 from ledger.audit import audit, fetch_events
 from ledger.deploy import create_address, ensure_deployed, fee_params
-from ledger.journal import CONFIRMED, Journal
+from ledger.journal import CONFIRMED, PENDING, SENT, Journal
+from ledger.pins import PinStore
+from ledger.tlog.checkpoint import Checkpoint, sign_checkpoint
+from ledger.tlog.merkle import MerkleLog, SQLiteNodeStore
 from ledger.writer import ChainWriter
 
-from .helpers import make_record, eth_tester_chain
+from .helpers import eth_tester_chain, log_policy, make_log, make_record
 
 
 @pytest.fixture
@@ -39,6 +48,11 @@ def _fill(journal, n, **kw):
     return recs
 
 
+def _audit(journal, w3, writer, cp, **kw):
+    events = fetch_events(w3, writer.contract_address, cp.origin)
+    return audit(journal, events, [writer.address], log_policy(cp, kw.pop("pins", None)), check_signatures=False, **kw)
+
+
 def test_deploy_is_deterministic_and_reused(chain, journal):
     w3, keys = chain
     cfg = ensure_deployed(journal, w3, keys[0])
@@ -49,91 +63,109 @@ def test_deploy_is_deterministic_and_reused(chain, journal):
     assert saved["contract_address"] == cfg.contract_address and saved["chain_id"] == str(w3.eth.chain_id)
 
 
-def test_contract_skips_duplicate_task_per_recorder(chain, journal):
+def test_contract_checkpoint_sizes_must_grow_per_recorder_and_origin(chain, journal):
     w3, keys = chain
     cfg = ensure_deployed(journal, w3, keys[0])
-    rec = make_record(1)
-    args = (rec.task_key, rec.agent_key, rec.digest(), rec.status_code, rec.finished_at_ms)
-    first = _send(w3, keys[0], cfg.contract_address, contract.encode_record(*args))
-    again = _send(w3, keys[0], cfg.contract_address, contract.encode_record(*args))
-    other = _send(w3, keys[1], cfg.contract_address, contract.encode_record(*args))
-    assert (len(first["logs"]), len(again["logs"]), len(other["logs"])) == (1, 0, 1)
-    event = contract.decode_event(first["logs"][0])
-    assert event.task_key == rec.task_key and event.digest == rec.digest()
-    assert event.recorder == Account.from_key(keys[0]).address and event.finished_ms == rec.finished_at_ms
-    raw = w3.eth.call({"to": cfg.contract_address,
-                       "data": contract.encode_digests_of(cfg.recorder, [rec.task_key, b"\1" * 32])})
-    assert contract.decode_digests_of(bytes(raw)) == [rec.digest(), b"\0" * 32]
-
-
-def test_record_batch_rejects_mismatched_lengths_and_zero_digest(chain, journal):
-    w3, keys = chain
-    cfg = ensure_deployed(journal, w3, keys[0])
-    bad = contract.encode_record_batch([b"\1" * 32], [], [b"\2" * 32], [1], [0])
+    origin = contract.origin_hash("edgeledger/test/a")
+    first = _send(w3, keys[0], cfg.contract_address, contract.encode_anchor_checkpoint(origin, 10, b"\1" * 32))
+    again = _send(w3, keys[0], cfg.contract_address, contract.encode_anchor_checkpoint(origin, 10, b"\1" * 32))
+    assert (first["status"], len(first["logs"]), again["status"], len(again["logs"])) == (1, 1, 1, 0)
+    event = contract.decode_checkpoint_event(first["logs"][0])
+    assert (event.origin_key, event.size, event.root) == (origin, 10, b"\1" * 32)
+    assert event.recorder == Account.from_key(keys[0]).address
+    # another root for an anchored size, or a smaller size: refused
+    for size, root in ((10, b"\2" * 32), (5, b"\3" * 32)):
+        assert _send(w3, keys[0], cfg.contract_address, contract.encode_anchor_checkpoint(origin, size, root))["status"] == 0
+    # another recorder or another origin has its own sequence
+    assert len(_send(w3, keys[1], cfg.contract_address, contract.encode_anchor_checkpoint(origin, 5, b"\3" * 32))["logs"]) == 1
+    other = contract.origin_hash("edgeledger/test/b")
+    assert len(_send(w3, keys[0], cfg.contract_address, contract.encode_anchor_checkpoint(other, 1, b"\4" * 32))["logs"]) == 1
+    raw = w3.eth.call({"to": cfg.contract_address, "data": contract.encode_roots_of(cfg.recorder, origin, [10, 5])})
+    assert contract.decode_roots_of(bytes(raw)) == [b"\1" * 32, b"\0" * 32]
+    # batches: lengths must match, roots must not be zero
+    bad = contract.encode_anchor_checkpoints(origin, [11, 12], [b"\5" * 32])
     assert _send(w3, keys[0], cfg.contract_address, bad)["status"] == 0
-    zero = contract.encode_record_batch([b"\1" * 32], [b"\1" * 32], [b"\0" * 32], [1], [0])
+    zero = contract.encode_anchor_checkpoints(origin, [11], [b"\0" * 32])
     assert _send(w3, keys[0], cfg.contract_address, zero)["status"] == 0
 
 
-def test_writer_anchors_in_batches_and_audit_passes(chain, journal):
+def test_writer_anchors_checkpoints_and_audit_passes(chain, journal):
     w3, keys = chain
-    recs = _fill(journal, 25)
-    writer = ChainWriter(journal, w3, keys[0], max_batch=10, in_flight=2)
+    cp = make_log(journal)
+    recs = _fill(journal, 10)
+    cp.checkpoint()
+    _fill(journal, 15)
+    cp.checkpoint()
+    writer = ChainWriter(journal, w3, keys[0], max_batch=1, in_flight=2)
     assert writer.anchor_pending() == 25
-    assert writer.stats.batches == 3
-    assert journal.counts()[CONFIRMED] == 25
+    assert writer.stats.batches == 2
+    assert journal.counts()[CONFIRMED] == 25 and journal.checkpoint_counts()[CONFIRMED] == 2
     row = journal.get(recs[0].task_id)
-    assert row["tx_hash"].startswith("0x") and row["block_number"] >= 1
-    events = fetch_events(w3, writer.contract_address)
-    assert sorted(len(v) for v in events.values()) == [1] * 25
-    report = audit(journal, events, [writer.address], check_signatures=False)
-    assert report.ok and report.on_chain == 25, report.findings
+    assert row["tx_hash"].startswith("0x") and row["block_number"] >= 1 and row["log_index"] == 0
+    events = fetch_events(w3, writer.contract_address, cp.origin)
+    assert sorted(e.size for e in events) == [10, 25]  # one event per checkpoint, none per record
+    report = _audit(journal, w3, writer, cp)
+    assert report.ok and report.on_chain == 25 and report.anchored_checkpoints == 2, report.findings
     assert writer.anchor_pending() == 0
+    # rows journaled after the last checkpoint are not anchored yet
+    late = _fill(journal, 2)
+    report = _audit(journal, w3, writer, cp, require_anchored=True)
+    assert {(f.task_id, f.kind) for f in report.findings} == {(r.task_id, "unanchored_required") for r in late}
 
 
-def test_resend_after_lost_receipt_never_records_twice(chain, journal):
-    """Rows re-marked pending (as after a receipt timeout) are skipped on chain, confirmed in journal."""
+def test_resend_after_lost_receipt_never_anchors_twice(chain, journal):
+    """Checkpoints re-marked pending (as after a receipt timeout) are skipped on chain, confirmed in journal."""
     w3, keys = chain
-    recs = _fill(journal, 12)
-    writer = ChainWriter(journal, w3, keys[0], max_batch=5)
+    cp = make_log(journal)
+    for _ in range(3):
+        _fill(journal, 4)
+        cp.checkpoint()
+    writer = ChainWriter(journal, w3, keys[0], max_batch=2)
     writer.anchor_pending()
-    journal.mark_pending([r.task_id for r in recs[:7]])
+    journal.checkpoints_reset([4, 8])
+    assert journal.checkpoint_counts()[PENDING] == 2
     _fill(journal, 3)
-    assert writer.anchor_pending() == 10
+    cp.checkpoint()
+    assert writer.anchor_pending() == 3  # rows newly covered: 12 -> 15
     assert journal.counts()[CONFIRMED] == 15
-    events = fetch_events(w3, writer.contract_address)
-    assert len(events) == 15 and all(len(v) == 1 for v in events.values())
-    assert audit(journal, events, [writer.address], check_signatures=False).ok
+    events = fetch_events(w3, writer.contract_address, cp.origin)
+    assert sorted(e.size for e in events) == [4, 8, 12, 15]
+    assert _audit(journal, w3, writer, cp).ok
 
 
-def test_sent_rows_from_a_crashed_run_are_resolved(chain, journal):
+def test_sent_checkpoints_from_a_crashed_run_are_resolved(chain, journal):
     w3, keys = chain
-    recs = _fill(journal, 6)
-    writer = ChainWriter(journal, w3, keys[0], max_batch=3)
+    cp = make_log(journal)
+    _fill(journal, 6)
+    cp.checkpoint()
+    writer = ChainWriter(journal, w3, keys[0])
     writer.anchor_pending()
-    # a crash after mark_sent: one batch 'sent' with a known tx, one with a tx that never existed
-    journal.mark_sent([r.task_id for r in recs[:3]], journal.get(recs[0].task_id)["tx_hash"], 1, "x")
-    more = _fill(journal, 2)
-    journal.mark_sent([r.task_id for r in more], "0x" + "11" * 32, 1, "x")
-    fresh = ChainWriter(journal, w3, keys[0], max_batch=3)
-    assert fresh.anchor_pending() == 2
-    assert journal.counts()[CONFIRMED] == 8
-    events = fetch_events(w3, fresh.contract_address)
-    assert all(len(v) == 1 for v in events.values()) and len(events) == 8
+    tx = journal.latest_checkpoint()["tx_hash"]
+    _fill(journal, 2)
+    cp.checkpoint()
+    # a crash after marking sent: one checkpoint 'sent' with a known tx, one with a tx that never existed
+    conn = journal.db.conn
+    conn.execute("UPDATE tlog_checkpoint SET anchor_state = ?, tx_hash = ? WHERE size = 6", (SENT, tx))
+    conn.execute("UPDATE tlog_checkpoint SET anchor_state = ?, tx_hash = ? WHERE size = 8", (SENT, "0x" + "11" * 32))
+    fresh = ChainWriter(journal, w3, keys[0])
+    fresh.anchor_pending()
+    assert journal.counts()[CONFIRMED] == 8 and journal.checkpoint_counts()[CONFIRMED] == 2
+    assert sorted(e.size for e in fetch_events(w3, fresh.contract_address, cp.origin)) == [6, 8]
 
 
 def test_gas_covers_calldata_floor(chain, journal):
     w3, keys = chain
+    cp = make_log(journal)
     _fill(journal, 3)
+    cp.checkpoint()
     writer = ChainWriter(journal, w3, keys[0])
     writer.anchor_pending()
-    data = contract.encode_record_batch([b"\xff" * 32] * 100, [b"\xff" * 32] * 100, [b"\xff" * 32] * 100,
-                                        [255] * 100, [2**63] * 100)
+    data = contract.encode_anchor_checkpoints(b"\xff" * 32, list(range(100, 200)), [b"\xff" * 32] * 100)
     assert writer._gas_for(100, data) >= contract.calldata_floor_gas(data)
     assert contract.calldata_floor_gas(b"\0\1") == 21_000 + 10 * (1 + 4)
 
 
-def test_hand_rolled_batch_encoding_matches_eth_abi():
+def test_hand_rolled_legacy_batch_encoding_matches_eth_abi():
     import os
 
     for n in (0, 1, 7, 100):
@@ -150,27 +182,119 @@ def test_signing_uses_coincurve():
     assert fast_signing(), "eth-keys is not using coincurve: pip install coincurve"
 
 
-def test_switching_contract_re_anchors_on_the_new_one(chain, journal):
+def test_switching_contract_re_anchors_the_same_checkpoints_on_the_new_one(chain, journal):
     w3, keys = chain
+    cp = make_log(journal)
     _fill(journal, 4)
+    cp.checkpoint()
     first = ChainWriter(journal, w3, keys[0])
     first.anchor_pending()
+    before = journal.checkpoints()
     from ledger.deploy import deploy_contract
 
     other = deploy_contract(w3, keys[0])
     moved = ChainWriter(journal, w3, keys[0], contract_address=other)
     assert moved.anchor_pending() == 4
-    events = fetch_events(w3, other)
-    assert len(events) == 4 and audit(journal, events, [moved.address], check_signatures=False).ok
+    events = fetch_events(w3, other, cp.origin)
+    assert [(e.size, e.root.hex()) for e in events] == [(c["size"], c["root"]) for c in before]
+    assert [c["note"] for c in journal.checkpoints()] == [c["note"] for c in before]  # same signed history
+    assert _audit(journal, w3, moved, cp).ok
 
 
 def test_audit_without_a_signature_verifier_says_not_checked(chain, journal):
     w3, keys = chain
+    cp = make_log(journal)
     env = b'{"v":1}'
     journal.append(make_record(1, envelope=env), envelope=env)
     journal.append(make_record(2))
+    cp.checkpoint()
     writer = ChainWriter(journal, w3, keys[0])
     writer.anchor_pending()
-    report = audit(journal, fetch_events(w3, writer.contract_address), [writer.address], verifier=None)
+    report = audit(journal, fetch_events(w3, writer.contract_address, cp.origin), [writer.address],
+                   log_policy(cp), verifier=None)
     assert report.ok and report.signatures_not_checked == 1 and report.no_envelope == 1
     assert "not checked" in report.signature_note
+
+
+# -- the rewrites the log makes visible -------------------------------------------------------
+@pytest.fixture
+def anchored(chain, journal):
+    w3, keys = chain
+    cp = make_log(journal)
+    recs = _fill(journal, 8)
+    cp.checkpoint()
+    recs += _fill(journal, 5)
+    cp.checkpoint()
+    writer = ChainWriter(journal, w3, keys[0])
+    assert writer.anchor_pending() == 13
+    assert _audit(journal, w3, writer, cp).ok
+    return w3, writer, cp, recs
+
+
+def _kinds(report):
+    return {(f.task_id, f.kind) for f in report.findings}
+
+
+def test_edited_record_is_not_in_the_log(anchored, journal):
+    w3, writer, cp, recs = anchored
+    conn = journal.db.conn
+    conn.execute("UPDATE executions SET status = 'FAILURE' WHERE task_id = ?", (recs[3].task_id,))
+    forged = make_record(99, task_id=recs[9].task_id)  # a smarter forger keeps digest and fields consistent
+    conn.execute("UPDATE executions SET args_digest = ?, digest = ? WHERE task_id = ?",
+                 (forged.args_digest, "00" * 32, recs[9].task_id))
+    row = journal.get(recs[9].task_id)
+    from ledger.record import ExecutionRecord
+
+    conn.execute("UPDATE executions SET digest = ? WHERE task_id = ?",
+                 (ExecutionRecord.from_mapping(row).digest().hex(), recs[9].task_id))
+    report = _audit(journal, w3, writer, cp)
+    assert not report.ok
+    assert {(recs[3].task_id, "record_not_in_log"), (recs[3].task_id, "journal_digest_mismatch"),
+            (recs[9].task_id, "record_not_in_log")} == _kinds(report)
+
+
+def test_deleted_and_reordered_records_are_named(anchored, journal):
+    w3, writer, cp, recs = anchored
+    conn = journal.db.conn
+    conn.execute("DELETE FROM executions WHERE task_id = ?", (recs[2].task_id,))
+    a, b = journal.get(recs[5].task_id)["log_index"], journal.get(recs[6].task_id)["log_index"]
+    conn.execute("UPDATE executions SET log_index = -1 WHERE task_id = ?", (recs[5].task_id,))
+    conn.execute("UPDATE executions SET log_index = ? WHERE task_id = ?", (a, recs[6].task_id))
+    conn.execute("UPDATE executions SET log_index = ? WHERE task_id = ?", (b, recs[5].task_id))
+    report = _audit(journal, w3, writer, cp)
+    assert _kinds(report) == {(None, "record_missing"), (recs[5].task_id, "record_not_in_log"),
+                              (recs[6].task_id, "record_not_in_log")}
+    assert "log index 2" in next(f.detail for f in report.findings if f.kind == "record_missing")
+
+
+def test_rebuilt_and_resigned_log_is_caught_by_the_chain_and_by_the_pin(anchored, journal, tmp_path):
+    """The operator edits a record, rebuilds the tree and re-signs checkpoints with the log key."""
+    w3, writer, cp, recs = anchored
+    pins = PinStore(tmp_path / "pins.json")
+    report = _audit(journal, w3, writer, cp, pins=pins)
+    pins.update(cp.origin, cp.signer.verifier().vkey, 13, bytes.fromhex(journal.latest_checkpoint()["root"]))
+    conn = journal.db.conn
+    conn.execute("UPDATE executions SET status = 'FAILURE' WHERE task_id = ?", (recs[0].task_id,))
+    _rebuild_log(journal, cp)
+    report = _audit(journal, w3, writer, cp, pins=pins)
+    kinds = {k for _, k in _kinds(report)}
+    assert "chain_checkpoint_mismatch" in kinds and "pin_inconsistent" in kinds, report.findings
+    assert report.on_chain == 0  # no record counts as anchored under a root the chain does not hold
+
+
+def _rebuild_log(journal, cp):
+    """What a forger with the database and the log key can do: a whole new tree and checkpoints."""
+    from ledger.record import ExecutionRecord
+
+    conn = journal.db.conn
+    conn.execute("DELETE FROM tlog_node")
+    rows = list(journal.rows(order="log_index"))
+    for row in rows:
+        conn.execute("UPDATE executions SET digest = ? WHERE task_id = ?",
+                     (ExecutionRecord.from_mapping(row).digest().hex(), row["task_id"]))
+    log = MerkleLog(SQLiteNodeStore(conn, "tlog_node"))
+    log.extend(ExecutionRecord.from_mapping(r).canonical_json() for r in rows)
+    for c in journal.checkpoints():
+        new = Checkpoint(cp.origin, c["size"], log.root(c["size"]))
+        conn.execute("UPDATE tlog_checkpoint SET root = ?, note = ? WHERE size = ?",
+                     (new.root_hash.hex(), sign_checkpoint(new, cp.signer), c["size"]))

@@ -1,10 +1,14 @@
 """Crash recovery on a real anvil: SIGKILL mid-batch, restart from snapshot, chain wiped.
 
-After each recovery `edge-audit verify` passes and every journal row is on chain
-exactly once (the contract skips a taskId its recorder already recorded).
+After each recovery `edge-audit verify` passes, every journal row is covered by an
+anchored checkpoint, and every stored checkpoint is on chain exactly once, with the
+root it was signed with (the contract skips an (size, root) its recorder already
+anchored; re-anchoring re-publishes the stored checkpoints, never new ones).
+Adapted from per-record anchoring (issue #12).
 """
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -14,11 +18,10 @@ from pathlib import Path
 from ledger.audit import fetch_events
 from ledger.deploy import connect
 from ledger.journal import CONFIRMED, PENDING, SENT, Journal
-from ledger.record import id_key
 from ledger.writer import ChainWriter
 from tests.support.anvil import start_anvil
 
-from .helpers import make_record
+from .helpers import make_log, make_record
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,29 +45,43 @@ def _all_confirmed(journal, total):
     return counts[CONFIRMED] == total and counts[PENDING] == 0 and counts[SENT] == 0
 
 
-def _assert_exactly_once_and_verified(journal, path, rpc_url):
+def _signed(journal):
+    return {c["size"]: c["note"] for c in journal.checkpoints()}
+
+
+def _assert_exactly_once_and_verified(journal, path, rpc_url, signed_before=None):
     config = journal.get_config()
-    events = fetch_events(connect(rpc_url), config["contract_address"])
-    rows = list(journal.rows())
-    keys = {id_key(r["task_id"]) for r in rows}
-    assert set(events) == keys, "chain and journal hold different task sets"
-    assert all(len(events[k]) == 1 for k in keys), "a task was recorded twice"
+    events = fetch_events(connect(rpc_url), config["contract_address"], config["log_origin"])
+    stored = {c["size"]: c["root"] for c in journal.checkpoints()}
+    sizes = [e.size for e in events]
+    assert len(sizes) == len(set(sizes)), "a checkpoint was anchored twice"
+    assert {e.size: e.root.hex() for e in events} == stored, "chain and journal hold different checkpoints"
+    if signed_before is not None:  # re-anchoring published the same signed checkpoints, not new ones
+        assert {s: n for s, n in signed_before.items()} == {c["size"]: c["note"] for c in journal.checkpoints()
+                                                            if c["size"] in signed_before}
     proc = subprocess.run([sys.executable, "-m", "ledger.audit_cli", "--journal", str(path), "verify", "--json",
-                           "--require-anchored"], capture_output=True, text=True, cwd=REPO, timeout=120)
+                           "--require-anchored", "--pins", str(path.parent / "pins.json")], capture_output=True,
+                          text=True, cwd=REPO, timeout=120, env={**os.environ})
     report = json.loads(proc.stdout)
     assert proc.returncode == 0 and report["ok"], report["findings"][:5]
-    assert report["on_chain"] == len(rows)
+    assert report["on_chain"] == journal.counts()[CONFIRMED] == len(list(journal.rows()))
 
 
 def test_sigkill_mid_batch_restart_from_snapshot_then_wipe(tmp_path):
     path = tmp_path / "journal.db"
     journal = Journal(path)
+    checkpointer = make_log(journal, interval=0.05, every=50)
     with start_anvil(tmp_path) as chain:
         _fill(journal, 4000)
-        writer = ChainWriter(journal, chain.rpc_url, chain.dev_key, max_batch=20, in_flight=2, receipt_timeout=15)
+        writer = ChainWriter(journal, chain.rpc_url, chain.dev_key, max_batch=1, in_flight=2, receipt_timeout=15)
         stop = threading.Event()
         thread = threading.Thread(target=writer.run, args=(stop, 0.05), daemon=True)
+        signing = threading.Thread(target=checkpointer.run, args=(stop, 0.01), daemon=True)
+        # checkpoints of 10 records each, one per transaction: the kill lands mid-anchoring
+        for start in range(10, 4001, 10):
+            journal.add_checkpoint(start, journal.merkle().root(start), _note(checkpointer, start))
         thread.start()
+        signing.start()
         try:
             _wait(lambda: journal.counts()[CONFIRMED] >= 400, what="first anchors")
             chain.snapshot()
@@ -78,6 +95,7 @@ def test_sigkill_mid_batch_restart_from_snapshot_then_wipe(tmp_path):
             _wait(lambda: _all_confirmed(journal, 4300), what="re-anchoring after restart")
             assert writer.stats.resent > 0  # blocks after the snapshot were lost and re-sent
             _assert_exactly_once_and_verified(journal, path, chain.rpc_url)
+            before_wipe = _signed(journal)
             chain.snapshot()  # a reloaded chain with history still gives consistent snapshots
 
             chain.kill()
@@ -88,7 +106,7 @@ def test_sigkill_mid_batch_restart_from_snapshot_then_wipe(tmp_path):
             _fill(journal, 100, start=4300)
             _wait(lambda: _all_confirmed(journal, 4400), what="re-anchoring on a wiped chain")
             assert writer.stats.redeployed >= 1
-            _assert_exactly_once_and_verified(journal, path, chain.rpc_url)
+            _assert_exactly_once_and_verified(journal, path, chain.rpc_url, before_wipe)
         finally:
             stop.set()
             thread.join(timeout=60)
@@ -103,15 +121,17 @@ def test_receipt_timeout_then_dropped_or_late_mined_tx(tmp_path):
     import pytest
 
     journal = Journal(tmp_path / "journal.db")
+    checkpointer = make_log(journal)
     with start_anvil(tmp_path) as chain:
         writer = ChainWriter(journal, chain.rpc_url, chain.dev_key, max_batch=5, in_flight=1, receipt_timeout=1.0)
         assert writer.contract_address  # deploy while blocks are still mined
         _fill(journal, 5)
+        checkpointer.checkpoint()
         rpc_call(chain.rpc_url, "evm_setAutomine", [False])
         try:
             with pytest.raises(ChainWriterError, match="no receipt"):
                 writer.anchor_pending()
-            assert journal.counts()[SENT] == 5
+            assert journal.checkpoint_counts()[SENT] == 1
             rpc_call(chain.rpc_url, "anvil_dropAllTransactions")  # the tx is lost for good
         finally:
             rpc_call(chain.rpc_url, "evm_setAutomine", [True])
@@ -119,6 +139,7 @@ def test_receipt_timeout_then_dropped_or_late_mined_tx(tmp_path):
         assert _all_confirmed(journal, 5)
 
         _fill(journal, 5, start=5)
+        checkpointer.checkpoint()
         rpc_call(chain.rpc_url, "evm_setAutomine", [False])
         try:
             with pytest.raises(ChainWriterError, match="no receipt"):
@@ -130,3 +151,10 @@ def test_receipt_timeout_then_dropped_or_late_mined_tx(tmp_path):
         assert _all_confirmed(journal, 10)
         _assert_exactly_once_and_verified(journal, tmp_path / "journal.db", chain.rpc_url)
     journal.close()
+
+
+def _note(checkpointer, size):
+    from ledger.tlog.checkpoint import Checkpoint, sign_checkpoint
+
+    return sign_checkpoint(Checkpoint(checkpointer.origin, size, checkpointer.journal.merkle().root(size)),
+                           checkpointer.signer)

@@ -1,0 +1,78 @@
+"""Signed checkpoints of the execution log, on an interval and after N records.
+
+Why both triggers: the interval bounds how long a record waits before a signed (and
+then anchored) tree head covers it; the record count bounds how much a single
+checkpoint covers under load. Checkpoints are stored in the journal's
+`tlog_checkpoint` table and never rewritten: after a lost chain the writer re-anchors
+exactly these, so the coordinator cannot quietly publish a different history.
+
+Usage: `Checkpointer(journal, signer).attach()` (every N records, signed inside the
+appending transaction: a busy ingest can never starve it) plus `.run(stop_event)` in
+its own thread (the interval), or `checkpoint()` to sign the current tree now.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ledger.journal import Journal
+from ledger.tlog.checkpoint import Checkpoint, sign_checkpoint
+from ledger.tlog.note import Signer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 1.0
+DEFAULT_EVERY = 256
+
+
+class Checkpointer:
+    """Signs the journal's tree head under the log key (whose name is the origin)."""
+
+    def __init__(self, journal: Journal, signer: Signer, *, interval: float = DEFAULT_INTERVAL,
+                 every: int = DEFAULT_EVERY) -> None:
+        self.journal = journal
+        self.signer = signer
+        self.origin = signer.name
+        self.interval = interval
+        self.every = max(1, every)
+        self.signed = 0
+
+    def attach(self) -> "Checkpointer":
+        """Sign a checkpoint inside `journal.append` each time the tree reaches a multiple of `every`."""
+        self.journal.sign_checkpoints_every(self.every, self._sign)
+        return self
+
+    def _sign(self, size: int, root: bytes) -> str:
+        self.signed += 1
+        return sign_checkpoint(Checkpoint(self.origin, size, root), self.signer)
+
+    def checkpoint(self) -> dict[str, int] | None:
+        """Sign and store a checkpoint of the current tree if it grew; returns {size} or None."""
+        log_view = self.journal.merkle()
+        size = log_view.size
+        latest = self.journal.latest_checkpoint()
+        if size == 0 or (latest is not None and latest["size"] >= size):
+            return None
+        cp = Checkpoint(self.origin, size, log_view.root(size))
+        if self.journal.add_checkpoint(size, cp.root_hash, sign_checkpoint(cp, self.signer)):
+            self.signed += 1
+        return {"size": size}
+
+    def due(self, last_at: float) -> bool:
+        latest = self.journal.latest_checkpoint()
+        grown = self.journal.tree_size() - (latest["size"] if latest else 0)
+        return grown > 0 and (grown >= self.every or time.monotonic() - last_at >= self.interval)
+
+    def run(self, stop: threading.Event, poll: float = 0.05) -> None:
+        """Until `stop`: checkpoint when due; survive errors (logged, retried)."""
+        last_at = time.monotonic()
+        while not stop.is_set():
+            try:
+                if self.due(last_at):
+                    self.checkpoint()
+                    last_at = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - a locked journal etc.: retry on the next tick
+                log.warning("checkpointer: %s: %s", type(exc).__name__, exc)
+            stop.wait(min(poll, self.interval))
