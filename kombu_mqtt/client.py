@@ -266,7 +266,7 @@ class MqttSession:
         if reason >= 0x80 or not client.is_connected():
             self._drop_socket()
             err = MqttConnectionError(f"MQTT broker {where} refused client {self.client_id!r}: CONNACK reason 0x{reason:02x}")
-            err.fatal = reason in _FATAL_CONNACK  # type: ignore[attr-defined]
+            err.fatal = reason in _FATAL_CONNACK
             raise err
         logger.debug("MQTT %s connected to %s (session_present=%s)", self.client_id, where, session_present)
         if self.on_connected is not None:

@@ -73,7 +73,8 @@ class Filters:
     limit: int | None = None
 
     def sql(self) -> tuple[str, list[Any]]:
-        where, params = ["1=1"], []
+        where: list[str] = ["1=1"]
+        params: list[Any] = []
         for column, value in (("agent_id", self.agent), ("task_name", self.task_name),
                               ("anchor_state", self.anchor_state)):
             if value is not None:

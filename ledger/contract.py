@@ -150,12 +150,12 @@ def encode_record_batch(task_keys: list[bytes], agent_keys: list[bytes], digests
     parts = [_RECORD_BATCH_SELECTOR]
     parts.extend((160 + k * size).to_bytes(32, "big") for k in range(5))
     length = n.to_bytes(32, "big")
-    for column in (task_keys, agent_keys, digests):
+    for words in (task_keys, agent_keys, digests):
         parts.append(length)
-        parts.extend(column)
-    for column in (statuses, finished_ms):
+        parts.extend(words)
+    for numbers in (statuses, finished_ms):
         parts.append(length)
-        parts.extend(v.to_bytes(32, "big") for v in column)
+        parts.extend(v.to_bytes(32, "big") for v in numbers)
     return b"".join(parts)
 
 

@@ -13,12 +13,14 @@ import logging
 import os
 import sys
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 from eth_account import Account
 import requests
 import rlp
 from eth_utils import keccak, to_checksum_address
 from web3 import Web3
+from web3.types import TxParams
 
 from ledger import contract
 from ledger.journal import Journal
@@ -94,16 +96,17 @@ def deploy_contract(w3: Web3, private_key: str, timeout: float = 60.0) -> str:
     account = Account.from_key(private_key)
     nonce = w3.eth.get_transaction_count(account.address, "pending")
     data = bytes.fromhex(contract.bytecode()[2:])
-    tx = {"from": account.address, "data": data, "nonce": nonce, "chainId": w3.eth.chain_id, "value": 0}
-    gas = max(int(w3.eth.estimate_gas(tx) * 1.25), contract.calldata_floor_gas(data) + 60_000)
+    tx: dict[str, Any] = {"from": account.address, "data": data, "nonce": nonce, "chainId": w3.eth.chain_id, "value": 0}
+    gas = max(int(w3.eth.estimate_gas(cast(TxParams, tx)) * 1.25), contract.calldata_floor_gas(data) + 60_000)
     tx.update(gas=gas, type=2, **fee_params(w3))
     tx.pop("from")
     signed = account.sign_transaction(tx)
     tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
     receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout, poll_latency=0.05)
-    if receipt["status"] != 1 or not receipt.get("contractAddress"):
+    created = receipt.get("contractAddress")
+    if receipt["status"] != 1 or not created:
         raise DeployError(f"deployment transaction {tx_hash.hex()} reverted: check the account's balance")
-    address = to_checksum_address(receipt["contractAddress"])
+    address = to_checksum_address(created)
     log.info("deployed ExecutionLedger at %s (nonce %d, block %d)", address, nonce, receipt["blockNumber"])
     return address
 

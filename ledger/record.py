@@ -91,7 +91,8 @@ class ExecutionRecord:
     @classmethod
     def from_mapping(cls, row: dict[str, Any]) -> "ExecutionRecord":
         """Build from a journal row or JSON object; extra keys are ignored."""
-        return cls(**{name: row.get(name) for name in RECORD_FIELDS})
+        fields: dict[str, Any] = {name: row.get(name) for name in RECORD_FIELDS}
+        return cls(**fields)
 
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ExecutionRecord))
@@ -125,7 +126,8 @@ def canonical_json_of(values: dict[str, Any]) -> bytes:
         else:
             fixed = {n: values.get(n) for n in RECORD_FIELDS}
             for t in _TIME_FIELDS:
-                if isinstance(fixed[t], int) and not isinstance(fixed[t], bool):
-                    fixed[t] = float(fixed[t])
+                number = fixed[t]
+                if isinstance(number, int) and not isinstance(number, bool):
+                    fixed[t] = float(number)
             return _reference_json(fixed)
     return ("{" + ",".join(parts) + "}").encode("utf-8")

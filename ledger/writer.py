@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eth_account import Account
+from eth_typing import ChecksumAddress
 from eth_utils import to_checksum_address as to_checksum
 from web3 import Web3
+from web3.types import Wei
 
 from ledger import contract
 from ledger.deploy import LedgerConfig, chain_identity, connect, ensure_deployed, fee_params, has_ledger_code
@@ -117,7 +119,7 @@ class ChainWriter:
             log.warning("coincurve is not installed: transaction signing is ~10x slower (pip install coincurve)")
 
     @property
-    def address(self) -> str:
+    def address(self) -> ChecksumAddress:
         return self.account.address
 
     @property
@@ -331,8 +333,8 @@ class ChainWriter:
         gas = self._gas_by_size.get(size)
         if gas is None:
             try:
-                estimate = self.w3.eth.estimate_gas({"from": self.address, "to": self.config.contract_address,
-                                                     "data": data, "value": 0})
+                estimate = self.w3.eth.estimate_gas({"from": self.address, "to": to_checksum(self.config.contract_address),
+                                                     "data": data, "value": Wei(0)})
             except Exception:  # noqa: BLE001 - a revert (size not increasing): reconcile decides
                 self._needs_check = True
                 raise

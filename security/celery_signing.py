@@ -609,7 +609,7 @@ class DeadLetterRecorder:
 def _delay_limited_amqp(base: type) -> type:
     """The app's AMQP class, refusing at send time an eta the receivers would refuse."""
 
-    class SignedAMQP(base):  # type: ignore[misc, valid-type]
+    class SignedAMQP(base):
         def as_task_v2(self, task_id: str, name: str, *args: Any, **kwargs: Any) -> Any:
             message = super().as_task_v2(task_id, name, *args, **kwargs)
             ctx = signing_context(self.app)
@@ -687,7 +687,7 @@ def setup_signing(app: Celery, config: SigningConfig) -> _AppContext:
     amqp_base = symbol_by_name(app.amqp_cls)
     if not getattr(amqp_base, "_edgeledger_delay_limit", False):
         app.amqp_cls = _delay_limited_amqp(amqp_base)
-        app.amqp_cls._edgeledger_delay_limit = True  # type: ignore[attr-defined]
+        app.amqp_cls._edgeledger_delay_limit = True
         app.__dict__.pop("amqp", None)  # built lazily from amqp_cls on next use
     backend = str(app.conf.result_backend or "")
     if config.rpc_reply_exchange and (backend == "rpc" or backend.startswith("rpc://")):
