@@ -76,6 +76,10 @@ class WorkerConfig:
     queue: str = "edge.ingest"
     prefetch: int = 1  # >1 lost tasks under bursts with kombu_mqtt at the time of writing (see report)
     send_timeout: float = 30.0
+    # End-to-end receipts (coordinator/receipts.py): one per agent with news at most every
+    # receipt_interval seconds, sooner after receipt_batch new readings.
+    receipt_interval: float = 5.0
+    receipt_batch: int = 200
 
 
 @dataclass
