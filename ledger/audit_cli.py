@@ -11,7 +11,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from ledger import audit
+from ledger import audit, completeness
 from ledger.audit_config import ENV, AuditConfig, ConfigError
 from ledger.journal import Journal
 
@@ -173,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
                                  verifier=audit.default_verifier(), require_anchored=args.require_anchored)
         else:
             report = audit.reconcile(journal, events, recorders)
+        per_agent = completeness.check(journal.path)  # every reading accounted for: gaps fail
+        completeness.add_findings(report, per_agent)
         if args.json:
-            print(json.dumps(report.as_dict(), indent=2))
+            print(json.dumps({**report.as_dict(), "completeness": [c.as_dict() for c in per_agent.values()]}, indent=2))
         else:
             for line in audit.summarize(report):
                 print(line)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -34,37 +33,29 @@ def test_reading_stays_until_confirmed_and_is_resent_when_due(tmp_path: Path) ->
     assert box.stats()["confirmed"] == 3 and box.unconfirmed() == 2
 
 
-class _Records(logging.Handler):
+class _Warnings:
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
         self.messages: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+    def warning(self, msg: str, *args: object) -> None:
+        self.messages.append(msg % args)
 
 
-def test_drop_is_logged_once_per_episode(tmp_path: Path) -> None:
-    seen = _Records()
-    logger = logging.getLogger("edge.agent.outbox")  # its own handler: other tests reconfigure propagation
-    logger.addHandler(seen)
-    disabled, logger.disabled = logger.disabled, False  # Celery worker tests may have disabled logging
-    level = logging.root.manager.disable
-    logging.disable(logging.NOTSET)
-    try:
-        box = Outbox(tmp_path / "o.db", "a-1", max_rows=3)
-        box.add_samples(_samples(5))
-        box.add_samples(_samples(2))
-        assert box.stats()["dropped"] == 4
-        assert sum("dropping the oldest" in m for m in seen.messages) == 1
-        for item in box.pending():
-            box.mark_sent(item.id, awaits_receipt=True)
-        box.confirm(7)  # drained: the episode is over
-        box.add_samples(_samples(4))
-        assert sum("dropping the oldest" in m for m in seen.messages) == 2
-    finally:
-        logger.removeHandler(seen)
-        logger.disabled = disabled
-        logging.disable(level)
+def test_drop_is_logged_once_per_episode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.outbox
+
+    seen = _Warnings()  # the module's logger itself: other tests reconfigure logging
+    monkeypatch.setattr(agent.outbox, "log", seen)
+    box = Outbox(tmp_path / "o.db", "a-1", max_rows=3)
+    box.add_samples(_samples(5))
+    box.add_samples(_samples(2))
+    assert box.stats()["dropped"] == 4
+    assert sum("dropping the oldest" in m for m in seen.messages) == 1
+    for item in box.pending():
+        box.mark_sent(item.id, awaits_receipt=True)
+    box.confirm(7)  # drained: the episode is over
+    box.add_samples(_samples(4))
+    assert sum("dropping the oldest" in m for m in seen.messages) == 2
 
 
 def test_ranges_and_receipt_payload(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from tests.agent.support import Proc, kill_group
 from tests.support.files import immutable
 from tests.support.prom import sample
 
-from .support import CoordinatorProcess, audit, wait_until
+from .support import CoordinatorProcess, audit, cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +143,50 @@ def test_unwritable_journal_for_20s_loses_nothing_and_recovers_by_itself(
     wait_until(lambda: len(seqs(coordinator, "rj-a")) > held + 10, 120, "ingestion resumed by itself")
     kill_group(procs.pop().proc)
     drain_and_check(coordinator, home, "rj-a", procs)
+
+
+def test_outbox_overflow_is_counted_and_visible_in_audit_and_agents(
+        coordinator: CoordinatorProcess, tmp_path: Path, procs: list[Proc]) -> None:
+    coordinator.init("ro-a").start()
+    home = enroll(coordinator, "ro-a", tmp_path / "ro-a")
+    procs.append(run_agent(home, "0.05", "run1.log", EDGE_AGENT_OUTBOX_MAX="30", EDGE_AGENT_HEARTBEAT_INTERVAL="1"))
+    wait_until(lambda: len(seqs(coordinator, "ro-a")) >= 10, 120, "streaming")
+    assert coordinator.stop() == 0  # the broker goes with it: the agent is offline
+    wait_until(lambda: agent_meta(home, "dropped") >= 20, 60, "the bounded outbox dropping the oldest readings")
+    assert (home.parent / "run1.log").read_text().count("dropping the oldest") == 1  # once per episode
+    coordinator.start()
+    kill_group(procs.pop().proc)
+    procs.append(run_agent(home, "3600", "drain.log", EDGE_AGENT_HEARTBEAT_INTERVAL="1"))
+    wait_until(lambda: outbox(home)[0] == 0, 180, "every kept reading confirmed")
+    dropped, last = agent_meta(home, "dropped"), outbox(home)[1]
+
+    def listed() -> dict:
+        out = cli("agents", "--data-dir", str(coordinator.data_dir), "--json")
+        return {a["agent_id"]: a for a in json.loads(out.stdout)}["ro-a"]
+
+    wait_until(lambda: listed()["dropped"] == dropped and listed()["unconfirmed"] == 0, 60,
+               "the heartbeat's dropped/unconfirmed counts in `agents`")
+    row = listed()
+    stored = len(seqs(coordinator, "ro-a"))
+    # every seq is stored or missing; a missing one is one the agent dropped (it may also have
+    # dropped a few the coordinator had already journaled, before their receipt came)
+    assert stored + row["gaps"] == last and 0 < row["gaps"] <= dropped
+    table = cli("agents", "--data-dir", str(coordinator.data_dir)).stdout
+    assert "GAPS" in table and "DROPPED" in table
+
+    verified = audit(coordinator.data_dir, "--json", "verify", "--no-signatures", "--quiet")
+    assert verified.returncode == 1, verified.stdout + verified.stderr  # gaps fail the audit
+    report = json.loads(verified.stdout)
+    (agent,) = [c for c in report["completeness"] if c["agent_id"] == "ro-a"]
+    assert agent["missing"] == row["gaps"] and agent["dropped"] == dropped and agent["stored"] == stored
+    kinds = [f["kind"] for f in report["findings"]]
+    assert "seq_gap" in kinds and "readings_dropped" in kinds
+
+
+def agent_meta(home: Path, key: str) -> int:
+    db = sqlite3.connect(f"file:{home / 'outbox.sqlite3'}?mode=ro", uri=True, timeout=30)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        db.close()
