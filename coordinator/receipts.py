@@ -126,7 +126,7 @@ class ReceiptBook:
 class ReceiptSender:
     """Thread: every `interval` s (or on a full batch) sends the pending receipts, signed."""
 
-    def __init__(self, book: ReceiptBook, make_app: Callable[[], Any], interval: float = 5.0) -> None:
+    def __init__(self, book: ReceiptBook, make_app: Callable[[], Any], interval: float = 6.0) -> None:
         self.book = book
         self.make_app = make_app
         self.interval = interval
