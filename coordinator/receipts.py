@@ -111,7 +111,13 @@ class ReceiptBook:
         for agent, seqs in news.items():
             ranges = self._ranges.get(agent)
             if ranges is None:  # first news from this agent since start: load what is journaled
-                ranges = self._ranges[agent] = journaled_ranges(self.journal_path, agent)
+                try:
+                    ranges = self._ranges[agent] = journaled_ranges(self.journal_path, agent)
+                except sqlite3.Error as exc:  # journal unreadable right now: keep the news for next round
+                    log.warning("cannot read %s for %s's receipt (%s): retrying next round", self.journal_path, agent, exc)
+                    with self._lock:
+                        self._news.setdefault(agent, []).extend(seqs)
+                    continue
             for seq in seqs:
                 add_seq(ranges, seq)
             out.append(make_receipt(agent, ranges))
@@ -155,7 +161,10 @@ class ReceiptSender:
                 self.book.wake.wait(self.interval)
                 if self._stop.is_set():
                     break
-                self.send_due(app)
+                try:
+                    self.send_due(app)
+                except Exception:  # noqa: BLE001 - the thread must outlive one bad round
+                    log.exception("sending receipts failed; retrying next round")
         finally:
             app.close()
 
