@@ -164,11 +164,17 @@ class Outbox:
     # -- sending -------------------------------------------------------
     def pending(self, limit: int = 200, now: float | None = None) -> list[OutboxItem]:
         """Due to be published, oldest first (the send order is the store order): never
-        published, or published `resend_after` ago without a receipt."""
-        due = (time.time() if now is None else now) - self.resend_after
+        published, or published `resend_after` ago without a receipt. While receipts keep
+        coming (the coordinator is alive, maybe just behind), only readings below the
+        highest confirmed seq are re-sent (those were lost on the way): re-sending all
+        of a busy coordinator's backlog would only deepen it."""
+        now = time.time() if now is None else now
+        due = now - self.resend_after
+        quiet = float(self.get_meta("last_receipt_at", "0")) <= due
+        below = int(self.get_meta("max_confirmed_seq", "0"))
         rows = self.db.execute(
-            "SELECT id, task_name, task_id, kwargs, created_at FROM outbox WHERE sent_at IS NULL OR sent_at <= ? "
-            "ORDER BY id LIMIT ?", (due, limit)
+            "SELECT id, task_name, task_id, kwargs, created_at FROM outbox WHERE sent_at IS NULL OR "
+            "(sent_at <= ? AND (? OR seq < ?)) ORDER BY id LIMIT ?", (due, quiet, below, limit)
         ).fetchall()
         return [OutboxItem(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
 
@@ -195,15 +201,23 @@ class Outbox:
                                      (INGEST_TASK, lo, hi)).rowcount
             if n:
                 self._bump("confirmed", n)
-                self.set_meta("confirmed_upto", max(upto, int(self.get_meta("confirmed_upto", "0"))))
+            top = max([upto, *(hi for _, hi in held)])
+            self.set_meta("max_confirmed_seq", max(top, int(self.get_meta("max_confirmed_seq", "0"))))
+            self.set_meta("last_receipt_at", repr(time.time()))
             if self.get_meta("dropping", "0") == "1" and self._count() < self.max_rows:
                 self.set_meta("dropping", "0")  # the episode is over: log the next one again
         return n
 
     def next_resend_at(self) -> float | None:
-        """Wall-clock time the oldest unconfirmed reading is due again, None if there is none."""
-        row = self.db.execute("SELECT MIN(sent_at) FROM outbox WHERE sent_at IS NOT NULL").fetchone()
-        return None if row[0] is None else float(row[0]) + self.resend_after
+        """Wall-clock time the next unconfirmed reading is due again (see `pending`), None if none."""
+        oldest = self.db.execute("SELECT MIN(sent_at) FROM outbox WHERE sent_at IS NOT NULL").fetchone()[0]
+        if oldest is None:
+            return None
+        below = int(self.get_meta("max_confirmed_seq", "0"))
+        low = self.db.execute("SELECT MIN(sent_at) FROM outbox WHERE sent_at IS NOT NULL AND seq < ?", (below,)).fetchone()[0]
+        quiet_at = float(self.get_meta("last_receipt_at", "0")) + self.resend_after
+        first = max(float(oldest) + self.resend_after, quiet_at)
+        return first if low is None else min(first, float(low) + self.resend_after)
 
     def _count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]

@@ -29,8 +29,14 @@ def test_reading_stays_until_confirmed_and_is_resent_when_due(tmp_path: Path) ->
     due = first_due + 1.0  # all five were published within a second
     assert [i.kwargs["reading"]["seq"] for i in box.pending(now=due)] == [1, 2, 3, 4, 5]
     assert box.confirm(2, [(4, 4)]) == 3
-    assert [i.kwargs["reading"]["seq"] for i in box.pending(now=due)] == [3, 5]
+    box.set_meta("last_receipt_at", repr(due))  # as if that receipt came just now, at `due`
+    # receipts are coming: only 3 (below the highest confirmed seq 4: lost on the way) is re-sent
+    assert [i.kwargs["reading"]["seq"] for i in box.pending(now=due)] == [3]
     assert box.stats()["confirmed"] == 3 and box.unconfirmed() == 2
+    nxt = box.next_resend_at()
+    assert nxt is not None and nxt <= due  # seq 3 is due now ...
+    later = due + 30.0
+    assert [i.kwargs["reading"]["seq"] for i in box.pending(now=later)] == [3, 5]  # ... all once receipts stop
 
 
 class _Warnings:
