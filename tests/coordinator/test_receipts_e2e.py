@@ -61,6 +61,8 @@ def drain_and_check(coordinator: CoordinatorProcess, home: Path, agent: str, pro
     assert coordinator.query("SELECT COUNT(*) FROM executions WHERE task_name = 'edge.ingest' AND agent_id = ?",
                              (agent,)) == [(last,)]
     assert only_byte_identical_replays_refused(coordinator.data_dir)
+    # receipts are pushes like update_crl: the agent answers none of them with a command result
+    assert coordinator.query("SELECT COUNT(*) FROM executions WHERE task_name = 'edge.command_result'") == [(0,)]
     return last
 
 
