@@ -178,6 +178,11 @@ def register_tasks(app: Celery, runtime: AgentRuntime) -> None:
     def update_crl(crl_pem: str) -> dict:
         return runtime.update_crl(crl_pem)
 
+    # Not in COMMANDS either: the coordinator's end-to-end receipt (coordinator/receipts.py).
+    @app.task(name="edge.agent.receipt", shared=False, ignore_result=True)
+    def receipt(receipt: dict) -> dict:
+        return runtime.apply_receipt(receipt)
+
     def report(sender: Any = None, task_id: str | None = None, task: Any = None, retval: Any = None,
                state: str | None = None, **_: Any) -> None:
         if task is None or task.app is not app or task.name not in COMMANDS or task_id is None:

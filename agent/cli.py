@@ -128,7 +128,8 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
         finally:
             box.close()
     else:
-        out["outbox"] = {"backlog": 0, "next_seq": 1, "sent": 0, "dropped": 0, "last_flush_at": None}
+        out["outbox"] = {"backlog": 0, "unconfirmed": 0, "next_seq": 1, "sent": 0, "confirmed": 0, "dropped": 0,
+                         "last_flush_at": None}
         out["interval"] = cfg.interval
     return out
 
@@ -160,7 +161,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"REVOKED:      {st['revoked'].get('detail') or st['revoked'].get('reason')} (since {_fmt_time(st['revoked'].get('at'))})")
         print(f"              `run` refuses to start: {FIX}")
     print(f"interval:     {st['interval']}s")
-    print(f"outbox:       {box['backlog']} waiting, {box['sent']} sent, {box['dropped']} dropped, next seq {box['next_seq']}")
+    print(f"outbox:       {box['backlog']} waiting, {box.get('unconfirmed', 0)} sent awaiting a receipt, {box['sent']} sent, "
+          f"{box['dropped']} dropped, next seq {box['next_seq']}")
     print(f"last flush:   {_fmt_time(box['last_flush_at'])}")
     return 0
 

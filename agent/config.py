@@ -49,6 +49,9 @@ class AgentConfig:
     broker_heartbeat: float = 60.0  # MQTT keepalive; one PINGREQ per interval when idle
     outbox_max: int = 100_000  # rows kept while offline; oldest dropped beyond
     flush_batch: int = 200  # rows read per flush round
+    # A reading leaves the outbox only on the coordinator's signed receipt (it journaled it);
+    # one still unconfirmed this many seconds after its publish is sent again (deduped there).
+    resend_after: float = 60.0
     backoff_min: float = 0.5  # first retry delay after a failed flush (jittered)
     backoff_max: float = 30.0
     publish_timeout: float = 10.0  # seconds to wait for a PUBACK
@@ -91,7 +94,7 @@ class AgentConfig:
 
     # -- validation ----------------------------------------------------
     def _check_values(self) -> None:
-        for name in ("interval", "broker_heartbeat", "backoff_min", "backoff_max", "publish_timeout"):
+        for name in ("interval", "broker_heartbeat", "backoff_min", "backoff_max", "publish_timeout", "resend_after"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise AgentError(f"config {name}={value!r} must be a positive number of seconds")

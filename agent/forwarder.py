@@ -9,9 +9,12 @@ Publishing from the worker's own connection is not possible (the solo pool may b
 running a command), so the flusher owns a separate producer connection (a unique,
 clean MQTT session), closed when it would otherwise sit idle past a keepalive.
 
-Order: rows leave in store order; a row is deleted only after its publish returned,
-i.e. after the broker's PUBACK. On failure the connection is dropped and the flush is
-retried after a jittered exponential backoff; new samples keep accumulating meanwhile.
+Order: rows leave in store order; a row is marked published only after its publish
+returned, i.e. after the broker's PUBACK. With `await_receipts` a reading stays until
+the coordinator's receipt (Outbox.confirm, called by the worker thread) and the
+flusher wakes again when the oldest unconfirmed one is due for a re-send. On failure
+the connection is dropped and the flush is retried after a jittered exponential
+backoff; new samples keep accumulating meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import sqlite3
 import threading
 import time
 from typing import Any, Callable
+
+from security.contract import INGEST_TASK
 
 from .outbox import Outbox
 from .sensors import Sensor
@@ -67,6 +72,7 @@ class Forwarder:
         heartbeat: Callable[[Outbox], None] | None = None,
         heartbeat_interval: float = 0.0,
         on_idle: Callable[[], object] | None = None,
+        await_receipts: bool = False,
     ) -> None:
         self.outbox_factory = outbox_factory
         self.sensors = sensors
@@ -79,6 +85,8 @@ class Forwarder:
         self.heartbeat = heartbeat
         self.heartbeat_interval = heartbeat_interval if heartbeat is not None else 0.0
         self.on_idle = on_idle  # called when the flusher goes to sleep for longer than a keepalive
+        self.await_receipts = await_receipts  # readings leave on the coordinator's receipt, not on PUBACK
+        self.next_resend: float | None = None  # monotonic time an unconfirmed reading is due again
         self._kick = threading.Event()  # wakes the flusher
         self._tick = threading.Event()  # wakes the sampler (interval changed, stop)
         self._stopping = threading.Event()
@@ -175,7 +183,8 @@ class Forwarder:
                         self.reset_connection()
                         if self.on_idle is not None:
                             self.on_idle()
-                timeout = None if retry_at is None else max(0.0, retry_at - time.monotonic())
+                wake = retry_at if retry_at is not None else self.next_resend
+                timeout = None if wake is None else max(0.0, wake - time.monotonic())
                 if self._kick.wait(timeout):
                     self._kick.clear()
         finally:
@@ -183,7 +192,9 @@ class Forwarder:
             self.reset_connection()
 
     def flush(self, outbox: Outbox) -> float | None:
-        """Send the backlog in order. Returns None when empty, else when to retry.
+        """Send the backlog in order. Returns None when empty, else when to retry (after a
+        failed publish). Sets `next_resend` (monotonic) to when the oldest unconfirmed
+        reading is due again, None if none is.
 
         Publish failures never escape; outbox (sqlite3) errors do, to the loop."""
         sent = 0
@@ -206,10 +217,12 @@ class Forwarder:
                     self._online = False
                     self.reset_connection()
                     return time.monotonic() + delay
-                outbox.mark_sent(item.id)
+                outbox.mark_sent(item.id, awaits_receipt=self.await_receipts and item.task_name == INGEST_TASK)
                 sent += 1
         if not self._online:
             log.warning("broker reachable again: %d rows sent", sent)
         self._online = True
         self.backoff.reset()
+        due = outbox.next_resend_at() if self.await_receipts else None
+        self.next_resend = None if due is None else time.monotonic() + max(0.0, due - time.time())
         return None

@@ -99,18 +99,19 @@ class AgentRuntime:
         self._probe_lock = threading.Lock()
         self._revoked_lock = threading.Lock()
         self._watch: ConsumerRefusalWatch | None = None
+        self.on_receipt: Any = None  # hook (bench): called with (receipt, rows deleted) after a receipt
 
     def outbox(self) -> Outbox:
         """This thread's outbox connection (sqlite3 connections are per thread)."""
         box = getattr(self._local, "outbox", None)
         if box is None:
-            box = self._local.outbox = Outbox(self.cfg.outbox_file, self.cfg.agent_id, self.cfg.outbox_max)
+            box = self._local.outbox = Outbox(self.cfg.outbox_file, self.cfg.agent_id, self.cfg.outbox_max, self.cfg.resend_after)
         return box
 
     # -- lifecycle ------------------------------------------------------
     def start(self) -> None:
         self.forwarder = Forwarder(
-            outbox_factory=lambda: Outbox(self.cfg.outbox_file, self.cfg.agent_id, self.cfg.outbox_max),
+            outbox_factory=lambda: Outbox(self.cfg.outbox_file, self.cfg.agent_id, self.cfg.outbox_max, self.cfg.resend_after),
             sensors=self.sensors,
             interval=self.interval,
             publish=self.publish,
@@ -121,6 +122,7 @@ class AgentRuntime:
             heartbeat=self.store_heartbeat if self.cfg.heartbeat_interval > 0 else None,
             heartbeat_interval=self.cfg.heartbeat_interval,
             on_idle=trim,  # long idle ahead: hand freed heap pages back (agent.memory)
+            await_receipts=True,  # a reading leaves only on the coordinator's signed receipt
         )
         self.forwarder.start()
         self._watch = ConsumerRefusalWatch(self._check_refusal)
@@ -234,6 +236,34 @@ class AgentRuntime:
         return {"installed": replaced, "revoked_serials": len(list(crl)),
                 "next_update": next_update.isoformat() if next_update else None}
 
+    def apply_receipt(self, receipt: Any) -> dict:
+        """Delete the readings the coordinator's receipt (edge.agent.receipt) says it journaled.
+
+        The signing layer already checked the signer is the coordinator; fail closed on
+        anything else odd: a receipt for another agent, or one confirming seqs this agent
+        never stored (a confused or forged count must not delete unsent readings)."""
+        self.require_fresh_crl()
+        if not isinstance(receipt, dict) or receipt.get("agent_id") != self.cfg.agent_id:
+            raise AgentError(f"receipt refused: it is for {receipt.get('agent_id') if isinstance(receipt, dict) else receipt!r}, "
+                             f"not this agent {self.cfg.agent_id!r}")
+        box = self.outbox()
+        last = int(box.get_meta("next_seq", "1")) - 1
+        upto, held = receipt.get("upto"), receipt.get("held") or []
+
+        def seq_ok(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= last
+
+        if not seq_ok(upto) or not isinstance(held, list) or not all(
+                isinstance(r, list) and len(r) == 2 and seq_ok(r[0]) and seq_ok(r[1]) and r[0] <= r[1] for r in held):
+            raise AgentError(f"receipt refused: seqs outside 0..{last} (what this agent sent): upto={upto!r} held={held!r}")
+        deleted = box.confirm(upto, [(lo, hi) for lo, hi in held])
+        # (bench/e2e.py reads this line for the sample -> receipt latency)
+        log.info("receipt verified: upto %d, %d ranges above, %d readings confirmed, at %.6f",
+                 upto, len(held), deleted, time.time())
+        if self.on_receipt is not None:
+            self.on_receipt(receipt, deleted)
+        return {"confirmed": deleted, "upto": upto}
+
     def reset_connection(self) -> None:
         conn, self._conn, self._producer = self._conn, None, None
         if conn is not None:
@@ -300,6 +330,8 @@ class AgentRuntime:
         status = {
             "agent_id": self.cfg.agent_id,
             "outbox_backlog": outbox.backlog(),
+            "unconfirmed": outbox.unconfirmed(),  # published, no receipt yet
+            "dropped": int(outbox.get_meta("dropped", "0")),  # lost to the outbox bound, ever
             "interval": self.interval,
             "version": agent_version(),
             "sent_at": now,

@@ -11,6 +11,13 @@ the reading with sqlite-utils, WAL + synchronous=FULL, acks_late, solo pool, pre
 without signing, TLS or ledger. Latency: sampled_at -> stored.
 
     .venv/bin/python bench/e2e.py [--agents 3] [--per-agent 1000]
+    .venv/bin/python bench/e2e.py --only flood      # edgeledger flood throughput alone
+    .venv/bin/python bench/e2e.py --only receipts   # receipt latency alone
+
+Receipt latency (phase 5): one real `edge-agent run` sampling every 0.2 s against a
+fresh coordinator; per reading, its `sampled_at` -> the agent verified the signed
+receipt covering it (the agent's "receipt verified ... at T" log line). Bounded below
+by the coordinator's receipt batching (worker.receipt_interval, default 6 s).
 """
 
 from __future__ import annotations
@@ -135,6 +142,79 @@ def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.
         log.close()
 
 
+# -- receipts: sample -> receipt verified on a real agent ------------------------------------
+def start_coordinator(data: Path, base: Path, agents: list[str]) -> tuple[subprocess.Popen, int]:
+    cli = [PY, "-m", "coordinator.cli"]
+    http = free_port()
+    subprocess.run([*cli, "init", "--data-dir", str(data), "--broker-port", str(free_port()), "--chain-port",
+                    str(free_port()), "--http-port", str(http)], check=True, capture_output=True, cwd=ROOT)
+    for n in agents:
+        subprocess.run([*cli, "enroll", "--data-dir", str(data), "--bundle", n], check=True, capture_output=True, cwd=ROOT)
+    log = open(base / "coordinator-receipts.log", "ab")
+    daemon = subprocess.Popen([*cli, "run", "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=ROOT, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as r:
+                if json.loads(r.read())["ok"]:
+                    return daemon, http
+        except OSError:
+            pass
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            daemon.kill()
+            raise SystemExit("bench: coordinator did not start; see " + str(base / "coordinator-receipts.log"))
+        time.sleep(0.2)
+
+
+def run_receipts(base: Path, count: int, interval: float) -> dict:
+    data, home = base / "coord-receipts", base / "agent-receipts"
+    daemon, _ = start_coordinator(data, base, ["bench-r"])
+    agent = None
+    log_path = base / "agent-receipts.log"
+    try:
+        subprocess.run([PY, "-m", "agent", "--data-dir", str(home), "enroll", "--bundle", str(data / "bundles" / "bench-r")],
+                       check=True, capture_output=True, cwd=ROOT)
+        with open(log_path, "ab") as log:
+            agent = subprocess.Popen([PY, "-m", "agent", "--data-dir", str(home), "run", "--interval", str(interval),
+                                      "--log-level", "INFO"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     start_new_session=True, env={**os.environ, "EDGE_AGENT_HEARTBEAT_INTERVAL": "0"})
+        started = time.monotonic()
+        journal = data / "journal.db"
+
+        def receipts() -> list[tuple[int, float]]:
+            out = []
+            for line in log_path.read_text(errors="replace").splitlines():
+                if "receipt verified: upto " in line:
+                    upto = int(line.split("upto ")[1].split(",")[0])
+                    out.append((upto, float(line.rsplit(" at ", 1)[1])))
+            return out
+
+        def confirmed() -> int:
+            got = receipts()
+            return max((u for u, _ in got), default=0)
+
+        wait_for(lambda: confirmed() >= count, 170 + count * interval, "receipts", "receipts confirmed", count,
+                 started, confirmed)
+        got = receipts()
+        sampled = dict(query(journal, "SELECT seq, sampled_at FROM readings WHERE agent_id = 'bench-r'"))
+        lat = []
+        for seq in range(1, count + 1):
+            at = min(t for u, t in got if u >= seq)
+            lat.append(at - sampled[seq])
+        return {"readings": count, "receipts": len([g for g in got if g[0] <= count + 50]),
+                "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "seconds": time.monotonic() - started}
+    finally:
+        for proc in (agent, daemon):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
 # -- peer: plain Celery over Redis ---------------------------------------------------------
 def redis_app(url: str):
     from celery import Celery
@@ -236,9 +316,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", type=int, default=3, help="publisher processes (default 3)")
     p.add_argument("--per-agent", type=int, default=1000, help="readings per publisher (default 1000)")
+    p.add_argument("--only", choices=("flood", "receipts"), help="run one phase alone")
+    p.add_argument("--receipt-readings", type=int, default=100, help="readings for the receipt latency (default 100)")
     args = p.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     paced_n, paced_gap = 150, 0.05
+    receipt_gap = 0.2
+    if args.only:
+        try:
+            if args.only == "flood":
+                o = run_edgeledger(base, args.agents, args.per_agent)
+                print(f"flood: {o['readings']} readings journaled+anchored in {o['seconds']:.1f}s = {o['rate']:.0f}/s; "
+                      f"sample -> journaled p50 {o['journal_p50']*1e3:.0f} ms")
+            else:
+                print_receipts(run_receipts(base, args.receipt_readings, receipt_gap), receipt_gap)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return 0
     try:
         print(f"[1/4] edgeledger, flood: {args.agents} signed publishers x {args.per_agent} readings -> TLS MQTT -> coordinator -> anvil", flush=True)
         ours = run_edgeledger(base, args.agents, args.per_agent)
@@ -248,6 +342,8 @@ def main() -> int:
         ours_paced = run_edgeledger(base, args.agents, paced_n, paced_gap)
         print(f"[4/4] peer, paced: {args.agents} x {paced_n} readings, one every {paced_gap:g}s per publisher", flush=True)
         peer_paced = run_redis(base, args.agents, paced_n, paced_gap)
+        print(f"[5/5] receipts: one edge-agent run x {args.receipt_readings} readings, one every {receipt_gap:g}s", flush=True)
+        receipts = run_receipts(base, args.receipt_readings, receipt_gap)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     for title, o, r in (("flood (throughput; latency includes queueing)", ours, peer),
@@ -261,7 +357,15 @@ def main() -> int:
         print(f"  ratios edgeledger/peer: throughput {o['rate'] / r['rate']:.2f}x, p50 on-chain/stored {o['chain_p50'] / r['p50']:.1f}x, "
               f"p50 journaled/stored {o['journal_p50'] / r['p50']:.1f}x")
         print(f"  chain: {o['transactions']} transactions for {o['readings']} records ({o['readings'] / max(1, o['transactions']):.0f} per recordBatch)")
+    print()
+    print_receipts(receipts, receipt_gap)
     return 0
+
+
+def print_receipts(r: dict, gap: float) -> None:
+    print(f"receipts ({1 / gap:.0f} readings/s from one real agent): sample -> signed receipt verified on the agent")
+    print(f"  readings {r['readings']}, receipts {r['receipts']} ({r['readings'] / max(1, r['receipts']):.0f} readings per receipt), "
+          f"p50 {r['p50']*1e3:.0f} ms, p99 {r['p99']*1e3:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -5,18 +5,32 @@ acked only after its journal transaction committed, so a crash redelivers it and
 journal's unique task id makes the second run a no-op. The solo pool runs tasks in
 the main thread, so a warm shutdown (SIGTERM) finishes the current task and leaves
 the rest unacked in the broker's persistent session.
+
+A task whose journal write fails is never acked (`task_acks_on_failure_or_timeout`
+off): it goes back to the broker (`Reject(requeue=True)`, after a short pause and with
+its replay-guard entry released so the redelivery passes), is counted in
+`edgeledger_journal_write_failures_total`, and ingestion resumes by itself once the
+journal is writable again. The agent keeps the reading anyway until its receipt.
 """
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+import threading
 import time
 from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import Reject
 
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
 from .ingest import COMMAND_RESULT, HEARTBEAT, INGEST, Ingestor, TaskContext
+
+log = logging.getLogger("edgeledger.coordinator.ingest")
+
+JOURNAL_RETRY_PAUSE = 1.0  # seconds before a task the journal refused goes back to the broker
 
 
 def ssl_options(cfg: CoordinatorConfig) -> dict[str, str]:
@@ -39,6 +53,7 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
     """A signing Celery app. `consumer=True` for the ingest worker (stable MQTT session)."""
     require_mqtt_transport()
     from security.celery_signing import SigningConfig, setup_signing
+    from security.contract import RESENDABLE_TASKS
     from security.policy import coordinator_policy
     from security.signing import SigningError
     from security.pki import PKIError
@@ -55,7 +70,7 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
         broker_connection_max_retries=None,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
+        task_acks_on_failure_or_timeout=False,  # a failed journal write must not ack (see module doc)
         worker_prefetch_multiplier=max(1, cfg.worker.prefetch),
         worker_concurrency=1,
         worker_pool="solo",
@@ -76,6 +91,7 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
         # agents may cause only edge.ingest / edge.command_result / edge.heartbeat, under
         # their own contract ids, with no callbacks or canvas (security.policy)
         policy=coordinator_policy(cfg.identity),
+        resend_tasks=RESENDABLE_TASKS,  # re-sends are deduped by the journal's unique task id
     )
     try:
         setup_signing(app, signing)
@@ -109,9 +125,40 @@ def _cert_not_after(pem: str, cache: dict[str, float]) -> float | None:
     return value
 
 
+class JournalOutage:
+    """Logs a journal outage once per episode (with the fix) and counts every refused write."""
+
+    def __init__(self, ingestor: Ingestor) -> None:
+        self.ingestor = ingestor
+        self.failing = False
+        self._wake = threading.Event()  # never set: a pause that is not a bare sleep
+
+    def failed(self, app: Celery, task: Any, signer: Any, exc: sqlite3.Error) -> Reject:
+        from security.celery_signing import replay_key, signing_context
+
+        self.ingestor.metrics.inc("edgeledger_journal_write_failures_total", task=task.name)
+        if not self.failing:
+            self.failing = True
+            log.error(
+                "journal %s cannot be written (%s): tasks stay in the broker and are retried every %.0fs. "
+                "Fix: free disk space, make the file and its -wal/-shm writable (chattr -i, permissions), "
+                "or stop whatever holds its write lock", self.ingestor.journal.path, exc, JOURNAL_RETRY_PAUSE)
+        ctx = signing_context(app)
+        if ctx is not None:  # let the requeued copy of this very envelope pass the replay guard
+            ctx.guard.release(replay_key(signer.agent_id, task.request.id, task.request.retries), signer.envelope_digest)
+        self._wake.wait(JOURNAL_RETRY_PAUSE)  # do not spin on a journal that stays unwritable
+        return Reject(f"journal unwritable: {exc}", requeue=True)
+
+    def ok(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.warning("journal %s is writable again: ingestion resumed", self.ingestor.journal.path)
+
+
 def register_tasks(app: Celery, ingestor: Ingestor) -> None:
     """edge.ingest / edge.command_result / edge.heartbeat, all executed by `ingestor`."""
     not_after: dict[str, float] = {}
+    outage = JournalOutage(ingestor)
 
     def execute(task: Any, name: str, payload: Any) -> dict[str, Any]:
         signer = getattr(task.request, "signer", None)
@@ -124,7 +171,12 @@ def register_tasks(app: Celery, ingestor: Ingestor) -> None:
             received_at=_received.pop(task.request.id, time.time()),
             cert_not_after=_cert_not_after(signer.certificate_pem, not_after),
         )
-        return ingestor.run(ctx, payload)
+        try:
+            result = ingestor.run(ctx, payload)
+        except sqlite3.Error as exc:  # journal unwritable: back to the broker, never acked
+            raise outage.failed(app, task, signer, exc) from None
+        outage.ok()
+        return result
 
     @app.task(name=INGEST, bind=True, ignore_result=True, acks_late=True)
     def ingest(self: Any, reading: Any = None) -> dict[str, Any]:

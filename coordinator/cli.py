@@ -302,10 +302,13 @@ def cmd_agents(args: argparse.Namespace) -> int:
     if not views:
         print("no agents enrolled: edge-coordinator enroll CSR (or --bundle NAME)")
         return 0
-    print(f"{'AGENT':<20} {'STATUS':<10} {'LAST SEEN (UTC)':<20} {'CERT EXPIRES':<20} {'BACKLOG':>7} {'READINGS':>8}")
+    print(f"{'AGENT':<20} {'STATUS':<10} {'LAST SEEN (UTC)':<20} {'CERT EXPIRES':<20} {'BACKLOG':>7} {'READINGS':>8}"
+          f" {'GAPS':>6} {'DROPPED':>7} {'UNCONFIRMED':>11}")
     for v in views:
         backlog = "-" if v.outbox_backlog is None else str(v.outbox_backlog)
-        print(f"{v.agent_id:<20} {v.status:<10} {_when(v.last_seen):<20} {_when(v.cert_not_after):<20} {backlog:>7} {v.readings:>8}")
+        gaps, dropped, unconfirmed = ("-" if n is None else str(n) for n in (v.gaps, v.dropped, v.unconfirmed))
+        print(f"{v.agent_id:<20} {v.status:<10} {_when(v.last_seen):<20} {_when(v.cert_not_after):<20} {backlog:>7} {v.readings:>8}"
+              f" {gaps:>6} {dropped:>7} {unconfirmed:>11}")
     return 0
 
 

@@ -78,6 +78,10 @@ class WorkerConfig:
     queue: str = "edge.ingest"
     prefetch: int = 1  # tasks held unacked by the solo worker; each is committed on its own (no batching yet)
     send_timeout: float = 30.0
+    # End-to-end receipts (coordinator/receipts.py): one per agent with news at most every
+    # receipt_interval seconds, sooner after receipt_batch new readings.
+    receipt_interval: float = 6.0  # <= 5 receipts per 30 s to a busy agent
+    receipt_batch: int = 200
 
 
 @dataclass

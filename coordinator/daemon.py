@@ -301,8 +301,13 @@ class Coordinator:
         from .celery_app import make_app, register_tasks
         from .ingest import Ingestor
 
+        from .receipts import ReceiptBook, ReceiptSender
+
         app = make_app(self.cfg, consumer=True)
-        register_tasks(app, Ingestor(self.journal, self.metrics))
+        book = ReceiptBook(self.cfg.journal_path, batch=self.cfg.worker.receipt_batch)
+        receipts = ReceiptSender(book, lambda: make_app(self.cfg, consumer=False), self.cfg.worker.receipt_interval)
+        receipts.start(ready=self.worker_ready)
+        register_tasks(app, Ingestor(self.journal, self.metrics, on_reading=book.note))
         coordinator = self
 
         class Worker(CeleryWorker):
@@ -325,8 +330,11 @@ class Coordinator:
             loglevel=loglevel, quiet=True, queues=[self.cfg.worker.queue],
             without_heartbeat=True, without_mingle=True, without_gossip=True, redirect_stdouts=False,
         )
-        worker.start()
-        self.worker_ready.clear()
+        try:
+            worker.start()
+        finally:
+            self.worker_ready.clear()
+            receipts.stop()
 
     # -- stop -----------------------------------------------------------------------
     def stop(self, flush_timeout: float = 30.0) -> None:

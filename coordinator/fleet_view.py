@@ -98,7 +98,8 @@ def gather(
         for t in times:
             buckets[min(PLOT_BUCKETS - 1, max(0, int((t - plot_start) // plot_step)))] += 1
         recent = sum(1 for t in times_by_agent[view.agent_id] if t >= now - RATE_WINDOW)
-        rows.append(AgentRow(view=view, readings_per_min=recent * 60.0 / RATE_WINDOW))
+        rows.append(AgentRow(view=view, readings_per_min=recent * 60.0 / RATE_WINDOW, gaps=view.gaps,
+                             dropped=view.dropped))
         if times:
             series[view.agent_id] = buckets
     journaled, anchored = activity_since(journal, now - RATE_WINDOW) if have_journal else (0, 0)

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import sqlite_utils
 
@@ -139,9 +139,13 @@ def _check_command_result(db: sqlite_utils.Database, agent_id: str, result: Any)
 class Ingestor:
     """Runs edge.ingest / edge.command_result / edge.heartbeat against the journal."""
 
-    def __init__(self, journal: Journal, metrics: Metrics) -> None:
+    def __init__(self, journal: Journal, metrics: Metrics,
+                 on_reading: Callable[[str, int], None] | None = None) -> None:
         self.journal = journal
         self.metrics = metrics
+        # Told (agent_id, seq) once a reading is durably journaled, new or duplicate:
+        # the receipt sender (coordinator/receipts.py) confirms it to the agent.
+        self.on_reading = on_reading
         with journal.transaction() as db:
             ensure_schema(db)
 
@@ -186,11 +190,14 @@ class Ingestor:
             inserted = self.journal.append(
                 record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem, salt=salt
             )
-            if not inserted:
-                self.metrics.inc("edgeledger_tasks_duplicate_total", task=ctx.task_name)
-                return {**result, "duplicate": True}
-            if status != "REJECTED":
+            if inserted and status != "REJECTED":
                 self._apply(db, ctx, payload)
+        # committed: from here on the reading survives a crash, so it may be confirmed
+        if status == "SUCCESS" and ctx.task_name == INGEST and self.on_reading is not None:
+            self.on_reading(ctx.signer.agent_id, int(payload["seq"]))
+        if not inserted:
+            self.metrics.inc("edgeledger_tasks_duplicate_total", task=ctx.task_name)
+            return {**result, "duplicate": True}
         self.metrics.observe("edgeledger_ingest_latency_seconds", max(0.0, time.time() - ctx.received_at),
                              task=ctx.task_name)
         if status != "REJECTED":

@@ -104,6 +104,10 @@ class Metrics:
             "edgeledger_tasks_refused_total",
             "Authentic tasks journaled as REJECTED, by reason (signature refusals: edgeledger_signing_refusals_total)",
             ["reason"], registry=r)
+        self.journal_write_failures = Counter(
+            "edgeledger_journal_write_failures_total",
+            "Tasks put back to the broker because the journal could not be written, by task name",
+            ["task"], registry=r)
         self.ingest_latency = Histogram(
             "edgeledger_ingest_latency_seconds", "From the worker taking a task to its journal commit, by task name",
             ["task"], buckets=INGEST_BUCKETS, registry=r)
@@ -111,7 +115,8 @@ class Metrics:
             "edgeledger_anchor_latency_seconds", "From journal append to on-chain confirmation, per journal row",
             buckets=ANCHOR_BUCKETS, registry=r)
         for task in TASKS:
-            for metric in (self.tasks_received, self.tasks_executed, self.tasks_duplicate, self.ingest_latency):
+            for metric in (self.tasks_received, self.tasks_executed, self.tasks_duplicate, self.ingest_latency,
+                           self.journal_write_failures):
                 metric.labels(task=task)
         for reason in EXECUTION_REFUSALS:
             self.tasks_refused.labels(reason=reason)
@@ -125,6 +130,7 @@ class Metrics:
             "edgeledger_tasks_executed_total": self.tasks_executed,
             "edgeledger_tasks_duplicate_total": self.tasks_duplicate,
             "edgeledger_tasks_refused_total": self.tasks_refused,
+            "edgeledger_journal_write_failures_total": self.journal_write_failures,
             "edgeledger_ingest_latency_seconds": self.ingest_latency,
             "edgeledger_anchor_latency_seconds": self.anchor_latency,
         }

@@ -37,9 +37,16 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
                 "version": str,
                 "readings": int,
                 "last_seq": int,
+                "dropped": int,
+                "unconfirmed": int,
             },
             pk="agent_id",
         )
+    else:
+        columns = db[AGENTS].columns_dict
+        for name in ("dropped", "unconfirmed"):  # journals from before the heartbeat reported them
+            if name not in columns:
+                db[AGENTS].add_column(name, int)
 
 
 def touch(
@@ -72,6 +79,9 @@ def touch(
         row["cert_not_after"] = cert_not_after
     if heartbeat:
         row["outbox_backlog"] = int(heartbeat.get("outbox_backlog") or 0)
+        for name in ("dropped", "unconfirmed"):  # completeness (ledger/completeness.py)
+            if isinstance(heartbeat.get(name), int):
+                row[name] = int(heartbeat[name])
         if heartbeat.get("interval") is not None:
             row["interval"] = float(heartbeat["interval"])
         if heartbeat.get("version") is not None:
@@ -89,6 +99,9 @@ class AgentView:
     readings: int
     version: str | None
     presented_not_after: float | None = None  # not-after of the certificate the agent last signed with
+    gaps: int | None = None  # seqs missing from the journal (ledger/completeness.py)
+    dropped: int | None = None  # readings the agent reports dropped at its outbox bound
+    unconfirmed: int | None = None  # readings the agent still holds without a receipt
 
 
 def read_registry(journal_path: Path) -> dict[str, dict]:
@@ -112,7 +125,10 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float | None
     """
     now = time.time() if now is None else now
     stale_after = store.cfg.stale_after if stale_after is None else stale_after
+    from ledger.completeness import check
+
     seen = read_registry(journal_path)
+    complete = check(journal_path)
     reserved = {store.cfg.identity, *RESERVED_NAMES}
     names = [c.name for c in store.issued() if c.name not in reserved]
     names += [n for n in seen if n not in names]
@@ -142,6 +158,9 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float | None
                 readings=int(row.get("readings") or 0),
                 version=row.get("version"),
                 presented_not_after=row.get("cert_not_after"),
+                gaps=complete[name].missing if name in complete else None,
+                dropped=row.get("dropped"),
+                unconfirmed=row.get("unconfirmed"),
             )
         )
     return views

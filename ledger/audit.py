@@ -180,6 +180,7 @@ FAILING = {
     "anchored_checkpoint_unknown", "missing_on_chain", "pin_inconsistent", "log_key_changed",
     "witness_quorum_not_met", "envelope_digest_mismatch", "signature_invalid",
     "certificate_missing", "certificate_mismatch", "unanchored_required",
+    "seq_gap",  # a reading missing from an agent's sequence (ledger/completeness.py)
 }
 # Of those, the ones that mean the signed history itself is not trustworthy (no pin moves then).
 HISTORY_FAILURES = {"checkpoint_signature_invalid", "checkpoint_mismatch", "checkpoint_inconsistent",

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ledger import audit, bundle
+from ledger import audit, bundle, completeness
 from ledger.audit_config import ENV, AuditConfig, ConfigError
 from ledger.audit_guard import data_dir_journal, guarded, open_journal, resolve_task_id
 from ledger.journal import Journal
@@ -190,9 +190,9 @@ def _policy(args: argparse.Namespace, log_verifier: Any) -> audit.LogPolicy:
     return audit.LogPolicy(log_verifier, pins, witnesses, args.witnesses)
 
 
-def _report(report: audit.AuditReport, as_json: bool) -> int:
+def _report(report: audit.AuditReport, as_json: bool, extra: dict[str, Any] | None = None) -> int:
     if as_json:
-        print(json.dumps(report.as_dict(), indent=2))
+        print(json.dumps({**report.as_dict(), **(extra or {})}, indent=2))
     else:
         for line in audit.summarize(report):
             print(line)
@@ -294,12 +294,14 @@ def run(args: argparse.Namespace) -> int:
                                  verifier=audit.default_verifier(), require_anchored=args.require_anchored)
         else:
             report = audit.reconcile(journal, events, recorders, policy)
+        per_agent = completeness.check(journal.path)  # every reading accounted for: gaps fail
+        completeness.add_findings(report, per_agent)
         if policy.pins is not None and bundle.pin_after(report):
             newest = journal.latest_checkpoint()
             if newest is not None and not any(f.kind == "checkpoint_signature_invalid" for f in report.findings):
                 policy.pins.update(policy.log_verifier.name, policy.log_verifier.vkey, newest["size"],
                                    bytes.fromhex(newest["root"]))
-        return _report(report, args.json)
+        return _report(report, args.json, {"completeness": [c.as_dict() for c in per_agent.values()]})
     finally:
         journal.close()
 

@@ -89,6 +89,10 @@ class SigningConfig:
     rpc_reply_exchange: str | None = "c.rep"  # rpc:// results via this exchange (broker ACL); None: stock rpc
     policy: Policy | None = None  # role policy (security.policy); always on top of the baseline
     max_delay_seconds: float = 86400.0  # eta/countdown limit, checked when sent and when received
+    # Tasks whose consumer dedupes by task id (the coordinator's journal): a NEW envelope
+    # under an accepted id is a sender's re-send, let through; the same envelope twice
+    # stays a `replay` (security.replay). Empty: every id is accepted once.
+    resend_tasks: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.key_path, self.cert_path, self.ca_path = Path(self.key_path), Path(self.cert_path), Path(self.ca_path)
@@ -315,7 +319,8 @@ class _AppContext:
             if refusal is not None:
                 raise SignatureRefused(refusal.reason, refusal.detail)
             self.guard.accept(replay_key(signer_id, headers.get("id"), headers.get("retries")),
-                              vm.signer.envelope_digest, vm.sent_at, signer_id, eta=vm.eta)
+                              vm.signer.envelope_digest, vm.sent_at, signer_id, eta=vm.eta,
+                              allow_resend=str(headers.get("task")) in self.config.resend_tasks)
         except SignatureRefused as exc:
             self.verifier.record(exc, body, headers=headers, signer=signer_id)
             return None

@@ -32,6 +32,16 @@ SAMPLE_NOW_TASK = "edge.agent.sample_now"
 SET_INTERVAL_TASK = "edge.agent.set_interval"
 STATUS_TASK = "edge.agent.status"
 AGENT_COMMANDS = (SAMPLE_NOW_TASK, SET_INTERVAL_TASK, STATUS_TASK)
+# Pushed by the coordinator daemon, never answered with an edge.command_result:
+# "everything from you up to seq N (and these seqs above it) is journaled" (coordinator/receipts.py).
+RECEIPT_TASK = "edge.agent.receipt"
+UPDATE_CRL_TASK = "edge.agent.update_crl"
+AGENT_PUSHES = (RECEIPT_TASK, UPDATE_CRL_TASK)
+
+# Agent -> coordinator tasks that are journaled under their unique contract id: a re-send
+# (a NEW signed envelope under the same id, after no receipt came) is a duplicate the
+# journal dedupes, not a replay (security.replay keeps refusing the same envelope twice).
+RESENDABLE_TASKS = AGENT_TO_COORDINATOR_TASKS
 
 INGEST_QUEUE = "edge.ingest"
 AGENT_QUEUE_PREFIX = "agent."
@@ -44,7 +54,7 @@ RESERVED_IDENTITIES = frozenset({"coordinator", "broker"})
 def is_fleet_task(name: str) -> bool:
     """A task name of this contract (either direction): a worker that does not run it
     was sent a task of another role (`task_not_allowed`, not `unknown_task`)."""
-    return name in AGENT_TO_COORDINATOR_TASKS or name in AGENT_COMMANDS
+    return name in AGENT_TO_COORDINATOR_TASKS or name in AGENT_COMMANDS or name in AGENT_PUSHES
 
 
 def agent_queue(agent_id: str) -> str:

@@ -7,6 +7,11 @@ is kept that long too. A broker redelivery after a worker crash carries the same
 envelope and is let through once, but only when the acceptor was a previous process
 and the task never finished. Callers key entries by signer + task id, so nothing one
 signer sends can make another signer's ids look replayed.
+
+Re-sends (`allow_resend`): a sender that got no end-to-end receipt signs the same task
+id again, in a NEW envelope. For tasks whose consumer dedupes by id (the journal) that
+is accepted once per envelope: every extra envelope digest is remembered (`resent`),
+so a byte-identical copy of any of them is still refused as `replay`.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ class ReplayGuard:
             columns = {row[1] for row in conn.execute("pragma table_info(seen)")}
             if "fresh_until" not in columns:  # files written before delayed tasks were kept
                 conn.execute("alter table seen add column fresh_until real")
+            conn.execute(
+                "create table if not exists resent (envelope_digest text primary key, key text not null,"
+                " fresh_until real not null)"
+            )
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -54,7 +63,8 @@ class ReplayGuard:
     def check_fresh(self, sent_at: float, now: float | None = None, eta: float | None = None) -> None:
         check_fresh(sent_at, self.max_age, now, eta)
 
-    def accept(self, key: str, envelope_digest: str, sent_at: float, signer: str, eta: float | None = None) -> None:
+    def accept(self, key: str, envelope_digest: str, sent_at: float, signer: str, eta: float | None = None,
+               allow_resend: bool = False) -> None:
         """Record `key` as accepted or raise SignatureRefused('replay' | 'stale')."""
         now = time.time()
         self.check_fresh(sent_at, now, eta)
@@ -82,6 +92,10 @@ class ReplayGuard:
             elif row[0] == envelope_digest and row[1] != self.boot_id and not row[2]:
                 # Redelivery of an unfinished task accepted by a previous process.
                 conn.execute("update seen set boot_id = ?, accepted_at = ? where key = ?", (self.boot_id, now, key))
+            elif allow_resend and row[0] != envelope_digest and not self._was_resent(conn, envelope_digest):
+                # The signer's own re-send under the same id: the consumer dedupes it.
+                conn.execute("insert into resent (envelope_digest, key, fresh_until) values (?,?,?)",
+                             (envelope_digest, key, fresh_until))
             else:
                 raise SignatureRefused("replay", f"task {key} was already accepted at {_fmt(conn, key)}")
             conn.execute("commit")
@@ -91,6 +105,18 @@ class ReplayGuard:
         if now - self._last_prune > 60:
             self.prune(now)
 
+    @staticmethod
+    def _was_resent(conn: sqlite3.Connection, envelope_digest: str) -> bool:
+        return conn.execute("select 1 from resent where envelope_digest = ?", (envelope_digest,)).fetchone() is not None
+
+    def release(self, key: str, envelope_digest: str) -> None:
+        """Forget that this envelope was accepted: the consumer could not execute it and
+        put it back in the broker (journal unwritable), so its redelivery must pass."""
+        conn = self._conn()
+        cur = conn.execute("delete from seen where key = ? and envelope_digest = ?", (key, envelope_digest))
+        if cur.rowcount == 0:
+            conn.execute("delete from resent where key = ? and envelope_digest = ?", (key, envelope_digest))
+
     def mark_done(self, key: str) -> None:
         self._conn().execute("update seen set done = 1 where key = ?", (key,))
 
@@ -99,9 +125,11 @@ class ReplayGuard:
         file small); a margin of one more window absorbs clock skew between hosts."""
         now = time.time() if now is None else now
         self._last_prune = now
-        cur = self._conn().execute(
+        conn = self._conn()
+        cur = conn.execute(
             "delete from seen where coalesce(fresh_until, sent_at + ?) < ?", (self.max_age, now - self.max_age - 60)
         )
+        conn.execute("delete from resent where fresh_until < ?", (now - self.max_age - 60,))
         return cur.rowcount
 
     def seen(self, key: str) -> bool:

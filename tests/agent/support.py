@@ -152,19 +152,23 @@ class Receiver:
 
 
 def outbox_state(data_dir: Path) -> dict:
-    """Read the agent's outbox from outside (WAL lets us read while it writes)."""
+    """Read the agent's outbox from outside (WAL lets us read while it writes).
+
+    `backlog`: rows not yet published. Published readings wait for the coordinator's
+    receipt (`unconfirmed`); the stand-in Receiver of these tests sends none."""
     path = data_dir / "outbox.sqlite3"
     if not path.exists():
         return {"backlog": 0, "next_seq": 1}
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
-        backlog = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        backlog = db.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
+        unconfirmed = db.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NOT NULL").fetchone()[0]
         row = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
-        return {"backlog": backlog, "next_seq": int(row[0]) if row else 1}
+        return {"backlog": backlog, "unconfirmed": unconfirmed, "next_seq": int(row[0]) if row else 1}
     except sqlite3.OperationalError as exc:  # the agent created the file but not yet its tables
-        if "no such table" not in str(exc):
+        if "no such table" not in str(exc) and "no such column" not in str(exc):
             raise
-        return {"backlog": 0, "next_seq": 1}
+        return {"backlog": 0, "unconfirmed": 0, "next_seq": 1}
     finally:
         db.close()
 

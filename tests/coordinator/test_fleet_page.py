@@ -80,7 +80,7 @@ def test_snapshot_reads_agents_rates_refusals_and_plot_series(fleet) -> None:
         "pg-a": "online", "pg-b": "never-seen", "pg-gone": "revoked", EVIL_AGENT: "online"}
     assert by_id["pg-a"].view.outbox_backlog == 4
     assert by_id["pg-a"].readings_per_min == pytest.approx(10 * 60 / 300)  # 10 rows in the last 300 s
-    assert by_id["pg-a"].gaps is None and by_id["pg-a"].dropped is None  # hooks for the receipts work
+    assert by_id["pg-a"].gaps == 0 and by_id["pg-a"].dropped is None  # filled by the receipts work (no heartbeat yet)
     assert sum(snap.series["pg-a"]) == 12 and sum(snap.series[EVIL_AGENT]) == 3
     assert "pg-b" not in snap.series
     assert snap.refusals == {"bad_signature": 1, "replay": 1}

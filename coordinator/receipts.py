@@ -1,0 +1,188 @@
+"""End-to-end receipts: tell each agent, signed, which of its readings are journaled.
+
+Why: the broker's PUBACK only says Mosquitto has a message (it persists about once a
+second and a journal may refuse a write); an agent may delete a reading only once the
+coordinator durably journaled it. The ingest worker reports every committed reading
+(new or a re-sent duplicate) to a `ReceiptBook`; the `ReceiptSender` thread sends one
+`edge.agent.receipt` per agent with news, at most every `interval` seconds (sooner
+after `batch` new readings), so a device sampling once a second gets one message per
+interval, not one per reading, and an idle one gets none.
+
+Receipt payload (version 1; a later step adds `checkpoint`: a signed tlog checkpoint
+with inclusion proofs; agents ignore fields they do not know):
+    {"v": 1, "agent_id": str, "upto": N, "held": [[lo, hi], ...], "issued_at": t,
+     "checkpoint": null}
+`upto`: every seq 1..N is journaled; `held`: journaled ranges above N (readings the
+agent dropped under its outbox bound leave a permanent gap, so `upto` alone would
+stall behind it). At most MAX_RANGES ranges; readings beyond are confirmed later.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from security.contract import RECEIPT_TASK, agent_queue
+
+log = logging.getLogger("edgeledger.coordinator.receipts")
+
+RECEIPT_VERSION = 1
+MAX_RANGES = 256
+
+
+def add_seq(ranges: list[list[int]], seq: int) -> None:
+    """Insert `seq` into sorted, disjoint, non-adjacent inclusive ranges (in place)."""
+    lo, hi = 0, len(ranges)
+    while lo < hi:  # first range whose end >= seq - 1
+        mid = (lo + hi) // 2
+        if ranges[mid][1] < seq - 1:
+            lo = mid + 1
+        else:
+            hi = mid
+    i = lo
+    if i < len(ranges) and ranges[i][0] <= seq <= ranges[i][1]:
+        return
+    if i < len(ranges) and ranges[i][1] == seq - 1:
+        ranges[i][1] = seq
+        if i + 1 < len(ranges) and ranges[i + 1][0] == seq + 1:
+            ranges[i][1] = ranges.pop(i + 1)[1]
+    elif i < len(ranges) and ranges[i][0] == seq + 1:
+        ranges[i][0] = seq
+    else:
+        ranges.insert(i, [seq, seq])
+
+
+def journaled_ranges(journal_path: Path, agent_id: str) -> list[list[int]]:
+    """The agent's stored seqs as ranges, straight from the journal (gaps and islands)."""
+    if not Path(journal_path).exists():
+        return []
+    conn = sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS g "
+            "FROM readings WHERE agent_id = ?) GROUP BY g ORDER BY 1", (agent_id,)
+        ).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
+    return [[int(a), int(b)] for a, b in rows]
+
+
+def make_receipt(agent_id: str, ranges: list[list[int]], now: float | None = None) -> dict[str, Any]:
+    upto, rest = 0, ranges
+    if ranges and ranges[0][0] <= 1:
+        upto, rest = ranges[0][1], ranges[1:]
+    return {"v": RECEIPT_VERSION, "agent_id": agent_id, "upto": upto, "held": [list(r) for r in rest[:MAX_RANGES]],
+            "issued_at": time.time() if now is None else now, "checkpoint": None}
+
+
+class ReceiptBook:
+    """Which seqs each agent has journaled, and which agents have news (thread-safe)."""
+
+    def __init__(self, journal_path: Path, batch: int = 200) -> None:
+        self.journal_path = Path(journal_path)
+        self.batch = batch
+        self._lock = threading.Lock()
+        self._ranges: dict[str, list[list[int]]] = {}
+        self._news: dict[str, list[int]] = {}  # agent -> seqs noted since its last receipt
+        self.wake = threading.Event()  # set when some agent reached `batch` news
+
+    def note(self, agent_id: str, seq: int) -> None:
+        """Called by the ingest worker after the journal transaction committed."""
+        with self._lock:
+            news = self._news.setdefault(agent_id, [])
+            news.append(seq)
+            if len(news) >= self.batch:
+                self.wake.set()
+
+    def take(self) -> list[dict[str, Any]]:
+        """One receipt per agent with news since the last call."""
+        with self._lock:
+            news, self._news = self._news, {}
+            self.wake.clear()
+        out = []
+        for agent, seqs in news.items():
+            ranges = self._ranges.get(agent)
+            if ranges is None:  # first news from this agent since start: load what is journaled
+                try:
+                    ranges = self._ranges[agent] = journaled_ranges(self.journal_path, agent)
+                except sqlite3.Error as exc:  # journal unreadable right now: keep the news for next round
+                    log.warning("cannot read %s for %s's receipt (%s): retrying next round", self.journal_path, agent, exc)
+                    with self._lock:
+                        self._news.setdefault(agent, []).extend(seqs)
+                    continue
+            for seq in seqs:
+                add_seq(ranges, seq)
+            out.append(make_receipt(agent, ranges))
+        return out
+
+    def renotify(self, agent_id: str) -> None:
+        """A receipt could not be sent: send the agent one next round."""
+        with self._lock:
+            self._news.setdefault(agent_id, [])
+
+
+class ReceiptSender:
+    """Thread: every `interval` s (or on a full batch) sends the pending receipts, signed."""
+
+    def __init__(self, book: ReceiptBook, make_app: Callable[[], Any], interval: float = 6.0) -> None:
+        self.book = book
+        self.make_app = make_app
+        self.interval = interval
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, ready: threading.Event | None = None) -> None:
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="receipts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.book.wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self, ready: threading.Event | None) -> None:
+        # The signing app opens the worker's replay/quarantine files: let the worker create them first.
+        while ready is not None and not ready.wait(1.0):
+            if self._stop.is_set():
+                return
+        app = self.make_app()
+        try:
+            while not self._stop.is_set():
+                self.book.wake.wait(self.interval)
+                if self._stop.is_set():
+                    break
+                try:
+                    self.send_due(app)
+                except Exception:  # noqa: BLE001 - the thread must outlive one bad round
+                    log.exception("sending receipts failed; retrying next round")
+        finally:
+            app.close()
+
+    def send_due(self, app: Any) -> None:
+        from kombu.exceptions import OperationalError
+        from kombu_mqtt import NoSubscribersError
+
+        for receipt in self.book.take():
+            agent = receipt["agent_id"]
+            try:
+                app.send_task(RECEIPT_TASK, kwargs={"receipt": receipt}, queue=agent_queue(agent), retry=False,
+                              ignore_result=True)
+                self.sent += 1
+            except NoSubscribersError:
+                log.info("no receipt for %s: it has no broker session (it re-sends, and gets one then)", agent)
+            except (OperationalError, OSError) as exc:
+                log.warning("receipt for %s not sent (%s): retrying next round", agent, exc)
+                self.book.renotify(agent)
+            except Exception as exc:  # noqa: BLE001 - one agent's receipt must not stop the others
+                log.error("receipt for %s not sent: %s", agent, exc)
+                self.book.renotify(agent)
