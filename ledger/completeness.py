@@ -14,6 +14,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ledger.sqlite_files import read_only
 from typing import Any
 
 GAP = "seq_gap"  # a failing audit finding
@@ -64,13 +66,10 @@ def check(journal_path: Path | str) -> dict[str, AgentCompleteness]:
     path = Path(journal_path)
     if not path.exists():
         return {}
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
+    with read_only(path, timeout=30) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         ranges = _ranges_by_agent(conn) if "readings" in tables else {}
         reported = _reported(conn) if "agents" in tables else {}
-    finally:
-        conn.close()
     out: dict[str, AgentCompleteness] = {}
     for agent in sorted(set(ranges) | set(reported)):
         islands = ranges.get(agent, [])
