@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 APT_PACKAGES = mosquitto redis-server
 
-.PHONY: setup system-deps node-tools python-env demo test bench agent-binary clean
+.PHONY: setup system-deps node-tools python-env demo test lint bench agent-binary clean
 
 setup: system-deps node-tools python-env
 
@@ -37,6 +37,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Static checks (configured in pyproject.toml): ruff on the whole tree, mypy on the packages it lists.
+lint: python-env
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) bench/transport.py

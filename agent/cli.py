@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _fmt_time(ts: float | None) -> str:
     if ts is None:
         return "never"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def collect_status(cfg: AgentConfig) -> dict[str, Any]:

@@ -24,7 +24,8 @@ import random
 import sqlite3
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from security.contract import INGEST_TASK
 
@@ -143,7 +144,7 @@ class Forwarder:
                     try:
                         self.heartbeat(outbox)
                         self.kick()
-                    except Exception as exc:  # a heartbeat is best effort; sampling goes on
+                    except Exception as exc:  # noqa: BLE001 - a heartbeat is best effort; sampling goes on
                         log.warning("heartbeat not stored: %s", exc)
                     next_hb = now + hb_every
                 wake = min(next_at, next_hb)
@@ -161,7 +162,7 @@ class Forwarder:
                     continue
                 try:
                     samples.extend(sensor.read())
-                except Exception as exc:  # a broken driver must not stop the others
+                except Exception as exc:  # noqa: BLE001 - a broken driver must not stop the others
                     log.warning("sensor %s failed: %s", sensor.name, exc)
             return outbox.add_samples(samples) if samples else []
 
@@ -209,7 +210,7 @@ class Forwarder:
                     return None
                 try:
                     self.publish(item)
-                except Exception as exc:  # any publish failure means: keep the row, retry later
+                except Exception as exc:  # noqa: BLE001 - any publish failure means: keep the row, retry later
                     delay = self.backoff.next()
                     if self._online:
                         log.warning("broker unreachable, %d rows kept, retrying in %.1fs: %s",

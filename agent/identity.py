@@ -80,7 +80,7 @@ def check_certificate(cfg: AgentConfig, cert: x509.Certificate, ca: x509.Certifi
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError) as exc:
         raise AgentError(f"certificate is not signed by the given CA ({exc}): pass the fleet's ca.pem") from exc
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if cert.not_valid_after_utc <= now:
         raise AgentError(f"certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}: ask the coordinator for a new one")
 
@@ -197,7 +197,7 @@ def certificate_summary(cfg: AgentConfig) -> dict:
         return {"enrolled": False}
     cert = _pki(pki.load_certificate, cfg.cert_file)
     expires = cert.not_valid_after_utc
-    days = (expires - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
+    days = (expires - dt.datetime.now(dt.UTC)).total_seconds() / 86400
     return {
         "enrolled": True,
         "subject": _pki(pki.common_name, cert),

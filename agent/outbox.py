@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger.sqlite_files import enable_wal
+
 # Task ids come from the wire contract: the coordinator refuses any other (id_not_bound).
 from security.contract import INGEST_TASK, reading_task_id
 

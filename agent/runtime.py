@@ -14,10 +14,6 @@ import time
 import tracemalloc
 from typing import Any
 
-from .config import AgentConfig
-from .errors import AgentError
-from .forwarder import Backoff, Forwarder
-from .memory import trim
 from security.contract import (
     COMMAND_RESULT_TASK,
     HEARTBEAT_TASK,
@@ -27,6 +23,10 @@ from security.contract import (
     heartbeat_task_id,
 )
 
+from .config import AgentConfig
+from .errors import AgentError
+from .forwarder import Backoff, Forwarder
+from .memory import trim
 from .outbox import Outbox, OutboxItem
 from .sensors import load_sensors
 
@@ -52,7 +52,7 @@ def agent_version() -> str:
         from importlib.metadata import version
 
         return version("edgeledger")
-    except Exception:  # frozen binaries carry no package metadata
+    except Exception:  # noqa: BLE001 - frozen binaries carry no package metadata
         return "0.1.0"
 
 
@@ -269,7 +269,7 @@ class AgentRuntime:
         if conn is not None:
             try:
                 conn.close()
-            except Exception as exc:  # a dead socket may fail to close; it is gone anyway
+            except Exception as exc:  # noqa: BLE001 - a dead socket may fail to close; it is gone anyway
                 log.debug("closing producer connection: %s", exc)
 
     # -- commands (worker thread) ---------------------------------------

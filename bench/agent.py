@@ -114,7 +114,7 @@ class MemCgroup:
         self.path, self.v2 = path, v2
 
     @classmethod
-    def create(cls, name: str) -> "MemCgroup | None":
+    def create(cls, name: str) -> MemCgroup | None:
         candidates: list[tuple[Path, bool]] = []
         unified = Path("/sys/fs/cgroup")
         if "memory" in _read(unified / "cgroup.controllers").split():
@@ -179,7 +179,7 @@ class Child:
         self.ready_s = float("nan")
         self.readies: list[float] = []
 
-    def start(self, timeout: float = 60.0) -> "Child":
+    def start(self, timeout: float = 60.0) -> Child:
         out = open(self.log, "wb")
         started = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, env={**os.environ, **self.env}, cwd=ROOT, stdout=out,

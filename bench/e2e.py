@@ -271,7 +271,7 @@ def run_redis(base: Path, agents: int, per_agent: int, interval: float = 0.0) ->
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise SystemExit("bench: redis-server did not start")
+                    raise SystemExit("bench: redis-server did not start") from None
                 time.sleep(0.05)
         worker = subprocess.Popen([PY, __file__, "--redis-worker", url, str(db)], cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -28,20 +28,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eth_account import Account  # noqa: E402
+from eth_account import Account
 
-from ledger import contract  # noqa: E402
-from ledger.anvil import ManagedAnvil  # noqa: E402
-from ledger.checkpointer import Checkpointer  # noqa: E402
-from ledger.deploy import connect, fee_params  # noqa: E402
-from ledger.journal import CONFIRMED, Journal  # noqa: E402
-from ledger.record import ExecutionRecord  # noqa: E402
-from ledger.rpc import send_raw, wait_receipt  # noqa: E402
-from ledger.tlog.checkpoint import Checkpoint, sign_checkpoint  # noqa: E402
-from ledger.tlog.merkle import MemoryNodeStore, MerkleLog, inclusion_proof_length  # noqa: E402
-from ledger.tlog.note import Ed25519Signer  # noqa: E402
-from ledger.tlog.proof import ProofBundle  # noqa: E402
-from ledger.writer import ChainWriter  # noqa: E402
+from ledger import contract
+from ledger.anvil import ManagedAnvil
+from ledger.checkpointer import Checkpointer
+from ledger.deploy import connect, fee_params
+from ledger.journal import CONFIRMED, Journal
+from ledger.record import ExecutionRecord
+from ledger.rpc import send_raw, wait_receipt
+from ledger.tlog.checkpoint import Checkpoint, sign_checkpoint
+from ledger.tlog.merkle import MemoryNodeStore, MerkleLog, inclusion_proof_length
+from ledger.tlog.note import Ed25519Signer
+from ledger.tlog.proof import ProofBundle
+from ledger.writer import ChainWriter
 
 
 def make_record(i: int) -> ExecutionRecord:

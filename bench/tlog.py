@@ -21,17 +21,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ledger.tlog.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
-from ledger.tlog.cosignature import CosignatureV1Signer, open_cosigned_checkpoint  # noqa: E402
-from ledger.tlog.merkle import (  # noqa: E402
+from ledger.tlog.checkpoint import Checkpoint, open_checkpoint
+from ledger.tlog.cosignature import CosignatureV1Signer, open_cosigned_checkpoint
+from ledger.tlog.merkle import (
     MerkleLog,
     SQLiteNodeStore,
     leaf_hash,
     verify_consistency,
     verify_inclusion,
 )
-from ledger.tlog.note import Ed25519Signer, sign_note  # noqa: E402
-from ledger.tlog.proof import ProofBundle  # noqa: E402
+from ledger.tlog.note import Ed25519Signer, sign_note
+from ledger.tlog.proof import ProofBundle
 
 
 def rate(label: str, count: int, fn: Callable[[int], object]) -> None:
@@ -113,7 +113,7 @@ def main() -> None:
     verifiers = [w.verifier() for w in witnesses]
     rate("cosigned checkpoint open (log + 3 witnesses)", 2000,
          lambda k: open_cosigned_checkpoint(signed, log_key.verifier(), verifiers, quorum=3))
-    del log, single, data, proofs, cproofs
+    log = single = data = proofs = cproofs = None  # type: ignore[assignment]  # free the in-memory logs
 
     m = args.sqlite_leaves
     print(f"SQLite store (file, WAL, one transaction per batch of 1000) at {m:,} leaves")

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import kombu_mqtt  # noqa: E402,F401
+import kombu_mqtt  # noqa: E402
 from tests.support.mosquitto import FleetPKI, MosquittoBroker  # noqa: E402
 from tests.support.net import free_port, wait_for_port  # noqa: E402
 from tests.transport.celery_app import make_app  # noqa: E402

@@ -54,9 +54,9 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
     require_mqtt_transport()
     from security.celery_signing import SigningConfig, setup_signing
     from security.contract import RESENDABLE_TASKS
+    from security.pki import PKIError
     from security.policy import coordinator_policy
     from security.signing import SigningError
-    from security.pki import PKIError
 
     app = Celery("edge-coordinator", broker=cfg.broker_url, backend="rpc://", set_as_current=False)
     # the daemon rides out broker restarts; a one-shot client (`send`) fails fast

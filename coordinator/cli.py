@@ -18,10 +18,11 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from .config import CoordinatorConfig, load_config, save_config, validate
-from .broker_acl import agent_enrolled, agent_revoked
-from .errors import CoordinatorError
 from security import exit_codes
+
+from .broker_acl import agent_enrolled, agent_revoked
+from .config import CoordinatorConfig, load_config, save_config, validate
+from .errors import CoordinatorError
 
 PROG = "edge-coordinator"
 
@@ -212,8 +213,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CoordinatorError(f"cannot read CSR {args.csr}: {exc.strerror}") from None
     cert = store.sign_csr(csr, days=args.days, force=args.force)
-    from security.pki import common_name
     from cryptography import x509
+
+    from security.pki import common_name
 
     _note(agent_enrolled(cfg, common_name(x509.load_pem_x509_certificate(cert))), err=True)
     if args.out:
@@ -283,7 +285,7 @@ def daemon_pid(cfg: CoordinatorConfig) -> int | None:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def cmd_agents(args: argparse.Namespace) -> int:

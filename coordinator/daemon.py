@@ -174,13 +174,11 @@ class Coordinator:
         raise CoordinatorError("chain.private_key is empty: set the recorder account key for the external chain")
 
     def _start_ledger(self) -> None:
+        from ledger.checkpointer import Checkpointer
         from ledger.journal import Journal
         from ledger.writer import ChainWriter
 
         from .ingest import ensure_schema
-
-        from ledger.checkpointer import Checkpointer
-
         from .tlog_setup import coordinator_log_key
 
         self.journal = Journal(self.cfg.journal_path)
@@ -202,7 +200,7 @@ class Coordinator:
             address = self.writer.contract_address  # deploys once, or finds the remembered one
         except CoordinatorError:
             raise
-        except Exception as exc:  # web3 raises many types; all mean the chain is not usable
+        except Exception as exc:  # noqa: BLE001 - web3 raises many types; all mean the chain is not usable
             raise CoordinatorError(f"cannot use the chain at {self.cfg.chain_url}: {exc}") from None
         log.info("ledger contract %s", address)
         self._writer_thread = threading.Thread(
@@ -300,7 +298,6 @@ class Coordinator:
 
         from .celery_app import make_app, register_tasks
         from .ingest import Ingestor
-
         from .receipts import ReceiptBook, ReceiptSender
 
         app = make_app(self.cfg, consumer=True)

@@ -171,7 +171,7 @@ class Demo:
         if sys.stdout.isatty():
             sys.stdout.write("\n")
         out = []
-        for agent, (command, args) in zip(self.agents * 3, COMMAND_PLAN):
+        for agent, (command, args) in zip(self.agents * 3, COMMAND_PLAN, strict=False):
             if agent.kind != "edge-agent":
                 _say(f"  send {agent.name} {command}: skipped (stand-in publisher has no command queue)")
                 continue

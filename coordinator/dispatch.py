@@ -20,8 +20,8 @@ import socket
 import sqlite3
 import time
 import uuid
-from urllib.parse import urlparse
 from typing import Any
+from urllib.parse import urlparse
 
 from security import exit_codes
 from security.contract import AGENT_COMMAND_PREFIX, AGENT_COMMANDS, CommandArgumentError, agent_queue, check_command_args

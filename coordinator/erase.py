@@ -30,7 +30,7 @@ def _when(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither unix seconds nor ISO 8601 (2026-11-26T10:00)") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()
 
 

@@ -45,7 +45,7 @@ def _e(value: object) -> str:
 def _when(ts: float | None, now: float) -> str:
     if ts is None:
         return "never"
-    stamp = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    stamp = dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"{stamp} ({_ago(now - ts)})"
 
 
@@ -67,7 +67,7 @@ def _expiry(ts: float | None, now: float) -> str:
         return f'<span class="na">{NA}</span>'
     days = (ts - now) / 86400
     cls = "bad" if days < 0 else "warn" if days < 30 else ""
-    stamp = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d")
+    stamp = dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
     label = "expired" if days < 0 else f"{days:.0f} d"
     return f'<span class="{cls}">{_e(stamp)} ({_e(label)})</span>'
 
@@ -186,7 +186,7 @@ def render(snap: FleetSnapshot) -> str:
     state_text = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
     health_card = ("" if healthy is None else
                    f'<div class="card">health<b class="{"ok" if healthy else "bad"}">{"ok" if healthy else "FAILING"}</b></div>')
-    updated = dt.datetime.fromtimestamp(snap.now, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    updated = dt.datetime.fromtimestamp(snap.now, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{int(snap.refresh_seconds)}">

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from security import exit_codes
 from security.pki import (
     CertificateAuthority,
     PKIError,
@@ -28,12 +29,10 @@ from security.pki import (
     load_csr,
     write_pem,
 )
-
 from security.revocation import RevocationStore, write_crl_file
 
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
-from security import exit_codes
 
 BROKER_IDENTITY = "broker"
 BROKER_HOSTS = ("127.0.0.1", "localhost")
@@ -172,7 +171,7 @@ class FleetStore:
             return
         active = self.active_certificates(name)
         if active:
-            until = dt.datetime.fromtimestamp(active[-1].not_after, dt.timezone.utc)
+            until = dt.datetime.fromtimestamp(active[-1].not_after, dt.UTC)
             raise CoordinatorError(
                 f"{name!r} already has a valid certificate (serial {active[-1].serial:x}, until {until:%Y-%m-%d}): "
                 f"revoke it first (`edge-coordinator revoke {name}`), or pass --force to issue a second one", exit_codes.USAGE)
@@ -260,7 +259,7 @@ class FleetStore:
 
     def crl_due(self, now: dt.datetime | None = None) -> bool:
         """True when the CRL is older than pki.crl_refresh, or would expire within it."""
-        now = now or dt.datetime.now(dt.timezone.utc)
+        now = now or dt.datetime.now(dt.UTC)
         crl = self.crl()
         refresh = dt.timedelta(seconds=self.cfg.pki.crl_refresh)
         next_update = crl.next_update_utc

@@ -39,7 +39,7 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def json(cls, status: int, value: Any) -> "Response":
+    def json(cls, status: int, value: Any) -> Response:
         return cls(status, json.dumps(value, indent=1).encode(), "application/json")
 
 
@@ -77,10 +77,10 @@ class StatusServer:
         server = self
 
         class RequestHandler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
+            def do_GET(self) -> None:
                 self._answer(server.dispatch(self.path))
 
-            def do_HEAD(self) -> None:  # noqa: N802 - http.server API
+            def do_HEAD(self) -> None:
                 self._answer(server.dispatch(self.path), body=False)
 
             def _answer(self, resp: Response, body: bool = True) -> None:
@@ -126,7 +126,7 @@ class StatusServer:
             return Response(404, f"not found: try {known}\n".encode())
         try:
             return handler(request)
-        except Exception:  # noqa: BLE001 - one failing page must not kill the server thread
+        except Exception:
             log.exception("HTTP handler for %s failed", parts.path)
             return Response(500, b"internal error: see the coordinator log\n")
 
@@ -134,7 +134,7 @@ class StatusServer:
     def port(self) -> int:
         return self.httpd.server_address[1]
 
-    def start(self) -> "StatusServer":
+    def start(self) -> StatusServer:
         self.thread.start()
         return self
 

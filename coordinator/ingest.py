@@ -16,18 +16,18 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import sqlite_utils
 
 from ledger.journal import Journal
+from ledger.record import ExecutionRecord
 from security.contract import COMMAND_RESULT_TASK, HEARTBEAT_TASK, INGEST_TASK
 from security.signing import IdentityMismatch, ensure_bound
-from ledger.record import ExecutionRecord
 
-from . import registry
-from . import commands
+from . import commands, registry
 from .metrics import Metrics
 
 READINGS = "readings"

@@ -23,8 +23,9 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from security.contract import RECEIPT_TASK, agent_queue
 
@@ -163,13 +164,14 @@ class ReceiptSender:
                     break
                 try:
                     self.send_due(app)
-                except Exception:  # noqa: BLE001 - the thread must outlive one bad round
+                except Exception:
                     log.exception("sending receipts failed; retrying next round")
         finally:
             app.close()
 
     def send_due(self, app: Any) -> None:
         from kombu.exceptions import OperationalError
+
         from kombu_mqtt import NoSubscribersError
 
         for receipt in self.book.take():

@@ -103,7 +103,7 @@ class SimAgent:
             try:
                 self.app.send_task(name, kwargs=kwargs, queue=INGEST_QUEUE, task_id=task_id)
                 return task_id
-            except Exception as exc:  # noqa: BLE001 - broker restarting: same id, so at most once stored
+            except Exception as exc:
                 from security.refusal import broker_refusal, probe_certificate
 
                 reason = broker_refusal(exc)

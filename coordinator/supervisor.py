@@ -85,7 +85,7 @@ class Child:
         wanted = [a.encode() for a in self.argv]
         return pid if cmdline[: len(wanted)] == wanted else None
 
-    def start(self) -> "Child":
+    def start(self) -> Child:
         survivor = self._find_survivor()
         if survivor is not None and (self.port is None or wait_for_port(self.port, self.start_timeout)):
             self.adopted_pid = survivor

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import random
 import select
-import socket
 import ssl
 import threading
 import time
@@ -296,18 +295,18 @@ class MqttSession:
             self._drop_socket()
 
     # -- paho callbacks (run inside loop_read; only record state) ---------
-    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connack = (bool(flags.session_present), int(reason_code.value))
         if not flags.session_present:
             self.session_epoch = self.generation
 
-    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         logger.debug("MQTT %s disconnected: %s", self.client_id, reason_code)
 
-    def _handle_message(self, client, userdata, message) -> None:  # noqa: ANN001
+    def _handle_message(self, client, userdata, message) -> None:
         self._on_message(message)
 
-    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         code = int(reason_code.value)
         self._unacked = max(0, self._unacked - 1)
         if mid in self._waiting:
@@ -317,7 +316,7 @@ class MqttSession:
         elif code >= 0x80:
             logger.warning("MQTT broker rejected publish %s: reason 0x%02x", mid, code)
 
-    def _handle_suback(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+    def _handle_suback(self, client, userdata, mid, reason_codes, properties) -> None:
         if mid in self._waiting:
             self._acks[mid] = [int(code.value) for code in reason_codes]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Union
 
 from kombu.utils.imports import symbol_by_name
 
@@ -32,7 +31,7 @@ REASONS = (NOT_KOMBU_MESSAGE, STALE_SUBSCRIPTION)
 
 #: ``handler(queue, topic, payload, reason)``; returning normally lets the transport ack.
 DeadLetterHandler = Callable[[str, str, bytes, str], object]
-HandlerSpec = Union[DeadLetterHandler, str, None]
+HandlerSpec = DeadLetterHandler | str | None
 
 
 def resolve_handler(spec: HandlerSpec) -> DeadLetterHandler | None:

@@ -88,7 +88,7 @@ class TransportOptions:
     dead_letter_retry_max: float = 60.0
 
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any] | None) -> "TransportOptions":
+    def from_mapping(cls, raw: dict[str, Any] | None) -> TransportOptions:
         """Coerce known keys to their declared types; raise ValueError on nonsense."""
         raw = raw or {}
         values: dict[str, Any] = {}

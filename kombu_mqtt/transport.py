@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 _REGISTRY_LOCK = threading.Lock()
 #: (host, port, prefix, queue) -> the Transport in this process that subscribes an ephemeral queue
-_EPHEMERAL_OWNERS: dict[tuple[str, int, str, str], "weakref.ref[Transport]"] = {}
+_EPHEMERAL_OWNERS: dict[tuple[str, int, str, str], weakref.ref[Transport]] = {}
 # A forked child (prefork pool) must never touch its parent's sockets.
 os.register_at_fork(after_in_child=_EPHEMERAL_OWNERS.clear)
 
@@ -125,7 +125,7 @@ def _is_ephemeral(meta: dict[str, Any] | None) -> bool:
 class QoS(virtual.QoS):
     """Prefetch gate + broker acks (virtual QoS only keeps local bookkeeping)."""
 
-    channel: "Channel"
+    channel: Channel
 
     def ack(self, delivery_tag: str) -> None:
         self._quick_ack(delivery_tag)
@@ -146,12 +146,12 @@ class Channel(virtual.Channel):
     supports_fanout = True
     do_restore = True
 
-    def __init__(self, connection: "Transport", **kwargs: Any) -> None:
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
         self._tags: dict[str, AckRef] = {}  # delivery tag -> broker ack handle
 
     @property
-    def transport(self) -> "Transport":
+    def transport(self) -> Transport:
         return self.connection
 
     # -- declarations -------------------------------------------------------
@@ -195,7 +195,7 @@ class Channel(virtual.Channel):
         self.track(delivery.payload["properties"]["delivery_tag"], delivery.ref)
         return delivery.payload
 
-    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any):  # noqa: ANN201
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any):
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
         if message is not None and no_ack:
             self.settle_tag(message.delivery_tag)
@@ -397,7 +397,7 @@ class Transport(virtual.Transport):
         session.on_connected = lambda present: self._on_session_connected(state, present)
         return state
 
-    def establish_connection(self) -> "Transport":
+    def establish_connection(self) -> Transport:
         self._endpoint = self._make_endpoint()
         self._ephemeral = self._new_session(durable=False)
         self._ephemeral.session.connect(MqttSession.random_client_id(self.prefix), clean_start=True)
@@ -479,7 +479,7 @@ class Transport(virtual.Transport):
         if owner is not None and owner is not self:
             owner._release_ephemeral(queue, to=self)
 
-    def _release_ephemeral(self, queue: str, to: "Transport") -> None:
+    def _release_ephemeral(self, queue: str, to: Transport) -> None:
         """Stop subscribing `queue` and hand buffered messages to `to` (another thread may call this)."""
         state = self._ephemeral
         if state is None:
@@ -859,7 +859,7 @@ class Transport(virtual.Transport):
                 return
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             self._wait(remaining)
 
     def _wait(self, timeout: float | None) -> None:

@@ -141,13 +141,13 @@ class ManagedAnvil:
         """The first funded dev account's private key (0x hex)."""
         return self.private_keys[0]
 
-    def __enter__(self) -> "ManagedAnvil":
+    def __enter__(self) -> ManagedAnvil:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self) -> "ManagedAnvil":
+    def start(self) -> ManagedAnvil:
         """Start anvil, loading the newest loadable snapshot if state_dir has one."""
         if self.running:
             return self
@@ -237,7 +237,7 @@ class ManagedAnvil:
             self._snap_thread = None
         self._terminate(signal.SIGKILL)
 
-    def restart(self) -> "ManagedAnvil":
+    def restart(self) -> ManagedAnvil:
         """Start again on the same port from the latest (or previous) snapshot."""
         if self.running:
             self.stop()

@@ -292,7 +292,7 @@ def audit(
     # 1. the signed history: signatures, mutual consistency, chain anchors, pin, witnesses
     signed = _signed_checkpoints(journal, policy, report)
     sizes = sorted(signed)
-    for a, b in zip(sizes, sizes[1:]):
+    for a, b in zip(sizes, sizes[1:], strict=False):
         try:
             verify_consistency(a, b, signed[a]["root_bytes"], signed[b]["root_bytes"], tree.consistency_proof(a, b))
         except TlogError as exc:
@@ -340,7 +340,7 @@ def audit(
     nfields = len(RECORD_FIELDS)
     for values in cur:  # tuples, not dicts: this loop is the audit's hot path
         report.rows += 1
-        fields = dict(zip(RECORD_FIELDS, values))
+        fields = dict(zip(RECORD_FIELDS, values, strict=False))
         digest, index, erased_at, envelope = values[nfields:]
         task_id = fields["task_id"]
         entry = canonical_json_of(fields)
@@ -393,7 +393,7 @@ def _check_records_in_log(report: AuditReport, tree: MerkleLog, signed: dict[int
     """Rebuild the tree from the records' own leaves; every signed root must come out again."""
     top = max(sizes[-1], max(leaves, default=-1) + 1)
     gaps = [i for i in range(min(top, tree.size)) if i not in leaves]
-    stored = dict(zip(gaps, tree.store.get_nodes([(0, i) for i in gaps]))) if gaps else {}
+    stored = dict(zip(gaps, tree.store.get_nodes([(0, i) for i in gaps]), strict=False)) if gaps else {}
     for i in gaps:
         report.add(None, "record_missing", f"log index {i} has no journal row: a record was deleted")
     mine = MerkleLog(MemoryNodeStore())
@@ -409,7 +409,7 @@ def _check_records_in_log(report: AuditReport, tree: MerkleLog, signed: dict[int
     indexes = sorted(i for i in leaves if i < limit)
     for start in range(0, len(indexes), 500):
         chunk = indexes[start:start + 500]
-        for i, node in zip(chunk, tree.store.get_nodes([(0, i) for i in chunk])):
+        for i, node in zip(chunk, tree.store.get_nodes([(0, i) for i in chunk]), strict=False):
             if node != leaves[i]:
                 named += 1
                 report.add(rows_at[i], "record_not_in_log",

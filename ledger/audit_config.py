@@ -41,7 +41,7 @@ class AuditConfig:
     log_key: str | None = None
 
     @classmethod
-    def load(cls, cli: dict[str, Any], environ: dict[str, str] | None = None) -> "AuditConfig":
+    def load(cls, cli: dict[str, Any], environ: dict[str, str] | None = None) -> AuditConfig:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         config_file = cli.get("config") or env.get(ENV["config"])

@@ -14,8 +14,9 @@ import re
 import sqlite3
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import sqlite_utils
 
@@ -33,7 +34,7 @@ class CorruptJournal(Exception):
 class ReadOnlyJournal(Journal):
     """A Journal on a read-only connection: no file, table or WAL switch is ever created."""
 
-    def __init__(self, path: str | Path) -> None:  # noqa: D107 - deliberately not Journal.__init__
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []

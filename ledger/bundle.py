@@ -49,7 +49,7 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-def export_bundle(journal: Journal, out: IO[str], filters: Filters = Filters(), log_vkey: str | None = None) -> int:
+def export_bundle(journal: Journal, out: IO[str], filters: Filters | None = None, log_vkey: str | None = None) -> int:
     """Write a bundle of the matching records, proven against the newest anchored checkpoint
     (the newest signed one when none is anchored yet). Returns the number of records."""
     target = journal.latest_checkpoint(anchored=True) or journal.latest_checkpoint()
@@ -59,6 +59,7 @@ def export_bundle(journal: Journal, out: IO[str], filters: Filters = Filters(), 
     tree = _memory_tree(journal)
     checkpoints = journal.checkpoints("size <= ?", (size,))
     records, fingerprints = [], set()
+    filters = filters or Filters()
     where, params = filters.sql()
     for row in journal.rows(where, params, limit=filters.limit):
         index = row.get("log_index")

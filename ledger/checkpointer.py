@@ -39,7 +39,7 @@ class Checkpointer:
         self.every = max(1, every)
         self.signed = 0
 
-    def attach(self) -> "Checkpointer":
+    def attach(self) -> Checkpointer:
         """Sign a checkpoint inside `journal.append` each time the tree reaches a multiple of `every`."""
         self.journal.sign_checkpoints_every(self.every, self._sign)
         return self

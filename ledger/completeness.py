@@ -14,9 +14,9 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ledger.sqlite_files import read_only
-from typing import Any
 
 GAP = "seq_gap"  # a failing audit finding
 DROPPED = "readings_dropped"  # informational: the agent says so itself

@@ -96,7 +96,7 @@ class CheckpointEvent:
     log_index: int
 
 
-def decode_checkpoint_event(log: Any) -> "CheckpointEvent | None":
+def decode_checkpoint_event(log: Any) -> CheckpointEvent | None:
     """Decode a raw log; None if it is not CheckpointAnchored."""
     topics = [_bytes(t) for t in log["topics"]]
     if len(topics) != 4 or topics[0] != CHECKPOINT_TOPIC:

@@ -15,9 +15,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
-from eth_account import Account
 import requests
 import rlp
+from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 from web3 import Web3
 from web3.types import TxParams
@@ -45,7 +45,7 @@ class LedgerConfig:
     recorder: str
 
     @classmethod
-    def load(cls, journal: Journal) -> "LedgerConfig | None":
+    def load(cls, journal: Journal) -> LedgerConfig | None:
         values = journal.get_config()
         try:
             return cls(rpc_url=values["rpc_url"], contract_address=values["contract_address"],

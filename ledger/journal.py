@@ -287,7 +287,7 @@ class Journal:
         cur = self._conn().execute(sql, list(params))
         names = [d[0] for d in cur.description]
         for values in cur:
-            yield dict(zip(names, values))
+            yield dict(zip(names, values, strict=False))
 
     def pending(self, limit: int) -> list[dict[str, Any]]:
         return list(self.rows("anchor_state = ?", (PENDING,), limit=limit))
@@ -389,7 +389,7 @@ class Journal:
             sql += f" LIMIT {int(limit)}"
         cur = self._conn().execute(sql, list(params))
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, values)) for values in cur]
+        return [dict(zip(names, values, strict=False)) for values in cur]
 
     def latest_checkpoint(self, anchored: bool = False) -> dict[str, Any] | None:
         where = "anchor_state = ?" if anchored else "1=1"
@@ -549,4 +549,4 @@ def _one(cur: sqlite3.Cursor) -> dict[str, Any] | None:
     values = cur.fetchone()
     if values is None:
         return None
-    return dict(zip([d[0] for d in cur.description], values))
+    return dict(zip([d[0] for d in cur.description], values, strict=False))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from json.encoder import encode_basestring as _encode_str
 from dataclasses import dataclass, fields
+from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
 # Status names the coordinator uses -> uint8 on chain. Unknown names map to OTHER.
@@ -89,7 +89,7 @@ class ExecutionRecord:
         return max(0, int(round(when * 1000)))
 
     @classmethod
-    def from_mapping(cls, row: dict[str, Any]) -> "ExecutionRecord":
+    def from_mapping(cls, row: dict[str, Any]) -> ExecutionRecord:
         """Build from a journal row or JSON object; extra keys are ignored."""
         fields: dict[str, Any] = {name: row.get(name) for name in RECORD_FIELDS}
         return cls(**fields)

@@ -209,7 +209,7 @@ class ChainWriter:
             return result
         onchain = self._onchain_roots(origin_key, [r["size"] for r in rows])
         missing, found, conflict = [], [], []
-        for row, root in zip(rows, onchain):
+        for row, root in zip(rows, onchain, strict=False):
             if root == ZERO:
                 missing.append(row["size"])
             elif root.hex() == row["root"]:
@@ -335,7 +335,7 @@ class ChainWriter:
             try:
                 estimate = self.w3.eth.estimate_gas({"from": self.address, "to": to_checksum(self.config.contract_address),
                                                      "data": data, "value": Wei(0)})
-            except Exception:  # noqa: BLE001 - a revert (size not increasing): reconcile decides
+            except Exception:
                 self._needs_check = True
                 raise
             gas = int(estimate * self.gas_margin) + 20_000 + 30_000 * size

@@ -33,9 +33,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from celery import Celery, Task, signals
 from celery.worker.consumer.consumer import Consumer
@@ -117,7 +118,7 @@ def parse_eta(value: Any) -> float | None:
     except ValueError:
         raise SignatureRefused("malformed", f"eta {value!r} is not an ISO 8601 time") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()
 
 
@@ -153,7 +154,7 @@ class Verifier:
         self.quarantine = Quarantine(config.quarantine_db)  # type: ignore[arg-type]
         self.max_bytes = config.max_message_bytes
         self.max_age = config.max_age_seconds
-        self._cache: "OrderedDict[str, tuple[float, int, VerifiedMessage]]" = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, int, VerifiedMessage]] = OrderedDict()
         self._cache_lock = threading.Lock()
 
     def verify(self, data: bytes | str) -> VerifiedMessage:
@@ -225,7 +226,7 @@ class Verifier:
                 exc.reason, exc.detail, raw, headers=headers, signer=signer,
                 task_id=str(task_id) if task_id else None, task_name=str(task_name) if task_name else None,
             )
-        except Exception:  # noqa: BLE001 - quarantine trouble must not lose the log line above
+        except Exception:
             log.exception("could not write refused message to quarantine %s", self.quarantine.path)
 
     # kombu decoder -------------------------------------------------------
@@ -235,7 +236,7 @@ class Verifier:
         except SignatureRefused as exc:
             self.record(exc, data)
             raise
-        except Exception as exc:  # noqa: BLE001 - a checker bug must refuse, never pass
+        except Exception as exc:
             log.exception("signature check failed unexpectedly")
             refusal = SignatureRefused("check_error", repr(exc))
             self.record(refusal, data)
@@ -324,7 +325,7 @@ class _AppContext:
         except SignatureRefused as exc:
             self.verifier.record(exc, body, headers=headers, signer=signer_id)
             return None
-        except Exception as exc:  # noqa: BLE001 - a checker bug must refuse, never run the task
+        except Exception as exc:
             log.exception("signature check failed unexpectedly")
             self.verifier.record(SignatureRefused("check_error", repr(exc)), body, headers=headers, signer=signer_id)
             return None
@@ -417,7 +418,7 @@ def _on_task_postrun(sender: Task | None = None, task_id: str | None = None, **_
         return
     try:
         ctx.guard.mark_done(replay_key(signer.agent_id, task_id, sender.request.retries))
-    except Exception:  # noqa: BLE001 - bookkeeping must not fail the task
+    except Exception:
         log.exception("could not mark task %s done in the replay guard", task_id)
 
 

@@ -124,7 +124,7 @@ def check_command_args(name: str, args: list[Any], kwargs: dict[str, Any]) -> No
     if len(args) > len(params):
         raise CommandArgumentError(f"{usage} takes {len(params)} argument(s), {len(args)} given")
     bound: dict[str, Any] = {}
-    for param, value in zip(params, args):
+    for param, value in zip(params, args, strict=False):
         bound[param.name] = value
     known = {p.name for p in params}
     for key, value in kwargs.items():

@@ -128,7 +128,7 @@ def load_envelope_certificate(certificate_pem: str, strict: bool = True) -> x509
             cert = x509.load_pem_x509_certificate(certificate_pem.encode())
             # cryptography parses some fields lazily: touch them now so a malformed
             # certificate is refused here, not deep inside a later check.
-            cert.issuer, cert.subject, cert.extensions, cert.public_key(), cert.not_valid_after_utc  # noqa: B018
+            cert.issuer, cert.subject, cert.extensions, cert.public_key(), cert.not_valid_after_utc
             canonical = cert.public_bytes(serialization.Encoding.PEM).decode()
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise SignatureRefused("malformed", f"signer certificate is not valid PEM/DER: {exc}") from None

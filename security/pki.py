@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -30,7 +30,7 @@ class PKIError(Exception):
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -134,7 +134,7 @@ class CertificateAuthority:
     cert: x509.Certificate
 
     @classmethod
-    def create(cls, name: str = "edgeledger fleet CA", days: int = CA_DAYS) -> "CertificateAuthority":
+    def create(cls, name: str = "edgeledger fleet CA", days: int = CA_DAYS) -> CertificateAuthority:
         key = generate_key()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = utcnow()
@@ -163,7 +163,7 @@ class CertificateAuthority:
         return cls(key=key, cert=cert)
 
     @classmethod
-    def load(cls, directory: Path) -> "CertificateAuthority":
+    def load(cls, directory: Path) -> CertificateAuthority:
         directory = Path(directory)
         return cls(key=load_private_key(directory / "ca.key"), cert=load_certificate(directory / "ca.pem"))
 

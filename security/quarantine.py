@@ -54,7 +54,7 @@ class Quarantine:
             for statement in _SCHEMA:
                 db.execute(statement)
 
-    def _db(self) -> "_Conn":
+    def _db(self) -> _Conn:
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
             conn = _Conn(self.path)

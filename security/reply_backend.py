@@ -45,7 +45,7 @@ class ReplyExchangeRPCBackend(RPCBackend):
         self.result_guard = ResultGuard()
         super().__init__(*args, **kwargs)
 
-    def _create_exchange(self, name, type="direct", delivery_mode=2):  # noqa: A002 - celery's signature
+    def _create_exchange(self, name, type="direct", delivery_mode=2):
         from .celery_signing import signing_context
 
         ctx = signing_context(self.app)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from celery import states
 
@@ -35,7 +36,7 @@ VerifyFn = Callable[[bytes | str], Any]  # -> security.celery_signing.VerifiedMe
 RecordFn = Callable[..., None]  # security.celery_signing.Verifier.record
 
 
-def _remember(store: "OrderedDict[str, Any]", key: str, value: Any) -> None:
+def _remember(store: OrderedDict[str, Any], key: str, value: Any) -> None:
     store[key] = value
     store.move_to_end(key)
     while len(store) > MAX_TRACKED:
@@ -47,8 +48,8 @@ class ResultGuard:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: "OrderedDict[str, str]" = OrderedDict()  # task id -> expected CN (or ANY_SIGNER)
-        self._answered: "OrderedDict[str, str]" = OrderedDict()  # task id -> CN whose final result was taken
+        self._pending: OrderedDict[str, str] = OrderedDict()  # task id -> expected CN (or ANY_SIGNER)
+        self._answered: OrderedDict[str, str] = OrderedDict()  # task id -> CN whose final result was taken
 
     def expect(self, task_id: str, signer: str) -> None:
         """Only `signer` (certificate CN) may answer `task_id`. Call before publishing."""
@@ -109,7 +110,7 @@ class ResultGuard:
             return True
         except SignatureRefused as exc:
             record(exc, raw, headers={"id": task_id, "task": None}, signer=signer)
-        except Exception as exc:  # noqa: BLE001 - a checker bug must refuse, never deliver
+        except Exception as exc:
             log.exception("result check failed unexpectedly")
             record(SignatureRefused("check_error", repr(exc)), raw, headers={"id": task_id, "task": None},
                    signer=signer)

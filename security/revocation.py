@@ -68,7 +68,7 @@ class RevocationStore:
             rows = conn.execute("select serial, revoked_at from revoked").fetchall()
         finally:
             conn.close()
-        return {int(s): dt.datetime.fromtimestamp(t, dt.timezone.utc) for s, t in rows}
+        return {int(s): dt.datetime.fromtimestamp(t, dt.UTC) for s, t in rows}
 
     def identities(self) -> dict[int, str | None]:
         conn = self._connect()

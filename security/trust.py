@@ -18,8 +18,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from .pki import PKIError, common_name, load_certificate, utcnow
 from .crl import check_signed_by
+from .pki import PKIError, common_name, load_certificate, utcnow
 from .revocation import load_crl
 from .signing import SignatureRefused
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.mosquitto import MosquittoBroker, FleetPKI
+from tests.support.mosquitto import FleetPKI, MosquittoBroker
 
 
 @pytest.fixture(scope="session")

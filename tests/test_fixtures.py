@@ -8,7 +8,7 @@ import threading
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.mosquitto import MosquittoBroker, FleetPKI
+from tests.support.mosquitto import FleetPKI, MosquittoBroker
 
 
 def _roundtrip(client: mqtt.Client, port: int) -> bytes:

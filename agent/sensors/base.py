@@ -33,7 +33,7 @@ class Sensor(abc.ABC):
     def read(self) -> list[Sample]:
         """Measure now. Raise SensorError when the hardware cannot be read."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release handles; most drivers hold none."""
 
 

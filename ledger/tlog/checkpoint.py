@@ -62,7 +62,7 @@ class Checkpoint:
         return "".join(line + "\n" for line in lines)
 
     @classmethod
-    def parse(cls, text: str) -> "Checkpoint":
+    def parse(cls, text: str) -> Checkpoint:
         """Parse note text strictly; raise MalformedCheckpointError naming the bad line."""
         if not text.endswith("\n"):
             raise MalformedCheckpointError("checkpoint text must end with a newline")

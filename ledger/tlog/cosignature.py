@@ -42,7 +42,7 @@ def cosigned_message(body: str, timestamp: int) -> bytes:
     Checkpoint.parse(body)  # only checkpoints are cosigned
     if isinstance(timestamp, bool) or not isinstance(timestamp, int) or not 0 <= timestamp <= MAX_TIMESTAMP:
         raise CosignatureError(f"cosignature timestamp must be an integer in [0, 2**63), got {timestamp!r}")
-    return f"{HEADER}time {timestamp}\n{body}".encode("utf-8")
+    return f"{HEADER}time {timestamp}\n{body}".encode()
 
 
 def cosignature_timestamp(sig: Signature) -> int:
@@ -85,11 +85,11 @@ class CosignatureV1Signer(Ed25519KeySigner):
         self._clock = clock
 
     @classmethod
-    def generate(cls, name: str, clock: Callable[[], float] = time.time) -> "CosignatureV1Signer":
+    def generate(cls, name: str, clock: Callable[[], float] = time.time) -> CosignatureV1Signer:
         return cls(name, Ed25519PrivateKey.generate(), clock)
 
     @classmethod
-    def from_skey(cls, skey: str, clock: Callable[[], float] = time.time) -> "CosignatureV1Signer":
+    def from_skey(cls, skey: str, clock: Callable[[], float] = time.time) -> CosignatureV1Signer:
         """Parse `PRIVATE+KEY+<name>+<hex id>+<base64(0x04 || 32-byte seed)>`."""
         name, hex_id, key = cls._from_seed(skey)
         return cls(name, key, clock)._check_id(hex_id)

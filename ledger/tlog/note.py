@@ -91,7 +91,7 @@ class VerifierKey:
     public_key: bytes
 
     @classmethod
-    def parse(cls, vkey: str) -> "VerifierKey":
+    def parse(cls, vkey: str) -> VerifierKey:
         parts = vkey.split("+", 2)
         if len(parts) != 3:
             raise KeyFormatError(f"verifier key must be '<name>+<hex id>+<base64 key>', got {vkey[:80]!r}")
@@ -256,11 +256,11 @@ class Ed25519Signer(Ed25519KeySigner):
     verifier_class: type[Ed25519Verifier] = Ed25519Verifier
 
     @classmethod
-    def generate(cls, name: str) -> "Ed25519Signer":
+    def generate(cls, name: str) -> Ed25519Signer:
         return cls(name, Ed25519PrivateKey.generate())
 
     @classmethod
-    def from_skey(cls, skey: str) -> "Ed25519Signer":
+    def from_skey(cls, skey: str) -> Ed25519Signer:
         name, hex_id, key = cls._from_seed(skey)
         return cls(name, key)._check_id(hex_id)
 

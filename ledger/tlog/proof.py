@@ -45,7 +45,7 @@ class ProofBundle:
         return "\n".join(lines) + "\n\n" + self.checkpoint
 
     @classmethod
-    def parse(cls, text: str | bytes) -> "ProofBundle":
+    def parse(cls, text: str | bytes) -> ProofBundle:
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")

@@ -14,9 +14,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from agent.cli import main as agent_main
 from security import pki
@@ -67,7 +67,7 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         out = open(self.log, "ab")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -120,7 +120,7 @@ class Receiver:
     def out(self) -> Path:
         return self.workdir / "received.jsonl"
 
-    def start(self) -> "Receiver":
+    def start(self) -> Receiver:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cert, key = self.test_pki.client("test-coordinator")
         env = {"RECEIVER_BROKER": self.broker_url, "RECEIVER_OUT": str(self.out), "RECEIVER_CERT": str(cert),

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from security import pki
-from tests.support.mosquitto import FleetPKI, MosquittoBroker
-
 from tests.support.celery_apps import close_app
+from tests.support.mosquitto import FleetPKI, MosquittoBroker
 
 from .support import operator_app, send_command, start_agent, wait_until
 

@@ -114,7 +114,7 @@ def test_enroll_refuses_a_revoked_certificate_and_installs_the_crl(tmp_path: Pat
     cert_path = sign_csr(test_pki, data, tmp_path)
     cert = pki.load_certificate(cert_path)
     revoked, clean = tmp_path / "revoked.pem", tmp_path / "clean.pem"
-    pki.write_pem(test_pki.ca.crl({cert.serial_number: dt.datetime.now(dt.timezone.utc)}), revoked)
+    pki.write_pem(test_pki.ca.crl({cert.serial_number: dt.datetime.now(dt.UTC)}), revoked)
     pki.write_pem(test_pki.ca.crl({}), clean)
     base = ["--data-dir", str(data), "enroll", "--cert", str(cert_path), "--ca", str(test_pki.ca_path)]
     assert main(base + ["--crl", str(revoked)]) == 1

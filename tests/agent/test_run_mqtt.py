@@ -14,9 +14,8 @@ import pytest
 
 from agent.outbox import Outbox, reading_task_id
 from agent.sensors.base import Sample
-from tests.support.mosquitto import FleetPKI, MosquittoBroker
-
 from tests.support.celery_apps import close_app
+from tests.support.mosquitto import FleetPKI, MosquittoBroker
 
 from .support import (
     enrolled_agent,

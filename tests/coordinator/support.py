@@ -14,9 +14,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from coordinator.journal_view import query_journal
 from tests.support.net import free_port
@@ -50,7 +51,7 @@ class CoordinatorProcess:
     proc: subprocess.Popen | None = None
     runs: int = 0
 
-    def init(self, *agents: str) -> "CoordinatorProcess":
+    def init(self, *agents: str) -> CoordinatorProcess:
         out = cli("init", "--data-dir", str(self.data_dir), "--broker-port", str(self.broker_port),
                   "--chain-port", str(self.chain_port), "--http-port", str(self.http_port))
         assert out.returncode == 0, out.stderr
@@ -66,7 +67,7 @@ class CoordinatorProcess:
     def log_path(self) -> Path:
         return self.data_dir.parent / f"coordinator-{self.data_dir.name}.log"
 
-    def start(self, timeout: float = 90) -> "CoordinatorProcess":
+    def start(self, timeout: float = 90) -> CoordinatorProcess:
         self.runs += 1
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([PY, "-m", "coordinator.cli", "run", "--data-dir", str(self.data_dir)], cwd=ROOT,
@@ -104,7 +105,7 @@ class CoordinatorProcess:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise AssertionError(f"coordinator did not stop within {timeout}s after signal {sig}")
+            raise AssertionError(f"coordinator did not stop within {timeout}s after signal {sig}") from None
 
     def kill(self) -> None:
         """SIGKILL the daemon only (its Mosquitto lives on, like after a real crash)."""

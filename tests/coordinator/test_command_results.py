@@ -37,7 +37,7 @@ class Agent:
                               str(coordinator.bundle(name))], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
 
-    def start(self) -> "Agent":
+    def start(self) -> Agent:
         log = open(self.home.parent / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--data-dir", str(self.home), "run",
                                       "--interval", "1"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -195,8 +195,8 @@ def test_replayed_result_is_refused_and_does_not_change_the_answer(fleet, tmp_pa
 
 
 def test_command_result_for_a_command_never_sent_is_rejected(fleet) -> None:
-    from security.contract import command_result_task_id
     from coordinator.simagent import INGEST_QUEUE, SimAgent
+    from security.contract import command_result_task_id
     from tests.support.celery_apps import close_app
 
     coordinator, _ = fleet

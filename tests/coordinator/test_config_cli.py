@@ -111,7 +111,7 @@ def test_enroll_csr_and_bundle_then_revoke(tmp_path: Path, capsys: pytest.Captur
     assert crl.is_signature_valid(ca.public_key())
     capsys.readouterr()
     main(["agents", "--data-dir", str(data)])
-    assert [l for l in capsys.readouterr().out.splitlines() if l.startswith("sim-1")][0].split()[1] == "revoked"
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("sim-1")][0].split()[1] == "revoked"
 
 
 def test_enroll_error_paths(tmp_path: Path) -> None:

@@ -17,7 +17,13 @@ from coordinator.fleet_pki import FleetStore
 from coordinator.fleet_view import latest_issued
 from coordinator.ingest import ensure_schema
 from coordinator.metrics import (
-    EXECUTION_REFUSALS, TASKS, AnchorLatencyFeed, Metrics, agent_families, ledger_families, standard_metrics,
+    EXECUTION_REFUSALS,
+    TASKS,
+    AnchorLatencyFeed,
+    Metrics,
+    agent_families,
+    ledger_families,
+    standard_metrics,
 )
 from coordinator.registry import list_agents, touch
 from ledger.journal import Journal, oldest_unanchored

@@ -80,7 +80,7 @@ def subscribe_codes(coordinator: CoordinatorProcess, name: str, filters: list[st
 def stale_crl(coordinator: CoordinatorProcess) -> bytes:
     """A CRL genuinely signed by the fleet CA whose next-update has passed."""
     ca = CertificateAuthority.load(coordinator.data_dir / "pki")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
            .last_update(now - dt.timedelta(days=9)).next_update(now - dt.timedelta(days=2))
            .sign(ca.key, hashes.SHA256()))

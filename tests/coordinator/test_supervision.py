@@ -18,8 +18,8 @@ from coordinator.broker import managed_broker
 from coordinator.cli import main
 from coordinator.config import load_config
 from coordinator.fleet_pki import FleetStore
-from coordinator.http import StatusServer
 from coordinator.health import CheckResult, report
+from coordinator.http import StatusServer
 from coordinator.metrics import agent_families, standard_metrics
 from coordinator.registry import AgentView
 from tests.support.net import free_port

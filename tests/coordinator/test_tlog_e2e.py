@@ -149,7 +149,7 @@ def _row(coordinator: CoordinatorProcess, task_id: str, conn: sqlite3.Connection
     conn = conn or sqlite3.connect(coordinator.data_dir / "journal.db")
     try:
         cur = conn.execute("SELECT * FROM executions WHERE task_id = ?", (task_id,))
-        return dict(zip([d[0] for d in cur.description], cur.fetchone()))
+        return dict(zip([d[0] for d in cur.description], cur.fetchone(), strict=False))
     finally:
         if own:
             conn.close()
@@ -162,7 +162,7 @@ def _rebuild_and_resign(data_dir: Path) -> None:
         conn.execute("DELETE FROM tlog_node")
         cur = conn.execute("SELECT * FROM executions ORDER BY log_index")
         names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, r)) for r in cur]
+        rows = [dict(zip(names, r, strict=False)) for r in cur]
         log = MerkleLog(SQLiteNodeStore(conn, "tlog_node"))
         log.extend(ExecutionRecord.from_mapping(r).canonical_json() for r in rows)
         for (size,) in conn.execute("SELECT size FROM tlog_checkpoint").fetchall():

@@ -115,10 +115,10 @@ def test_sigkill_mid_batch_restart_from_snapshot_then_wipe(tmp_path):
 
 
 def test_receipt_timeout_then_dropped_or_late_mined_tx(tmp_path):
+    import pytest
+
     from ledger.anvil import rpc_call
     from ledger.writer import ChainWriterError
-
-    import pytest
 
     journal = Journal(tmp_path / "journal.db")
     checkpointer = make_log(journal)

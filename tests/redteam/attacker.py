@@ -19,9 +19,10 @@ import threading
 import time
 import tomllib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from kombu.utils import json as kjson
@@ -68,7 +69,7 @@ def derived_id(agent_id: str, kind: str, key: Any) -> str:
 
 def eta_in(seconds: float) -> str:
     """An ETA header as Celery writes it (aware UTC isoformat)."""
-    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)).isoformat()
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)).isoformat()
 
 
 def signature(task: str, args: list | None = None, queue: str | None = None, **kwargs: Any) -> dict:
@@ -89,7 +90,7 @@ class Bundle:
     ca: Path
 
     @classmethod
-    def load(cls, directory: Path) -> "Bundle":
+    def load(cls, directory: Path) -> Bundle:
         conf = tomllib.loads((directory / "agent.toml").read_text())
         return cls(directory=directory, agent_id=conf["agent_id"], cert=directory / conf["cert_file"],
                    key=directory / conf["key_file"], ca=directory / conf["ca_file"])
@@ -270,7 +271,7 @@ class Attacker:
     def result(self, task_id: str, result: Any, status: str = "SUCCESS") -> dict:
         """An rpc:// result message (kind "data"), as Celery's rpc backend sends one."""
         body = {"task_id": task_id, "status": status, "result": result, "traceback": None, "children": [],
-                "date_done": dt.datetime.now(dt.timezone.utc).isoformat()}
+                "date_done": dt.datetime.now(dt.UTC).isoformat()}
         envelope = self.sign("data", None, body)
         return kombu_message(envelope, {}, "", exchange=REPLY_EXCHANGE, correlation_id=task_id)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from security.quarantine import Quarantine, QuarantinedMessage
-from tests.support.prom import sample
 from tests.agent.support import Proc, kill_group
 from tests.coordinator.support import ROOT, CoordinatorProcess, cli, wait_until
+from tests.support.prom import sample
 
 from .attacker import Attacker, Bundle, Client, connect
 
@@ -43,13 +43,13 @@ class VictimAgent:
     log: Path
     proc: Proc | None = None
 
-    def enroll(self, bundle: Path) -> "VictimAgent":
+    def enroll(self, bundle: Path) -> VictimAgent:
         out = subprocess.run([sys.executable, "-m", "agent.cli", "--data-dir", str(self.home), "enroll", "--bundle",
                               str(bundle)], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return self
 
-    def start(self, interval: float = VICTIM_INTERVAL) -> "VictimAgent":
+    def start(self, interval: float = VICTIM_INTERVAL) -> VictimAgent:
         cmd = [sys.executable, "-m", "agent.cli", "--data-dir", str(self.home), "run", "--interval", str(interval)]
         self.proc = Proc(cmd, self.log, env=AGENT_ENV).start()
         self.proc.wait_for_output("ready in", timeout=120)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.config import load_config
+from tests.coordinator.support import cli
 
 from .attacker import INGEST_TOPIC, queue_topic
 from .fleet import REVOKED_LIVE, VICTIM, Fleet, settle
-from tests.coordinator.support import cli
 
 pytestmark = pytest.mark.slow
 

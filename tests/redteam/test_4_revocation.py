@@ -7,9 +7,10 @@ import time
 
 import pytest
 
+from tests.coordinator.support import cli
+
 from .attacker import INGEST_TOPIC, eta_in
 from .fleet import REVOKED_ETA, Fleet, settle
-from tests.coordinator.support import cli
 
 pytestmark = pytest.mark.slow
 

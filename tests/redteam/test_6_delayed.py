@@ -8,7 +8,7 @@ that command's one-line refusal)."""
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from celery import Celery

@@ -33,7 +33,7 @@ class FleetBroker:
     def url(self) -> str:
         return f"mqtts://127.0.0.1:{self.port}"
 
-    def start(self) -> "FleetBroker":
+    def start(self) -> FleetBroker:
         conf = write_mosquitto_files(self.settings, self.workdir)
         self.process = launch_mosquitto(conf, self.workdir, (self.port,), timeout=15)
         return self
@@ -133,8 +133,8 @@ def probe(port: int, ca: Path, cert: Path, key: Path, client_id: str | None = No
     client.on_connect, client.on_message, client.on_publish, client.on_subscribe = (
         on_connect, on_message, on_publish, on_subscribe)
     client.on_disconnect, client.on_connect_fail = on_disconnect, on_connect_fail
-    from paho.mqtt.properties import Properties
     from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
 
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kombu.exceptions import DecodeError
 from kombu.serialization import loads
 

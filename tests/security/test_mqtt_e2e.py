@@ -11,7 +11,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from kombu.exceptions import OperationalError
 
-import kombu_mqtt  # noqa: F401  (registers mqtts://)
+import kombu_mqtt
 from security.celery_signing import get_verifier, setup_signing
 from security.signing import ensure_bound
 
@@ -128,7 +128,7 @@ def test_forged_and_replayed_tasks_over_mqtts_are_quarantined(broker, signing_pk
     agent = signing_pki.identity("agent-a")
     ssl = {"ca_certs": str(signing_pki.ca_path), "certfile": str(agent.cert), "keyfile": str(agent.key)}
 
-    from security.celery_signing import _Identity, META_KEY
+    from security.celery_signing import META_KEY, _Identity
     from security.envelope import certificate_pem
     from security.pki import load_certificate, load_private_key
 

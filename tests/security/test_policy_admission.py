@@ -126,7 +126,7 @@ def test_routing_key_must_match_the_delivery_and_a_consumed_queue(coordinator, s
 
 
 def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
 def test_a_delayed_task_is_fresh_until_its_eta_plus_max_age(coordinator, signing_pki):
@@ -163,7 +163,7 @@ def test_an_eta_beyond_max_delay_is_refused_at_send_time(signing_pki, tmp_path):
     with pytest.raises(SigningError, match=r"max_delay_seconds=60.*eta_too_far.*Schedule it at most 60s"):
         sender.send_task("t.record", args=["agent-a", "late"], countdown=3600)
     with pytest.raises(SigningError, match="max_delay_seconds=60"):
-        sender.send_task("t.record", args=["agent-a", "late"], eta=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2))
+        sender.send_task("t.record", args=["agent-a", "late"], eta=dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
     sender.send_task("t.record", args=["agent-a", "soon"], countdown=30)  # within the limit: sent
 
 

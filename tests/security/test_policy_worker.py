@@ -58,7 +58,7 @@ def reading_msg(ident, seq: int, queue: str, **kw):
 
 
 def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
 @pytest.fixture

@@ -73,10 +73,10 @@ def test_replayed_message_runs_once(worker_side, redis_url, signing_pki):
 def test_bad_messages_through_the_worker_are_refused_and_quarantined(worker_side, redis_url, signing_pki, tmp_path):
     """A representative subset of the matrix over a real broker and worker: nothing runs."""
     import base64
+    import datetime as dt
     import json
 
     from security.pki import CertificateAuthority, utcnow
-    import datetime as dt
 
     agent = signing_pki.identity("agent-a")
     cases: list[tuple[str, dict, bytes, str]] = []

@@ -41,7 +41,7 @@ def launch_mosquitto(conf: Path, workdir: Path, ports: tuple[int, ...], timeout:
             wait_for_port(port, timeout=timeout)
     except TimeoutError:
         stop_process(process)
-        raise RuntimeError(f"mosquitto did not start; log:\n{broker_log(workdir)}")
+        raise RuntimeError(f"mosquitto did not start; log:\n{broker_log(workdir)}") from None
     return process
 
 
@@ -71,7 +71,7 @@ class FleetPKI:
     server_key: Path
 
     @classmethod
-    def create(cls, directory: Path) -> "FleetPKI":
+    def create(cls, directory: Path) -> FleetPKI:
         directory.mkdir(parents=True, exist_ok=True)
         ca = CertificateAuthority.create("edgeledger test CA")
         ca.save(directory)
@@ -137,7 +137,7 @@ class MosquittoBroker:
             f"{self.extra_config}"
         )
 
-    def start(self) -> "MosquittoBroker":
+    def start(self) -> MosquittoBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.render_config())

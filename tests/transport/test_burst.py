@@ -81,7 +81,7 @@ class Burst:
                     start.wait(timeout=60)
                     for task_id in batch:
                         app.send_task("kmq.record", args=(str(self.ledger), TASK_SECONDS), task_id=task_id, producer=producer, ignore_result=True)
-            except BaseException as exc:  # reported by the test thread
+            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
                 errors.append(exc)
 
         threads = [threading.Thread(target=run, args=(batch,)) for batch in ids]

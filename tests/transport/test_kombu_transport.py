@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -25,7 +24,7 @@ def drain_until(conn: Connection, done, timeout: float = 20.0) -> None:
             raise AssertionError("condition not met before timeout")
         try:
             conn.drain_events(timeout=0.5)
-        except socket.timeout:
+        except TimeoutError:
             pass
 
 
@@ -35,7 +34,7 @@ def drain_quietly(conn: Connection, seconds: float) -> None:
     while (remaining := deadline - time.monotonic()) > 0:
         try:
             conn.drain_events(timeout=remaining)
-        except socket.timeout:
+        except TimeoutError:
             pass
 
 
@@ -98,7 +97,7 @@ def test_fanout_gives_each_bound_queue_a_copy(connect, unique) -> None:
         conns.append(conn)
         consumers.append(consumer)
     Producer(connect()).publish({"hello": 1}, exchange=exchange, routing_key="", declare=[exchange])
-    for conn, name in zip(conns, ("a", "b")):
+    for conn, name in zip(conns, ("a", "b"), strict=False):
         drain_until(conn, lambda name=name: received[name])
     assert received == {"a": [{"hello": 1}], "b": [{"hello": 1}]}
 
@@ -226,7 +225,7 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
     delays = backoff_delays(0.1, 1.0)
     samples = [next(delays) for _ in range(8)]
     bounds = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]
-    assert all(bound / 2 <= got <= bound for got, bound in zip(samples, bounds))
+    assert all(bound / 2 <= got <= bound for got, bound in zip(samples, bounds, strict=False))
 
 
 def test_connect_retries_until_the_broker_comes_up(fresh_mosquitto) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from kombu_mqtt import UnsupportedPatternError
-from kombu_mqtt import topics
+from kombu_mqtt import UnsupportedPatternError, topics
 
 
 def test_escape_covers_every_mqtt_special_character() -> None:

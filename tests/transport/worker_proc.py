@@ -41,7 +41,7 @@ class WorkerProcess:
     process: subprocess.Popen | None = None
     _log_offset: int = field(default=0)
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
@@ -72,7 +72,7 @@ class WorkerProcess:
                 raise TimeoutError(f"worker did not log {text!r} within {timeout}s:\n{self.log()[-3000:]}")
             time.sleep(0.05)
 
-    def wait_ready(self, timeout: float = 60.0) -> "WorkerProcess":
+    def wait_ready(self, timeout: float = 60.0) -> WorkerProcess:
         self.wait_for_log(" ready.", timeout)
         return self
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.asynchronous import Hub
 
-import kombu_mqtt  # noqa: F401  (registers mqtt://)
+import kombu_mqtt
 import kombu_mqtt.client
 from kombu_mqtt.client import MqttSession
 
@@ -56,7 +55,7 @@ def drain_until(conn: Connection, done: Callable[[], bool], timeout: float = 5.0
         assert time.monotonic() < deadline, "condition not met"
         try:
             conn.drain_events(timeout=0.02)
-        except socket.timeout:
+        except TimeoutError:
             pass
 
 
@@ -65,7 +64,7 @@ def drain_idle(conn: Connection, rounds: int = 5) -> None:
     for _ in range(rounds):
         try:
             conn.drain_events(timeout=0.01)
-        except socket.timeout:
+        except TimeoutError:
             pass
 
 
