@@ -329,35 +329,6 @@ class Journal:
                     "tx_hash = COALESCE(?, tx_hash), anchored_at = ? WHERE task_id = ?",
                     [(CONFIRMED, block_number, block_hash, tx_hash, now, t) for t in task_ids])
 
-    def mark_sent_if_pending(self, flights: list[tuple[list[str], str]], chain_id: int, contract: str) -> None:
-        """(task_ids, tx_hash) per transaction just broadcast, in one commit; rows that left
-        `pending` meanwhile (a concurrent reconcile) keep their state."""
-        with self.transaction() as db:
-            for task_ids, tx_hash in flights:
-                db.conn.executemany(
-                    "UPDATE executions SET anchor_state = ?, tx_hash = ?, chain_id = ?, contract = ? "
-                    "WHERE task_id = ? AND anchor_state = ?",
-                    [(SENT, tx_hash, chain_id, contract, t, PENDING) for t in task_ids])
-
-    def mark_state(self, task_ids: list[str], state: str) -> None:
-        """Park rows in `state` (e.g. the writer's `conflict`) without touching their anchor data."""
-        with self.transaction() as db:
-            db.conn.executemany("UPDATE executions SET anchor_state = ? WHERE task_id = ?",
-                                [(state, t) for t in task_ids])
-
-    def mark_found(self, found: list[tuple[int, str, str, str]], chain_id: int, contract: str,
-                   orphans: list[str], orphan_state: str) -> None:
-        """Reconciliation in one commit: rows found on chain as (block, block_hash, tx_hash, task_id)
-        become confirmed (keeping their first anchored_at); `orphans` are parked in `orphan_state`."""
-        now = time.time()
-        with self.transaction() as db:
-            db.conn.executemany("UPDATE executions SET anchor_state = ? WHERE task_id = ?",
-                                [(orphan_state, t) for t in orphans])
-            db.conn.executemany(
-                "UPDATE executions SET anchor_state = ?, block_number = ?, block_hash = ?, tx_hash = ?, "
-                "chain_id = ?, contract = ?, anchored_at = COALESCE(anchored_at, ?) WHERE task_id = ?",
-                [(CONFIRMED, b, h, t, chain_id, contract, now, task_id) for b, h, t, task_id in found])
-
     def mark_pending(self, task_ids: list[str]) -> None:
         with self.transaction() as db:
             db.conn.executemany(
