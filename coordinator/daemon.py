@@ -61,10 +61,10 @@ class Coordinator:
         self._checkpoint_thread: threading.Thread | None = None
         self.status: StatusServer | None = None
         self.health_checks: dict[str, Any] = {}
-        # hooks for other parts (e.g. the transparency log): more HTTP routes ({path: handler},
-        # see coordinator/http.py) and the latest checkpoint/audit state for the fleet page
+        # hooks for other parts: more HTTP routes ({path: handler}, see coordinator/http.py) and
+        # the latest checkpoint/audit state for the fleet page (the journal's, by default)
         self.extra_routes: dict[str, Any] = {}
-        self.checkpoint_provider: Any = None
+        self.checkpoint_provider: Any = self._checkpoint_state
         self.worker_ready = threading.Event()
         self._stop = threading.Event()
         self.stopping = threading.Event()  # shutdown began: do not restart children any more
@@ -249,6 +249,23 @@ class Coordinator:
             self.status.route(path, handler)
         self.status.start()
         log.info("metrics on http://%s:%d/metrics, fleet page on /", cfg.http.host, self.status.port)
+
+    def _checkpoint_state(self) -> dict[str, str] | None:
+        """The fleet page's view of the log: newest signed checkpoint and newest anchored one."""
+        if self.journal is None:
+            return None
+        newest = self.journal.latest_checkpoint()
+        if newest is None:
+            return None
+        anchored = self.journal.latest_checkpoint(anchored=True)
+        state = {"signed tree size": str(newest["size"]), "root (hex)": str(newest["root"]),
+                 "signed at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(newest["created_at"]))}
+        if anchored is None:
+            state["anchored"] = "not yet"
+        else:
+            state.update({"anchored tree size": str(anchored["size"]), "anchored in block": str(anchored["block_number"]),
+                          "anchoring transaction": str(anchored["tx_hash"])})
+        return state
 
     def _children(self) -> list[tuple[str, bool]]:
         out = []

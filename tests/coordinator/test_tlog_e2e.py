@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import sqlite3
 import stat
@@ -89,6 +90,10 @@ def test_log_served_erased_and_rewrites_caught(coordinator: CoordinatorProcess, 
         verify_consistency(sizes[0], sizes[-1], bytes.fromhex(roots[sizes[0]]), bytes.fromhex(roots[sizes[-1]]),
                            [base64.b64decode(line) for line in text.splitlines()])
     assert _get(coordinator, "/tlog/proof?index=999999")[0] == 404
+    code, page = _get(coordinator, "/fleet")  # the fleet page shows the log's newest signed and anchored checkpoints
+    shown = re.search(r"<th>anchored tree size</th><td>(\d+)</td>", page)
+    anchored = {r[0] for r in coordinator.query("SELECT size FROM tlog_checkpoint WHERE anchor_state = 'confirmed'")}
+    assert code == 200 and "signed tree size" in page and shown and int(shown.group(1)) in anchored, page[-3000:]
 
     code, report = _verify(coordinator, "--require-anchored")
     assert code == 0 and report["ok"] and report["on_chain"] == report["rows"], report["findings"][:5]
