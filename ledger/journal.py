@@ -293,14 +293,22 @@ class Journal:
         return list(self.rows("anchor_state = ?", (PENDING,), limit=limit))
 
     def counts(self) -> dict[str, int]:
+        """Execution rows by anchoring state."""
+        return self._state_counts("executions")
+
+    def max_confirmed_block(self) -> tuple[int, str] | None:
+        return self._newest_confirmed_block("executions")
+
+    # Rows and checkpoints carry the same anchoring columns: one query each for both tables.
+    def _state_counts(self, table: str) -> dict[str, int]:
         out = {PENDING: 0, SENT: 0, CONFIRMED: 0}
-        for state, n in self._conn().execute("SELECT anchor_state, COUNT(*) FROM executions GROUP BY 1"):
+        for state, n in self._conn().execute(f"SELECT anchor_state, COUNT(*) FROM {table} GROUP BY 1"):
             out[state] = n
         return out
 
-    def max_confirmed_block(self) -> tuple[int, str] | None:
+    def _newest_confirmed_block(self, table: str) -> tuple[int, str] | None:
         cur = self._conn().execute(
-            "SELECT block_number, block_hash FROM executions WHERE anchor_state = ? "
+            f"SELECT block_number, block_hash FROM {table} WHERE anchor_state = ? "
             "ORDER BY block_number DESC LIMIT 1", (CONFIRMED,))
         found = cur.fetchone()
         return (int(found[0]), found[1]) if found else None
@@ -368,17 +376,11 @@ class Journal:
         return found[0] if found else None
 
     def checkpoint_counts(self) -> dict[str, int]:
-        out = {PENDING: 0, SENT: 0, CONFIRMED: 0}
-        for state, n in self._conn().execute("SELECT anchor_state, COUNT(*) FROM tlog_checkpoint GROUP BY 1"):
-            out[state] = n
-        return out
+        """Checkpoints by anchoring state."""
+        return self._state_counts("tlog_checkpoint")
 
     def max_confirmed_checkpoint_block(self) -> tuple[int, str] | None:
-        cur = self._conn().execute(
-            "SELECT block_number, block_hash FROM tlog_checkpoint WHERE anchor_state = ? "
-            "ORDER BY block_number DESC LIMIT 1", (CONFIRMED,))
-        found = cur.fetchone()
-        return (int(found[0]), found[1]) if found else None
+        return self._newest_confirmed_block("tlog_checkpoint")
 
     def checkpoints_sent(self, flights: list[tuple[list[int], str]], chain_id: int, contract: str) -> None:
         """(sizes, tx_hash) per transaction just broadcast, in one commit."""
