@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 
 from security import exit_codes
+from tests.support.cli import one_line_error
 
 from .support import ROOT, cli
-
-
-def one_line(out: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
-    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    for needle in needles:
-        assert needle in out.stderr, out.stderr
 
 
 @pytest.fixture
@@ -38,7 +32,7 @@ def test_corrupt_journal_is_one_line_for_agents_run_and_result(data: Path) -> No
     journal = data / "journal.db"
     journal.write_bytes(b"not a database at all" * 50)
     for argv in (["agents"], ["run"], ["result", "1234"]):
-        one_line(cli(*argv, "--data-dir", str(data)), exit_codes.DATA_CORRUPT, str(journal), ".recover")
+        one_line_error(cli(*argv, "--data-dir", str(data)), exit_codes.DATA_CORRUPT, str(journal), ".recover")
     assert not (data / "run" / "mosquitto" / "mosquitto.pid").exists()  # run stopped before starting the broker
 
 
@@ -51,14 +45,14 @@ def test_truncated_journal_is_one_line(data: Path) -> None:
     conn.close()
     data_bytes = journal.read_bytes()
     journal.write_bytes(data_bytes[: len(data_bytes) // 2])
-    one_line(cli("agents", "--data-dir", str(data)), exit_codes.DATA_CORRUPT, str(journal), ".recover")
+    one_line_error(cli("agents", "--data-dir", str(data)), exit_codes.DATA_CORRUPT, str(journal), ".recover")
 
 
 @pytest.mark.parametrize("name", ["broker.key", "coordinator.pem"])
 def test_missing_pki_file_is_found_before_anything_starts_and_repair_fixes_it(data: Path, name: str) -> None:
     (data / "pki" / name).unlink()
     out = cli("run", "--data-dir", str(data))
-    one_line(out, exit_codes.ERROR, f"{data / 'pki' / name} is missing", "init --repair")
+    one_line_error(out, exit_codes.ERROR, f"{data / 'pki' / name} is missing", "init --repair")
     assert out.stdout == ""  # nothing started, nothing logged
     out = cli("init", "--repair", "--data-dir", str(data))
     assert out.returncode == 0 and "re-issued" in out.stdout, out.stderr
@@ -67,7 +61,7 @@ def test_missing_pki_file_is_found_before_anything_starts_and_repair_fixes_it(da
 
 def test_missing_ca_key_says_restore_from_backup(data: Path) -> None:
     (data / "pki" / "ca.key").unlink()
-    one_line(cli("run", "--data-dir", str(data)), exit_codes.ERROR, "ca.key is missing", "from a backup")
+    one_line_error(cli("run", "--data-dir", str(data)), exit_codes.ERROR, "ca.key is missing", "from a backup")
 
 
 def test_closed_stdout_is_not_a_traceback(data: Path) -> None:

@@ -10,13 +10,9 @@ from pathlib import Path
 import pytest
 
 from security import exit_codes, pki
+from tests.support.cli import one_line_error
 
 from .support import cli
-
-
-def one_line(out, code: int, needle: str) -> None:
-    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
-    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
 
 
 @pytest.fixture
@@ -34,9 +30,9 @@ def csr_for(tmp_path: Path, name: str) -> Path:
 
 def test_second_certificate_for_an_active_id_needs_force(data: Path, tmp_path: Path) -> None:
     assert cli("enroll", "--data-dir", str(data), "--bundle", "dev-1").returncode == 0
-    one_line(cli("enroll", "--data-dir", str(data), str(csr_for(tmp_path, "dev-1"))), exit_codes.USAGE,
+    one_line_error(cli("enroll", "--data-dir", str(data), str(csr_for(tmp_path, "dev-1"))), exit_codes.USAGE,
              "'dev-1' already has a valid certificate")
-    one_line(cli("enroll", "--data-dir", str(data), "--bundle", "dev-1", "--out", str(tmp_path / "b2")),
+    one_line_error(cli("enroll", "--data-dir", str(data), "--bundle", "dev-1", "--out", str(tmp_path / "b2")),
              exit_codes.USAGE, "already has a valid certificate")
     out = cli("enroll", "--data-dir", str(data), str(csr_for(tmp_path, "dev-1")), "--force")
     assert out.returncode == 0 and "BEGIN CERTIFICATE" in out.stdout, out.stderr
@@ -45,7 +41,7 @@ def test_second_certificate_for_an_active_id_needs_force(data: Path, tmp_path: P
 def test_revoked_id_is_re_enrolled_only_with_force(data: Path, tmp_path: Path) -> None:
     assert cli("enroll", "--data-dir", str(data), "--bundle", "dev-2").returncode == 0
     assert cli("revoke", "--data-dir", str(data), "dev-2").returncode == 0
-    one_line(cli("enroll", "--data-dir", str(data), str(csr_for(tmp_path, "dev-2"))), exit_codes.USAGE,
+    one_line_error(cli("enroll", "--data-dir", str(data), str(csr_for(tmp_path, "dev-2"))), exit_codes.USAGE,
              "'dev-2' was revoked: pass --force")
     out = cli("enroll", "--data-dir", str(data), str(csr_for(tmp_path, "dev-2")), "--force", "--out",
               str(tmp_path / "dev-2.pem"))
@@ -56,9 +52,9 @@ def test_revoked_id_is_re_enrolled_only_with_force(data: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize("days", ["0", "-5"])
 def test_no_certificate_expired_at_issue(data: Path, tmp_path: Path, days: str) -> None:
-    one_line(cli("enroll", "--data-dir", str(data), str(csr_for(tmp_path, "dev-3")), "--days", days),
+    one_line_error(cli("enroll", "--data-dir", str(data), str(csr_for(tmp_path, "dev-3")), "--days", days),
              exit_codes.USAGE, f"--days {days}: a certificate must be valid for at least 1 day")
-    one_line(cli("enroll", "--data-dir", str(data), "--bundle", "dev-3", "--days", days), exit_codes.USAGE, "at least 1 day")
+    one_line_error(cli("enroll", "--data-dir", str(data), "--bundle", "dev-3", "--days", days), exit_codes.USAGE, "at least 1 day")
     assert not (data / "bundles" / "dev-3").exists()
 
 
@@ -95,7 +91,7 @@ def test_renewal_as_documented_keeps_the_key_and_installs_the_new_certificate(da
     assert out.returncode == 0, out.stderr
     key_before = (home / "agent.key").read_bytes()
     renewed = tmp_path / "pi-01.pem"
-    one_line(cli("enroll", "--data-dir", str(data), str(home / "agent.csr"), "--out", str(renewed)), exit_codes.USAGE,
+    one_line_error(cli("enroll", "--data-dir", str(data), str(home / "agent.csr"), "--out", str(renewed)), exit_codes.USAGE,
              "already has a valid certificate")
     out = cli("enroll", "--data-dir", str(data), str(home / "agent.csr"), "--force", "--days", "365", "--out", str(renewed))
     assert out.returncode == 0, out.stderr

@@ -15,17 +15,12 @@ from pathlib import Path
 import pytest
 
 from security import exit_codes
+from tests.support.cli import one_line_error
 
 from .support import ROOT, CoordinatorProcess, cli, wait_until
 
 AGENT = "pi-01"  # the agent id the help's examples use
 
-
-def one_line_error(out: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
-    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    for needle in needles:
-        assert needle in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -14,6 +14,7 @@ import pytest
 
 from ledger.journal import Journal
 from security import exit_codes
+from tests.support.cli import one_line_error
 
 from .helpers import make_record
 
@@ -25,12 +26,6 @@ def audit(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ledger.audit_cli", *argv], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=120)
 
-
-def one_line(out: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
-    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    for needle in needles:
-        assert needle in out.stderr, out.stderr
 
 
 @pytest.fixture
@@ -45,16 +40,16 @@ def journal_dir(tmp_path: Path) -> Path:
 def test_empty_or_foreign_file_is_refused_and_left_untouched(tmp_path: Path) -> None:
     empty = tmp_path / "empty.db"
     empty.touch()
-    one_line(audit("list", "--journal", str(empty)), exit_codes.USAGE, "is not an edgeledger journal")
+    one_line_error(audit("list", "--journal", str(empty)), exit_codes.USAGE, "is not an edgeledger journal")
     assert empty.stat().st_size == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
-    one_line(audit("list", "--journal", str(tmp_path / "missing.db")), exit_codes.USAGE, "does not exist")
+    one_line_error(audit("list", "--journal", str(tmp_path / "missing.db")), exit_codes.USAGE, "does not exist")
     assert not (tmp_path / "missing.db").exists()
 
 
 def test_corrupt_and_truncated_journals_are_one_line(journal_dir: Path, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not sqlite" * 100)
-    one_line(audit("list", "--journal", str(garbage)), exit_codes.DATA_CORRUPT, str(garbage), ".recover")
+    one_line_error(audit("list", "--journal", str(garbage)), exit_codes.DATA_CORRUPT, str(garbage), ".recover")
     good = journal_dir / "journal.db"
     conn = sqlite3.connect(good)  # fold the WAL in, so the file alone holds the data
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -63,13 +58,13 @@ def test_corrupt_and_truncated_journals_are_one_line(journal_dir: Path, tmp_path
     data = good.read_bytes()
     truncated.write_bytes(data[: len(data) // 3])
     for command in (["list"], ["export"], ["show", "x"]):
-        one_line(audit(*command, "--journal", str(truncated)), exit_codes.DATA_CORRUPT, str(truncated), ".recover")
+        one_line_error(audit(*command, "--journal", str(truncated)), exit_codes.DATA_CORRUPT, str(truncated), ".recover")
 
 
 def test_malformed_contract_address_is_a_usage_error(journal_dir: Path) -> None:
-    one_line(audit("verify", "--journal", str(journal_dir / "journal.db"), "--contract", "0x123",
+    one_line_error(audit("verify", "--journal", str(journal_dir / "journal.db"), "--contract", "0x123",
                    "--rpc-url", "http://127.0.0.1:1"), exit_codes.USAGE, "'0x123' is not an Ethereum address")
-    one_line(audit("--contract", "0x123", "list", "--journal", str(journal_dir / "journal.db")), exit_codes.USAGE,
+    one_line_error(audit("--contract", "0x123", "list", "--journal", str(journal_dir / "journal.db")), exit_codes.USAGE,
              "not an Ethereum address")
 
 

@@ -148,3 +148,15 @@ def probe(port: int, ca: Path, cert: Path, key: Path, client_id: str | None = No
             client.loop_stop()
             raise ConnectionError(f"connect refused (rc={p.connect_rc})")
     return p
+
+
+def signing_fleet_broker(signing_pki, workdir: Path, **kw) -> FleetBroker:
+    """A fleet broker on the `signing_pki` fixture's CA, server key and CRL."""
+    fleet = signing_pki.fleet
+    return fleet_broker(workdir, fleet.ca_path, fleet.server_cert, fleet.server_key, signing_pki.crl_path, **kw)
+
+
+def connect_as(broker: FleetBroker, signing_pki, name: str, **kw) -> Probe:
+    """A raw MQTT client over TLS with the certificate of fleet identity `name`."""
+    ident = signing_pki.identity(name)
+    return probe(broker.port, signing_pki.ca_path, ident.cert, ident.key, **kw)

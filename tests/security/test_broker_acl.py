@@ -11,7 +11,7 @@ import pytest
 from security.mosquitto_config import MosquittoSettings, render_mosquitto_config
 from security.pki import CertificateAuthority
 
-from .broker import fleet_broker, probe
+from .broker import connect_as, probe, signing_fleet_broker
 
 NOT_AUTHORIZED = 0x87
 
@@ -22,16 +22,9 @@ INGEST = "kombu/d/edge.ingest/edge.ingest"
 
 @pytest.fixture(scope="module")
 def broker(signing_pki, tmp_path_factory):
-    fleet = signing_pki.fleet
-    b = fleet_broker(tmp_path_factory.mktemp("fleet-broker"), fleet.ca_path, fleet.server_cert, fleet.server_key,
-                     signing_pki.crl_path, acl_mode="file")  # the unsafe, non-default mode these tests document
+    b = signing_fleet_broker(signing_pki, tmp_path_factory.mktemp("fleet-broker"), acl_mode="file")  # the unsafe, non-default mode these tests document
     yield b
     b.stop()
-
-
-def connect(broker, signing_pki, name, **kw):
-    ident = signing_pki.identity(name)
-    return probe(broker.port, signing_pki.ca_path, ident.cert, ident.key, **kw)
 
 
 def settle(probes, seconds: float = 1.0) -> None:
@@ -40,8 +33,8 @@ def settle(probes, seconds: float = 1.0) -> None:
 
 
 def test_agent_reads_only_its_own_queue(broker, signing_pki):
-    coord = connect(broker, signing_pki, "coordinator")
-    a = connect(broker, signing_pki, "agent-a")
+    coord = connect_as(broker, signing_pki, "coordinator")
+    a = connect_as(broker, signing_pki, "agent-a")
     try:
         for topic in (f"$share/agent.agent-a/{AGENT_A_QUEUE}", AGENT_B_QUEUE, f"$share/edge.ingest/{INGEST}",
                       "#", "kombu/f/celery.pidbox", "kombu/d/c.rep/+"):
@@ -64,9 +57,9 @@ def test_agent_reads_only_its_own_queue(broker, signing_pki):
 
 
 def test_agent_cannot_publish_into_another_queue_or_control_topics(broker, signing_pki):
-    a = connect(broker, signing_pki, "agent-a")
-    b = connect(broker, signing_pki, "agent-b")
-    coord = connect(broker, signing_pki, "coordinator")
+    a = connect_as(broker, signing_pki, "agent-a")
+    b = connect_as(broker, signing_pki, "agent-b")
+    coord = connect_as(broker, signing_pki, "coordinator")
     try:
         b.subscribe(f"$share/agent.agent-b/{AGENT_B_QUEUE}")
         coord.subscribe("kombu/#")
@@ -82,8 +75,8 @@ def test_agent_cannot_publish_into_another_queue_or_control_topics(broker, signi
 
 
 def test_agent_can_publish_ingest_and_replies_to_the_coordinator(broker, signing_pki):
-    a = connect(broker, signing_pki, "agent-a")
-    coord = connect(broker, signing_pki, "coordinator")
+    a = connect_as(broker, signing_pki, "agent-a")
+    coord = connect_as(broker, signing_pki, "coordinator")
     try:
         coord.subscribe(f"$share/edge.ingest/{INGEST}")
         coord.subscribe("kombu/d/c.rep/+")
@@ -100,9 +93,9 @@ def test_agent_can_publish_ingest_and_replies_to_the_coordinator(broker, signing
 
 def test_joining_another_agents_share_group_leaks_nothing(broker, signing_pki):
     """Confidentiality holds even when agent-a joins agent-b's shared-subscription group."""
-    a = connect(broker, signing_pki, "agent-a")
-    b = connect(broker, signing_pki, "agent-b")
-    coord = connect(broker, signing_pki, "coordinator")
+    a = connect_as(broker, signing_pki, "agent-a")
+    b = connect_as(broker, signing_pki, "agent-b")
+    coord = connect_as(broker, signing_pki, "coordinator")
     try:
         b.subscribe(f"$share/agent.agent-b/{AGENT_B_QUEUE}")
         a.subscribe(f"$share/agent.agent-b/{AGENT_B_QUEUE}")
@@ -122,15 +115,15 @@ def test_joining_another_agents_share_group_leaks_nothing(broker, signing_pki):
 def test_session_takeover_by_client_id_gets_no_foreign_messages(broker, signing_pki):
     """agent-a reusing the coordinator's persistent client id receives none of its queue."""
     cid = "coordinator-consumer-test"
-    coord = connect(broker, signing_pki, "coordinator", client_id=cid, clean_start=False, session_expiry=300)
+    coord = connect_as(broker, signing_pki, "coordinator", client_id=cid, clean_start=False, session_expiry=300)
     coord.subscribe(f"$share/edge.ingest/{INGEST}")
     coord.close()
-    b = connect(broker, signing_pki, "agent-b")
+    b = connect_as(broker, signing_pki, "agent-b")
     try:
         assert b.publish(INGEST, b"queued-for-coordinator") == 0
     finally:
         b.close()
-    thief = connect(broker, signing_pki, "agent-a", client_id=cid, clean_start=False, session_expiry=300)
+    thief = connect_as(broker, signing_pki, "agent-a", client_id=cid, clean_start=False, session_expiry=300)
     try:
         settle([thief], 1.5)
         assert thief.messages == []
@@ -164,7 +157,7 @@ def test_revoked_certificate_is_refused_after_reload(broker, signing_pki):
         except (ssl.SSLError, OSError, ConnectionError):
             refused = True
     assert refused, "revoked certificate still connects after SIGHUP"
-    other = connect(broker, signing_pki, "agent-a")  # everyone else still gets in
+    other = connect_as(broker, signing_pki, "agent-a")  # everyone else still gets in
     other.close()
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from security.dynsec import add_agent_commands, remove_agent_commands, send_commands
 
-from .broker import fleet_broker, probe
+from .broker import connect_as, signing_fleet_broker
 
 NOT_AUTHORIZED = 0x87
 A_QUEUE = "kombu/d/agent.agent-a/agent.agent-a"
@@ -20,16 +20,9 @@ INGEST = "kombu/d/edge.ingest/edge.ingest"
 
 @pytest.fixture(scope="module")
 def broker(signing_pki, tmp_path_factory):
-    fleet = signing_pki.fleet
-    b = fleet_broker(tmp_path_factory.mktemp("dynsec-broker"), fleet.ca_path, fleet.server_cert, fleet.server_key,
-                     signing_pki.crl_path, acl_mode="dynsec", agent_ids=("agent-a", "agent-b"))
+    b = signing_fleet_broker(signing_pki, tmp_path_factory.mktemp("dynsec-broker"), acl_mode="dynsec", agent_ids=("agent-a", "agent-b"))
     yield b
     b.stop()
-
-
-def connect(broker, signing_pki, name, **kw):
-    ident = signing_pki.identity(name)
-    return probe(broker.port, signing_pki.ca_path, ident.cert, ident.key, **kw)
 
 
 def admin(broker, signing_pki) -> dict:
@@ -38,8 +31,8 @@ def admin(broker, signing_pki) -> dict:
 
 
 def test_subscriptions_are_checked_per_agent(broker, signing_pki):
-    a = connect(broker, signing_pki, "agent-a")
-    coord = connect(broker, signing_pki, "coordinator")
+    a = connect_as(broker, signing_pki, "agent-a")
+    coord = connect_as(broker, signing_pki, "coordinator")
     try:
         assert a.subscribe(f"$share/agent.agent-a/{A_QUEUE}") == [1]
         for foreign in (f"$share/agent.agent-b/{B_QUEUE}", B_QUEUE, A_QUEUE, "#", f"$share/edge.ingest/{INGEST}",
@@ -53,9 +46,9 @@ def test_subscriptions_are_checked_per_agent(broker, signing_pki):
 
 
 def test_foreign_share_group_cannot_take_another_agents_commands(broker, signing_pki):
-    a = connect(broker, signing_pki, "agent-a")
-    b = connect(broker, signing_pki, "agent-b")
-    coord = connect(broker, signing_pki, "coordinator")
+    a = connect_as(broker, signing_pki, "agent-a")
+    b = connect_as(broker, signing_pki, "agent-b")
+    coord = connect_as(broker, signing_pki, "coordinator")
     try:
         assert b.subscribe(f"$share/agent.agent-b/{B_QUEUE}") == [1]
         assert a.subscribe(f"$share/agent.agent-b/{B_QUEUE}") == [NOT_AUTHORIZED]
@@ -72,8 +65,8 @@ def test_foreign_share_group_cannot_take_another_agents_commands(broker, signing
 
 
 def test_publish_rules_match_file_mode(broker, signing_pki):
-    a = connect(broker, signing_pki, "agent-a")
-    coord = connect(broker, signing_pki, "coordinator")
+    a = connect_as(broker, signing_pki, "agent-a")
+    coord = connect_as(broker, signing_pki, "coordinator")
     try:
         coord.subscribe("kombu/#")
         assert a.publish(INGEST, b"reading") == 0
@@ -92,14 +85,14 @@ def test_publish_rules_match_file_mode(broker, signing_pki):
 
 def test_agent_enrolled_at_runtime_then_removed_loses_its_connection_and_rights(broker, signing_pki):
     queue = "kombu/d/agent.agent-late/agent.agent-late"
-    late = connect(broker, signing_pki, "agent-late")
+    late = connect_as(broker, signing_pki, "agent-late")
     try:
         assert late.subscribe(f"$share/agent.agent-late/{queue}") == [NOT_AUTHORIZED]  # not enrolled yet
     finally:
         late.close()
     send_commands("127.0.0.1", broker.port, admin(broker, signing_pki), add_agent_commands("agent-late"))
-    late = connect(broker, signing_pki, "agent-late")
-    coord = connect(broker, signing_pki, "coordinator")
+    late = connect_as(broker, signing_pki, "agent-late")
+    coord = connect_as(broker, signing_pki, "coordinator")
     try:
         assert late.subscribe(f"$share/agent.agent-late/{queue}") == [1]
         assert coord.publish(queue, b"hello") == 0
@@ -114,7 +107,7 @@ def test_agent_enrolled_at_runtime_then_removed_loses_its_connection_and_rights(
         assert late.disconnects, "removing the agent did not cut its live connection"
     finally:
         late.close()
-    again = connect(broker, signing_pki, "agent-late")  # its certificate is still valid (no CRL entry) ...
+    again = connect_as(broker, signing_pki, "agent-late")  # its certificate is still valid (no CRL entry) ...
     try:
         assert again.subscribe(f"$share/agent.agent-late/{queue}") == [NOT_AUTHORIZED]  # ... but it has no rights
         assert again.publish(INGEST, b"x") == NOT_AUTHORIZED

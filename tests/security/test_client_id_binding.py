@@ -19,7 +19,7 @@ import pytest
 
 from security.dynsec import send_commands
 
-from .broker import fleet_broker, probe
+from .broker import connect_as, signing_fleet_broker
 
 SESSION_TAKEN_OVER = 0x8E
 UNSPECIFIED = 0x80  # what paho reports when the broker just closes the socket
@@ -27,16 +27,9 @@ UNSPECIFIED = 0x80  # what paho reports when the broker just closes the socket
 
 @pytest.fixture(scope="module")
 def broker(signing_pki, tmp_path_factory):
-    fleet = signing_pki.fleet
-    b = fleet_broker(tmp_path_factory.mktemp("clientid-broker"), fleet.ca_path, fleet.server_cert, fleet.server_key,
-                     signing_pki.crl_path, acl_mode="dynsec", agent_ids=("agent-a", "agent-b"))
+    b = signing_fleet_broker(signing_pki, tmp_path_factory.mktemp("clientid-broker"), acl_mode="dynsec", agent_ids=("agent-a", "agent-b"))
     yield b
     b.stop()
-
-
-def connect(broker, signing_pki, name, **kw):
-    ident = signing_pki.identity(name)
-    return probe(broker.port, signing_pki.ca_path, ident.cert, ident.key, **kw)
 
 
 def test_dynsec_clientid_does_not_bind_certificate_clients_and_takeover_is_visible(broker, signing_pki):
@@ -44,16 +37,16 @@ def test_dynsec_clientid_does_not_bind_certificate_clients_and_takeover_is_visib
     admin = {"ca_certs": str(signing_pki.ca_path), "certfile": str(coord.cert), "keyfile": str(coord.key)}
     send_commands("127.0.0.1", broker.port, admin,
                   [{"command": "setClientId", "username": "agent-a", "clientid": "edge-agent-agent-a"}])
-    other_id = connect(broker, signing_pki, "agent-a", client_id="agent-a-some-other-id")
+    other_id = connect_as(broker, signing_pki, "agent-a", client_id="agent-a-some-other-id")
     try:
         assert other_id.connect_rc == 0  # the clientid field is not enforced for certificate clients
     finally:
         other_id.close()
-    holder = connect(broker, signing_pki, "agent-a", client_id="edge-agent-agent-a")
+    holder = connect_as(broker, signing_pki, "agent-a", client_id="edge-agent-agent-a")
     thief = None
     try:
         assert holder.connect_rc == 0
-        thief = connect(broker, signing_pki, "agent-b", client_id="edge-agent-agent-a")
+        thief = connect_as(broker, signing_pki, "agent-b", client_id="edge-agent-agent-a")
         assert thief.connect_rc == 0  # another certificate may take the id ...
         deadline = time.monotonic() + 10
         while not holder.disconnects and time.monotonic() < deadline:
