@@ -75,8 +75,12 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
         worker_concurrency=1,
         worker_pool="solo",
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        worker_enable_remote_control=False,
+        # Celery's tooling (coordinator.tooling, Flower): the broker gives the pidbox and
+        # event topics to coordinator certificates only, and control messages must be
+        # signed (accept_content), see security/README.md "Remote control".
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_enable_remote_control=True,
         task_default_queue=cfg.worker.queue,
         result_expires=300,
         enable_utc=True,
