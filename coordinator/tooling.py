@@ -41,4 +41,12 @@ def build_app() -> Celery:
     return make_app(cfg, consumer=False)
 
 
-app = build_app()
+def _load() -> Celery:
+    """build_app, or exit with its one-line error: `celery -A` would print a traceback."""
+    try:
+        return build_app()
+    except CoordinatorError as exc:
+        raise SystemExit(f"coordinator.tooling: {exc}") from None
+
+
+app = _load()
