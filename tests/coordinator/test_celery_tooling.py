@@ -30,6 +30,8 @@ from tests.support.net import free_port
 
 from .support import ROOT, CoordinatorProcess, simagent, wait_until
 
+pytestmark = pytest.mark.slow
+
 CELERY = [sys.executable, "-m", "celery", "-A", "coordinator.tooling"]
 AGENT = "tool-a"
 
