@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+import kombu_mqtt  # noqa: F401  (registers mqtt:// and mqtts:// in kombu's TRANSPORT_ALIASES for this process)
+
 from .celery_app import make_app
 from .config import load_config
 from .errors import CoordinatorError
