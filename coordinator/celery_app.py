@@ -58,6 +58,8 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
     from security.policy import coordinator_policy
     from security.signing import SigningError
 
+    from .remote_control import operator_only_node
+
     app = Celery("edge-coordinator", broker=cfg.broker_url, backend="rpc://", set_as_current=False)
     # the daemon rides out broker restarts; a one-shot client (`send`) fails fast
     transport: dict[str, Any] = {"publish_timeout": 15.0, "reconnect_timeout": 60.0 if consumer else 10.0}
@@ -75,8 +77,12 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
         worker_concurrency=1,
         worker_pool="solo",
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        worker_enable_remote_control=False,
+        # Celery's tooling (coordinator.tooling, Flower): the broker gives the pidbox and
+        # event topics to coordinator certificates only, and control messages must be
+        # signed (accept_content), see security/README.md "Remote control".
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_enable_remote_control=True,
         task_default_queue=cfg.worker.queue,
         result_expires=300,
         enable_utc=True,
@@ -94,9 +100,11 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
         resend_tasks=RESENDABLE_TASKS,  # re-sends are deduped by the journal's unique task id
     )
     try:
-        setup_signing(app, signing)
+        ctx = setup_signing(app, signing)
     except (SigningError, PKIError) as exc:
         raise CoordinatorError(f"cannot set up signing: {exc}") from None
+    # the worker runs control commands signed by the coordinator identity only (the broker ACL is the first lock)
+    app.control.mailbox.node_cls = operator_only_node(ctx.verifier, frozenset({cfg.identity}))
     return app
 
 

@@ -342,7 +342,7 @@ class Coordinator:
         worker = Worker(
             app=app, hostname=f"coordinator@{socket.gethostname()}", pool_cls="solo", concurrency=1,
             loglevel=loglevel, quiet=True, queues=[self.cfg.worker.queue],
-            without_heartbeat=True, without_mingle=True, without_gossip=True, redirect_stdouts=False,
+            without_heartbeat=False, without_mingle=True, without_gossip=True, redirect_stdouts=False,
         )
         try:
             worker.start()

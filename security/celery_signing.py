@@ -606,6 +606,10 @@ class DeadLetterRecorder:
     def __init__(self, verifier: Verifier) -> None:
         self.verifier = verifier
 
+    def __json__(self) -> str:
+        """How `celery inspect stats` shows it (the worker reports its transport options)."""
+        return f"{__name__}.DeadLetterRecorder"
+
     def __call__(self, queue: str, topic: str, payload: bytes, reason: str) -> None:
         label = "not_a_task" if reason == self.NOT_KOMBU else str(reason)
         detail = f"the transport refused a message on {topic!r} for queue {queue!r}: {reason}"

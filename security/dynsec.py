@@ -54,7 +54,12 @@ def agent_role_name(agent_id: str) -> str:
 
 
 def agent_acls(agent_id: str, prefix: str, queue_prefix: str, ingest: str, reply: str) -> list[dict[str, Any]]:
-    """What one agent may do: its own queue (subscribe + receive), ingest and replies (send)."""
+    """What one agent may do: its own queue (subscribe + receive), ingest and replies (send).
+
+    Nothing of Celery's remote control (`<prefix>/f/celery.pidbox`, pidbox queues, control
+    replies) or events (`<prefix>/t/celeryev/...`): only coordinator certificates may
+    command or watch workers (security/README.md "Remote control").
+    """
     queue = f"{queue_prefix}{agent_id}"
     own = [f"{prefix}/d/{queue}/{queue}", f"{prefix}/d/amq.default/{queue}"]
     acls: list[dict[str, Any]] = []
