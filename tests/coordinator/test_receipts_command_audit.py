@@ -23,7 +23,7 @@ from security import exit_codes
 from tests.agent.support import Proc
 
 from .support import CoordinatorProcess, audit, cli, wait_until
-from .test_receipts_e2e import enroll, procs, run_agent  # noqa: F401  (procs: the fixture)
+from .test_receipts_e2e import enroll, run_agent
 
 pytestmark = pytest.mark.slow
 

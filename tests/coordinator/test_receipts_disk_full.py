@@ -31,7 +31,7 @@ from tests.agent.support import Proc, kill_group
 from tests.support.prom import sample
 
 from .support import CoordinatorProcess, audit, wait_until
-from .test_receipts_e2e import drain_and_check, enroll, outbox, procs, run_agent, seqs  # noqa: F401  (procs: the fixture)
+from .test_receipts_e2e import drain_and_check, enroll, outbox, run_agent, seqs
 
 pytestmark = pytest.mark.slow
 
