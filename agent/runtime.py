@@ -256,6 +256,9 @@ class AgentRuntime:
         if not seq_ok(upto) or not isinstance(held, list) or not all(
                 isinstance(r, list) and len(r) == 2 and seq_ok(r[0]) and seq_ok(r[1]) and r[0] <= r[1] for r in held):
             raise AgentError(f"receipt refused: seqs outside 0..{last} (what this agent sent): upto={upto!r} held={held!r}")
+        # The crash window between this line and the delete is safe: the rows stay, are
+        # re-sent, and the coordinator deduplicates them (tests/coordinator/test_receipts_kill_window.py)
+        log.info("receipt accepted: upto %d, %d ranges above: deleting the confirmed readings", upto, len(held))
         deleted = box.confirm(upto, [(lo, hi) for lo, hi in held])
         # (bench/e2e.py reads this line for the sample -> receipt latency)
         log.info("receipt verified: upto %d, %d ranges above, %d readings confirmed, at %.6f",

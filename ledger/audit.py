@@ -92,9 +92,24 @@ class Filters:
         return " AND ".join(where), params
 
 
+COMMAND_RESULT_TASK = "edge.command_result"
+COMMAND_FIELDS = ("command", "command_task_id", "command_args_digest")
+
+
 def list_records(journal: Journal, filters: Filters = Filters()) -> list[dict[str, Any]]:
     where, params = filters.sql()
-    return [_public(r) for r in journal.rows(where, params, limit=filters.limit)]
+    rows = [_public(r) for r in journal.rows(where, params, limit=filters.limit)]
+    _add_commands(journal, rows)
+    return rows
+
+
+def _add_commands(journal: Journal, rows: list[dict[str, Any]]) -> None:
+    """Name the command each command result answered (and the digest of its args), so an
+    auditor sees WHICH command failed, not only that a command result was journaled."""
+    answered = journal.commands_answered(r["task_id"] for r in rows if r["task_name"] == COMMAND_RESULT_TASK)
+    for row in rows:
+        if row["task_name"] == COMMAND_RESULT_TASK:
+            row.update(answered.get(row["task_id"]) or dict.fromkeys(COMMAND_FIELDS))
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +123,7 @@ def show(journal: Journal, task_id: str) -> dict[str, Any] | None:
     if row is None:
         return None
     out = _public(row)
+    _add_commands(journal, [out])
     record = ExecutionRecord.from_mapping(row)
     out["canonical_json"] = record.canonical_json().decode()
     out["recomputed_digest"] = record.digest().hex()
@@ -139,7 +155,7 @@ def export(journal: Journal, out: IO[str], fmt: str = "jsonl", filters: Filters 
         for row in rows:
             out.write(json.dumps(row, sort_keys=True) + "\n")
     elif fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=[*EXPORT_FIELDS, "has_envelope"])
+        writer = csv.DictWriter(out, fieldnames=[*EXPORT_FIELDS, "has_envelope", *COMMAND_FIELDS])
         writer.writeheader()
         writer.writerows(rows)
     else:

@@ -221,11 +221,22 @@ def _verify_bundle(args: argparse.Namespace, config: AuditConfig) -> int:
     return _report(report, args.json)
 
 
+def _command(row: dict[str, Any]) -> str:
+    """`set_interval args 1a2b..` for a command result (which command it answered), else ''."""
+    if "command" not in row:
+        return ""
+    if row["command"] is None:
+        return "(command not recorded or erased)"
+    digest = row["command_args_digest"] or "-"
+    return f"{str(row['command']).removeprefix('edge.agent.')} args {digest[:16]}"
+
+
 def _print_rows(rows: list[dict[str, Any]]) -> None:
-    print(f"{'TASK ID':38} {'TASK':22} {'AGENT':16} {'STATUS':9} {'RECEIVED (UTC)':24} {'ANCHOR':10} BLOCK")
+    print(f"{'TASK ID':38} {'TASK':22} {'AGENT':16} {'STATUS':9} {'RECEIVED (UTC)':24} {'ANCHOR':10} {'BLOCK':8} COMMAND")
     for r in rows:
+        block = r["block_number"] if r["block_number"] is not None else "-"
         print(f"{r['task_id']:38} {r['task_name'][:22]:22} {r['agent_id'][:16]:16} {r['status'][:9]:9} "
-              f"{_iso(r['received_at']):24} {r['anchor_state']:10} {r['block_number'] if r['block_number'] is not None else '-'}")
+              f"{_iso(r['received_at']):24} {r['anchor_state']:10} {block!s:8} {_command(r)}".rstrip())
     print(f"{len(rows)} records")
 
 

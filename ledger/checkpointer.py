@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 1.0
 DEFAULT_EVERY = 256
+ERROR_PAUSE = 1.0  # seconds before retrying after a failed checkpoint
 
 
 class Checkpointer:
@@ -66,13 +67,25 @@ class Checkpointer:
         return grown > 0 and (grown >= self.every or time.monotonic() - last_at >= self.interval)
 
     def run(self, stop: threading.Event, poll: float = 0.05) -> None:
-        """Until `stop`: checkpoint when due; survive errors (logged, retried)."""
+        """Until `stop`: checkpoint when due; survive errors (logged once per episode, retried).
+
+        Why a pause after an error: a full disk or a stuck lock does not clear within one
+        poll; retrying every 50 ms only burned CPU and wrote 20 log lines a second."""
         last_at = time.monotonic()
+        failing = False
         while not stop.is_set():
+            pause = min(poll, self.interval)
             try:
                 if self.due(last_at):
                     self.checkpoint()
                     last_at = time.monotonic()
-            except Exception as exc:  # noqa: BLE001 - a locked journal etc.: retry on the next tick
-                log.warning("checkpointer: %s: %s", type(exc).__name__, exc)
-            stop.wait(min(poll, self.interval))
+                if failing:
+                    failing = False
+                    log.warning("checkpointer: the journal takes checkpoints again")
+            except Exception as exc:  # noqa: BLE001 - a locked or full journal etc.: retry after a pause
+                if not failing:
+                    log.warning("checkpointer: %s: %s (retrying every %.0fs until it works)",
+                                type(exc).__name__, exc, ERROR_PAUSE)
+                failing = True
+                pause = ERROR_PAUSE
+            stop.wait(pause)

@@ -439,6 +439,33 @@ class Journal:
         conn.executemany("DELETE FROM record_salt WHERE task_id = ?", [(t,) for t in ids])
         return ids
 
+    def commands_answered(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """For `edge.command_result` rows: the command each one answered, by result task id
+        ({"command", "command_task_id", "command_args_digest"}).
+
+        Why from the coordinator's `command_results` table and not the record: the leaf
+        format (ledger.record) is fixed for every record already in the log; the ingest
+        worker writes that row in the same transaction as the record (the command name
+        and the digest of the args the coordinator sent, checked against what it sent).
+        Absent when the result was erased or the journal has no command results yet."""
+        ids = list(task_ids)
+        out: dict[str, dict[str, Any]] = {}
+        conn = self._conn()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            try:
+                cur = conn.execute(
+                    "SELECT task_id, command, command_task_id, args_digest FROM command_results "
+                    f"WHERE task_id IN ({', '.join('?' * len(chunk))})", chunk)
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc) or "no such column" in str(exc):
+                    return out  # a journal written before commands were recorded
+                raise
+            for task_id, command, command_task_id, args_digest in cur:
+                out[task_id] = {"command": command, "command_task_id": command_task_id,
+                                "command_args_digest": args_digest}
+        return out
+
     def salt(self, task_id: str) -> bytes | None:
         found = self._conn().execute("SELECT salt FROM record_salt WHERE task_id = ?", (task_id,)).fetchone()
         return bytes(found[0]) if found else None

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent.support import Proc, kill_group
+
 from .support import CoordinatorProcess
 
 
@@ -15,3 +17,12 @@ def coordinator(tmp_path: Path):
     proc = CoordinatorProcess(tmp_path / "coord")
     yield proc
     proc.cleanup()
+
+
+@pytest.fixture
+def procs():
+    """Agent processes a test starts (tests.agent.support.Proc); all stopped at the end."""
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        kill_group(proc.proc)

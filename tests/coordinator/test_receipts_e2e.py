@@ -85,14 +85,6 @@ def only_byte_identical_replays_refused(data_dir: Path) -> bool:
     return True
 
 
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        kill_group(proc.proc)
-
-
 def enroll(coordinator: CoordinatorProcess, name: str, home: Path) -> Path:
     assert agent_main(["--data-dir", str(home), "enroll", "--bundle", str(coordinator.bundle(name))]) == 0
     return home
