@@ -173,7 +173,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"witness:      {'checkpoint of size ' + str(size) + ' accepted and cosigned' if size else 'no checkpoint accepted yet'}"
               f", {witness['alarms']} alarm(s)")
         if witness["last_alarm"]:
-            from .witness import FIX, EVIDENCE_DIR
+            from .witness import EVIDENCE_DIR, FIX
 
             alarm = witness["last_alarm"]
             print(f"WITNESS ALARM: {alarm['kind']} at {_fmt_time(alarm['at'])}: {alarm['detail']}")

@@ -235,10 +235,12 @@ class Witness:
             else:
                 consistency = part.get("consistency")
                 if not isinstance(consistency, dict) or consistency.get("from") != old.size:
+                    # The coordinator does not know our newest cosignature (lost, or still on its way):
+                    # send it (again, same task id) so the next receipt proves from the accepted size.
                     log.warning("receipt's checkpoint (size %d) has no consistency proof from the accepted size %d: "
-                                "not accepted; confirmed readings are kept until a receipt proves them",
-                                new.size, old.size)
-                    return Verdict()
+                                "not accepted; re-sending the cosignature of %d, confirmed readings are kept until "
+                                "a receipt proves them", new.size, old.size, old.size)
+                    return Verdict(cosignature=self._cosignature(old))
                 try:
                     hashes = [_b64(h, "consistency hash") for h in consistency.get("proof") or []]
                     verify_consistency(old.size, new.size, old.root_hash, new.root_hash, hashes)
@@ -249,12 +251,15 @@ class Witness:
         proven = self._check_readings(part.get("proofs") or [], readings, new, old_note, note)
         verdict = Verdict(proven=proven, accepted_size=new.size)
         if fresh:
-            signer = self.signer()
-            line = signer.cosign(new).line()
+            verdict.cosignature = self._cosignature(new)
             self._set_meta(ACCEPTED_META, note)
-            verdict.cosignature = {"agent_id": self.agent_id, "size": new.size, "witness_key": signer.verifier().vkey,
-                                   "cosignature": line, "sent_at": self.clock()}
         return verdict
+
+    def _cosignature(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        """The edge.witness.cosign payload for `checkpoint` (tlog-cosignature/v1 line + witness vkey)."""
+        signer = self.signer()
+        return {"agent_id": self.agent_id, "size": checkpoint.size, "witness_key": signer.verifier().vkey,
+                "cosignature": signer.cosign(checkpoint).line(), "sent_at": self.clock()}
 
     def _check_readings(self, proofs: Any, readings: Mapping[int, Mapping[str, Any]], cp: Checkpoint,
                         old_note: str | None, note: str) -> set[int]:

@@ -22,9 +22,8 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from ledger.journal import Journal
+from ledger.journal import Journal, with_cosignatures
 from ledger.record import ExecutionRecord
-from ledger.journal import with_cosignatures
 from ledger.tlog.cosignature import CosignatureV1Verifier
 from ledger.tlog.errors import TlogError
 from ledger.tlog.note import open_note

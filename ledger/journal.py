@@ -458,6 +458,10 @@ class Journal:
         """The checkpoint note of `size` with its stored cosignature lines appended."""
         return with_cosignatures(note, [c["line"] for c in self.cosignatures(size)])
 
+    def all_cosignatures(self) -> list[dict[str, Any]]:
+        cur = self._conn().execute("SELECT size, agent_id, line FROM tlog_cosignature ORDER BY size, agent_id")
+        return [{"size": int(z), "agent_id": a, "line": ln} for z, a, ln in cur]
+
     def last_cosigned_size(self, agent_id: str) -> int | None:
         found = self._conn().execute("SELECT MAX(size) FROM tlog_cosignature WHERE agent_id = ?", (agent_id,)).fetchone()
         return int(found[0]) if found and found[0] is not None else None

@@ -7,6 +7,7 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class Coordinator:
         ctx = TaskContext(task_id=task_id, task_name=name, signer=signer, received_at=time.time())
         return self.ingestor.run(ctx, payload)
 
-    def ingest(self, signer: SignerInfo, readings: list[dict]) -> None:
+    def ingest(self, signer: SignerInfo, readings: Iterable[dict]) -> None:
         for r in readings:
             assert self.run(signer, INGEST, reading_task_id(signer.agent_id, r["seq"]), r)["status"] == "SUCCESS"
 
@@ -271,3 +272,40 @@ def test_status_reads_an_outbox_from_before_witnessing(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "old.sqlite3")
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     assert read_status(db, tmp_path) == {"log_key": None, "accepted_size": None, "alarms": 0, "last_alarm": None}
+
+
+def test_audit_counts_each_witness_up_to_the_largest_checkpoint_it_cosigned(
+        tmp_path: Path, log_key: Ed25519Signer, signer: SignerInfo, test_pki) -> None:
+    from ledger import witnesses as wit
+
+    coord = Coordinator(tmp_path / "journal.db", log_key)
+    cert_b, _ = test_pki.client("w-b")
+    signer_b = SignerInfo("w-b", fingerprint(load_certificate(cert_b)), signer.envelope_digest, b"{}", cert_b.read_text())
+    dev_a, dev_b = Device(tmp_path / "w-a", "w-a"), Device(tmp_path / "w-b", "w-b")
+    coord.ingest(signer, dev_a.sample(2))
+    coord.ingest(signer_b, dev_b.sample(2))
+    coord.checkpointer.checkpoint()
+    receipts = {r["agent_id"]: r for r in coord.book.take()}
+    first = dev_a.apply(receipts["w-a"]).cosignature
+    coord.cosign(signer, first)  # w-a cosigns the first checkpoint only
+    coord.ingest(signer_b, dev_b.sample(1))
+    assert dev_b.apply(receipts["w-b"]).cosignature["size"] == first["size"]  # lost on its way: never sent
+    resent = dev_b.apply(coord.receipt())  # no proof from w-b's accepted size: nothing accepted, cosignature re-sent
+    assert resent.proven == set() and resent.cosignature["size"] == first["size"] and dev_b.left() == 1
+    coord.cosign(signer_b, resent.cosignature)
+    coord.ingest(signer_b, dev_b.box.readings([3]).values())  # the agent re-sends what is still unproven
+    coord.ingest(signer_b, dev_b.sample(1))
+    second = dev_b.apply(coord.receipt()).cosignature
+    assert dev_b.left() == 0
+    coord.journal.db.conn.execute("DELETE FROM tlog_cosignature WHERE agent_id = 'w-b'")
+    coord.cosign(signer_b, dict(second, sent_at=second["sent_at"]))  # w-b's cosignature: the larger one only
+    assert second["size"] > first["size"]
+    keys = [wit.Witness(d.witness.signer().name, d.witness.signer().verifier()) for d in (dev_a, dev_b)]
+    notes = {c["size"]: c["note"] for c in coord.journal.checkpoints()}
+    reached = wit.reach(keys, coord.journal.all_cosignatures(), notes)
+    assert reached == {"witness/w-a": first["size"], "witness/w-b": second["size"]}
+    assert wit.witnessed_size(reached, 2) == first["size"] and wit.witnessed_size(reached, 1) == second["size"]
+    assert wit.witnessed_size({"witness/w-a": first["size"]}, 2) == 0  # one witness: no quorum of two
+    # a cosignature line moved to another checkpoint does not count there
+    moved = [{"size": second["size"], "line": first["cosignature"]}]
+    assert wit.reach(keys, moved, notes) == {}
