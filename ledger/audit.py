@@ -343,10 +343,10 @@ def audit(
             report.add(None, "record_missing", f"checkpoint of size {latest} covers more leaves than the journal's "
                                                f"tree holds ({tree.size}): tree nodes were deleted")
         _check_pin_and_witnesses(journal, policy, report, signed[latest], tree)
-        if policy.quorum:
-            _check_quorum(journal, policy, report, signed)
     elif tree.size:  # not a failure by itself: its rows count as unanchored (--require-anchored fails them)
         report.add(None, "no_checkpoint", "the log has records but no signed checkpoint yet")
+    if policy.quorum:  # (no checkpoint at all: nothing is witnessed either)
+        _check_quorum(journal, policy, report, signed)
 
     # 2. every record: its leaf, rebuilt into a tree of our own, must give the signed roots
     leaves: dict[int, bytes] = {}
