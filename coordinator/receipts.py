@@ -144,6 +144,7 @@ class ReceiptBook:
         self._news: dict[str, list[int]] = {}  # agent -> seqs noted since its last receipt
         self._unproven: dict[str, set[int]] = {}  # agent -> confirmed seqs no receipt proved yet
         self._proved_at: dict[str, int] = {}  # agent -> checkpoint size of its last receipt
+        self._more: set[str] = set()  # agents whose last receipt hit MAX_PROOFS: catch up without waiting
         self.wake = threading.Event()  # set when some agent reached `batch` news
 
     def note(self, agent_id: str, seq: int) -> None:
@@ -161,7 +162,7 @@ class ReceiptBook:
             self.wake.clear()
         top = self._checkpoint_size()
         for agent, waiting in self._unproven.items():  # a newer checkpoint may prove what the last could not
-            if waiting and top > self._proved_at.get(agent, 0):
+            if waiting and (top > self._proved_at.get(agent, 0) or agent in self._more):
                 news.setdefault(agent, [])
         out = []
         for agent, seqs in news.items():
@@ -205,6 +206,11 @@ class ReceiptBook:
         rest = set(wanted) - set(proven)
         if rest:
             self._unproven[agent] = rest
+        if len(proven) >= MAX_PROOFS and rest:  # a backlog: the next receipt need not wait a whole interval
+            self._more.add(agent)
+            self.wake.set()
+        else:
+            self._more.discard(agent)
         if part is not None:
             self._proved_at[agent] = int(part["note"].split("\n", 2)[1])
 
