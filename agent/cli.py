@@ -123,6 +123,9 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
         box = Outbox(cfg.outbox_file, cfg.agent_id, cfg.outbox_max)
         try:
             out["outbox"] = box.stats()
+            from .witness import read_status
+
+            out["witness"] = read_status(box.db, cfg.data_dir)
             stored = box.get_meta("interval")
             out["interval"] = float(stored) if stored else cfg.interval
         finally:
@@ -164,6 +167,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"outbox:       {box['backlog']} waiting, {box.get('unconfirmed', 0)} sent awaiting a receipt, {box['sent']} sent, "
           f"{box['dropped']} dropped, next seq {box['next_seq']}")
     print(f"last flush:   {_fmt_time(box['last_flush_at'])}")
+    witness = st.get("witness")
+    if witness:
+        size = witness["accepted_size"]
+        print(f"witness:      {'checkpoint of size ' + str(size) + ' accepted and cosigned' if size else 'no checkpoint accepted yet'}"
+              f", {witness['alarms']} alarm(s)")
+        if witness["last_alarm"]:
+            from .witness import EVIDENCE_DIR, FIX
+
+            alarm = witness["last_alarm"]
+            print(f"WITNESS ALARM: {alarm['kind']} at {_fmt_time(alarm['at'])}: {alarm['detail']}")
+            print(f"              {FIX.format(dir=cfg.data_dir / EVIDENCE_DIR)}")
     return 0
 
 

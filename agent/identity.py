@@ -119,6 +119,16 @@ def read_bundle(bundle: Path, agent_id: str) -> BundleFiles:
     )
 
 
+def _install_log_key(source: Path, target: Path) -> None:
+    """The transparency log's vkey from the bundle (agent/witness.py); a different key than
+    the one this agent already witnesses is refused, never silently replaced."""
+    offered = source.read_text().strip()
+    if target.exists() and target.read_text().strip() != offered:
+        raise AgentError(f"the bundle's log key differs from the one this agent witnesses ({target}): if the "
+                         f"coordinator's log key really changed, check why with an auditor, then remove {target}")
+    target.write_text(offered + "\n")
+
+
 def enroll(
     cfg: AgentConfig,
     *,
@@ -164,6 +174,8 @@ def enroll(
     _install(Path(ca_path), cfg.ca_file)
     if crl_path is not None:
         _install(Path(crl_path), cfg.crl_file)
+    if bundle is not None and (Path(bundle) / "log.pub").exists():
+        _install_log_key(Path(bundle) / "log.pub", cfg.data_dir / "log.pub")
     if broker_url:
         settings["broker_url"] = broker_url
     update_toml(cfg.data_dir, agent_id=_pki(pki.common_name, cert), **settings)

@@ -209,6 +209,44 @@ class Outbox:
                 self.set_meta("dropping", "0")  # the episode is over: log the next one again
         return n
 
+    def readings(self, seqs: list[int]) -> dict[int, dict[str, Any]]:
+        """The stored readings with these seqs (the ones still in the outbox), by seq."""
+        out: dict[int, dict[str, Any]] = {}
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            rows = self.db.execute(f"SELECT seq, kwargs FROM outbox WHERE task_name = ? AND seq IN "
+                                   f"({','.join('?' * len(chunk))})", (INGEST_TASK, *chunk))
+            for seq, kwargs in rows:
+                reading = json.loads(kwargs).get("reading")
+                if isinstance(reading, dict):
+                    out[int(seq)] = reading
+        return out
+
+    def stored_seqs(self, upto: int, held: list[tuple[int, int]] = ()) -> list[int]:
+        """Seqs of readings in the outbox that `upto`/`held` cover."""
+        found = [r[0] for r in self.db.execute("SELECT seq FROM outbox WHERE task_name = ? AND seq <= ?",
+                                               (INGEST_TASK, upto))]
+        for lo, hi in held:
+            found += [r[0] for r in self.db.execute("SELECT seq FROM outbox WHERE task_name = ? AND seq BETWEEN ? AND ?",
+                                                    (INGEST_TASK, lo, hi))]
+        return sorted(found)
+
+    def confirm_seqs(self, seqs: list[int], top: int) -> int:
+        """Witness mode: delete only the confirmed readings whose inclusion in the log was
+        proven; `top` is the highest confirmed seq (unproven ones below it are re-sent)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            n = 0
+            for seq in seqs:
+                n += self.db.execute("DELETE FROM outbox WHERE task_name = ? AND seq = ?", (INGEST_TASK, seq)).rowcount
+            if n:
+                self._bump("confirmed", n)
+            self.set_meta("max_confirmed_seq", max(top, int(self.get_meta("max_confirmed_seq", "0"))))
+            self.set_meta("last_receipt_at", repr(time.time()))
+            if self.get_meta("dropping", "0") == "1" and self._count() < self.max_rows:
+                self.set_meta("dropping", "0")
+        return n
+
     def next_resend_at(self) -> float | None:
         """Wall-clock time the next unconfirmed reading is due again (see `pending`), None if none."""
         oldest = self.db.execute("SELECT MIN(sent_at) FROM outbox WHERE sent_at IS NOT NULL").fetchone()[0]

@@ -19,7 +19,9 @@ from security.contract import (
     HEARTBEAT_TASK,
     INGEST_QUEUE,
     INGEST_TASK,
+    WITNESS_COSIGN_TASK,
     command_result_task_id,
+    cosign_task_id,
     heartbeat_task_id,
 )
 
@@ -258,14 +260,46 @@ class AgentRuntime:
             raise AgentError(f"receipt refused: seqs outside 0..{last} (what this agent sent): upto={upto!r} held={held!r}")
         # The crash window between this line and the delete is safe: the rows stay, are
         # re-sent, and the coordinator deduplicates them (tests/coordinator/test_receipts_kill_window.py)
-        log.info("receipt accepted: upto %d, %d ranges above: deleting the confirmed readings", upto, len(held))
-        deleted = box.confirm(upto, [(lo, hi) for lo, hi in held])
+        log.info("receipt accepted: upto %d, %d ranges above: checking proofs, deleting the confirmed readings",
+                 upto, len(held))
+        ranges = [(lo, hi) for lo, hi in held]
+        verdict = self.witness_check(box, receipt.get("checkpoint"), upto, ranges)
+        if verdict is None:  # no log witnessed yet: the receipt alone confirms
+            deleted = box.confirm(upto, ranges)
+        else:  # only readings proven in the accepted checkpoint leave; the rest wait for their proof
+            confirmed = box.stored_seqs(upto, ranges)
+            proven = sorted(set(confirmed) & verdict.proven)
+            deleted = box.confirm_seqs(proven, max([upto, *(hi for _, hi in ranges)]))
+            if len(proven) < len(confirmed):
+                log.info("receipt: %d confirmed readings wait for an inclusion proof", len(confirmed) - len(proven))
         # (bench/e2e.py reads this line for the sample -> receipt latency)
         log.info("receipt verified: upto %d, %d ranges above, %d readings confirmed, at %.6f",
                  upto, len(held), deleted, time.time())
         if self.on_receipt is not None:
             self.on_receipt(receipt, deleted)
         return {"confirmed": deleted, "upto": upto}
+
+    def witness(self, box: Outbox) -> Any:
+        from .witness import Witness  # lazily: the ledger.tlog imports are not on the start path
+
+        return Witness(self.cfg.data_dir, self.cfg.agent_id, box.db)
+
+    def witness_check(self, box: Outbox, part: Any, upto: int, ranges: list[tuple[int, int]]) -> Any:
+        """Check the receipt's log checkpoint and proofs (agent/witness.py); queue the cosignature.
+        A WitnessAlarm refuses the whole receipt: nothing is deleted."""
+        from .witness import WitnessAlarm
+
+        witness = self.witness(box)
+        try:
+            verdict = witness.check(part, box.readings(box.stored_seqs(upto, ranges)))
+        except WitnessAlarm as exc:
+            raise AgentError(f"receipt refused by the witness check: {exc}") from None
+        if verdict is not None and verdict.cosignature is not None:
+            box.add_task(WITNESS_COSIGN_TASK, cosign_task_id(self.cfg.agent_id, verdict.cosignature["size"]),
+                         {"cosignature": verdict.cosignature})
+            if self.forwarder is not None:
+                self.forwarder.kick()
+        return verdict
 
     def reset_connection(self) -> None:
         conn, self._conn, self._producer = self._conn, None, None
@@ -310,6 +344,7 @@ class AgentRuntime:
             "sensors": [s.name for s in self.sensors],
             "outbox_backlog": stats["backlog"],
             "outbox": stats,
+            "witness": self.witness(self.outbox()).status(),
             "rss": rss_bytes(),
             "threads": threading.active_count(),
         }
@@ -335,6 +370,7 @@ class AgentRuntime:
             "outbox_backlog": outbox.backlog(),
             "unconfirmed": outbox.unconfirmed(),  # published, no receipt yet
             "dropped": int(outbox.get_meta("dropped", "0")),  # lost to the outbox bound, ever
+            "witness_alarms": int(outbox.get_meta("witness_alarms", "0")),  # agent/witness.py, ever
             "interval": self.interval,
             "version": agent_version(),
             "sent_at": now,

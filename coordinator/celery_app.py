@@ -26,7 +26,7 @@ from celery.exceptions import Reject
 
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
-from .ingest import COMMAND_RESULT, HEARTBEAT, INGEST, Ingestor, TaskContext
+from .ingest import COMMAND_RESULT, COSIGN, HEARTBEAT, INGEST, Ingestor, TaskContext
 
 log = logging.getLogger("edgeledger.coordinator.ingest")
 
@@ -197,3 +197,7 @@ def register_tasks(app: Celery, ingestor: Ingestor) -> None:
     @app.task(name=HEARTBEAT, bind=True, ignore_result=True, acks_late=True)
     def heartbeat(self: Any, status: Any = None) -> dict[str, Any]:
         return execute(self, HEARTBEAT, status)
+
+    @app.task(name=COSIGN, bind=True, ignore_result=True, acks_late=True)
+    def witness_cosign(self: Any, cosignature: Any = None) -> dict[str, Any]:
+        return execute(self, COSIGN, cosignature)

@@ -22,9 +22,12 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from ledger.journal import Journal
+from ledger.journal import Journal, with_cosignatures
 from ledger.record import ExecutionRecord
-from security.contract import COMMAND_RESULT_TASK, HEARTBEAT_TASK, INGEST_TASK
+from ledger.tlog.cosignature import CosignatureV1Verifier
+from ledger.tlog.errors import TlogError
+from ledger.tlog.note import open_note
+from security.contract import COMMAND_RESULT_TASK, HEARTBEAT_TASK, INGEST_TASK, WITNESS_COSIGN_TASK, witness_key_name
 from security.signing import IdentityMismatch, ensure_bound
 
 from . import commands, registry
@@ -36,6 +39,8 @@ COMMAND_RESULTS = "command_results"
 # The wire names (security.contract); the coordinator's policy binds each agent task id
 # to its signer before the task reaches the Ingestor (security.policy.IdBoundToSigner).
 INGEST, COMMAND_RESULT, HEARTBEAT = INGEST_TASK, COMMAND_RESULT_TASK, HEARTBEAT_TASK
+COSIGN = WITNESS_COSIGN_TASK
+MAX_COSIGN_BYTES = 2048  # agent id, size, a vkey and one signature line: a few hundred bytes
 
 
 class Signer(Protocol):
@@ -136,6 +141,28 @@ def _check_command_result(db: sqlite_utils.Database, agent_id: str, result: Any)
     return str(result["status"])
 
 
+def _check_cosignature(db: sqlite_utils.Database, agent_id: str, payload: Any) -> tuple[int, str, str]:
+    """(size, vkey, signature line) of an agent's witness cosignature that verifies over a
+    checkpoint this journal signed; Refused otherwise (never stored, journaled REJECTED)."""
+    if not isinstance(payload, dict) or len(json.dumps(payload, default=str)) > MAX_COSIGN_BYTES:
+        raise Refused("bad_payload", f"cosignature must be an object of at most {MAX_COSIGN_BYTES} bytes")
+    size, vkey, line = payload.get("size"), payload.get("witness_key"), payload.get("cosignature")
+    if not isinstance(size, int) or isinstance(size, bool) or not isinstance(vkey, str) or not isinstance(line, str):
+        raise Refused("bad_payload", "cosignature needs size (int), witness_key (vkey) and cosignature (note line)")
+    row = db.execute("SELECT note FROM tlog_checkpoint WHERE size = ?", [size]).fetchone()
+    if row is None:
+        raise Refused("unknown_checkpoint", f"{agent_id!r} cosigned a checkpoint of size {size} this log never signed")
+    try:
+        verifier = CosignatureV1Verifier.from_vkey(vkey)
+        if verifier.name != witness_key_name(agent_id):
+            raise Refused("cosignature_invalid", f"witness key name {verifier.name!r} is not "
+                                                 f"{witness_key_name(agent_id)!r} (the signer's)")
+        open_note(with_cosignatures(row[0], [line]), [verifier])
+    except TlogError as exc:
+        raise Refused("cosignature_invalid", f"cosignature by {agent_id!r} of size {size}: {exc}") from None
+    return size, vkey, line.rstrip("\n") + "\n"
+
+
 class Ingestor:
     """Runs edge.ingest / edge.command_result / edge.heartbeat against the journal."""
 
@@ -164,6 +191,8 @@ class Ingestor:
                 _check_reading(payload)
             elif ctx.task_name == COMMAND_RESULT:  # journaled with the device's status (FAILURE too)
                 status = _check_command_result(self.journal.db, ctx.signer.agent_id, payload)
+            elif ctx.task_name == COSIGN:
+                _check_cosignature(self.journal.db, ctx.signer.agent_id, payload)
         except Refused as exc:
             status, reason, detail = "REJECTED", exc.reason, exc.detail
         with self.journal.transaction() as db:
@@ -240,3 +269,6 @@ class Ingestor:
             registry.touch(db, agent, **common)
         elif ctx.task_name == HEARTBEAT:
             registry.touch(db, agent, heartbeat=payload, **common)
+        elif ctx.task_name == COSIGN:
+            size, vkey, line = _check_cosignature(db, agent, payload)
+            self.journal.add_cosignature(db, size, agent, vkey, line, ctx.task_id)

@@ -37,10 +37,11 @@ log = logging.getLogger("edgeledger.coordinator.metrics")
 prometheus_client.disable_created_metrics()
 
 PREFIX = "edgeledger_"
-TASKS = ("edge.ingest", "edge.command_result", "edge.heartbeat")
+TASKS = ("edge.ingest", "edge.command_result", "edge.heartbeat", "edge.witness.cosign")
 # Authentic tasks journaled as REJECTED (coordinator/ingest.py); signature refusals are
 # edgeledger_signing_refusals_total.
-EXECUTION_REFUSALS = ("identity_mismatch", "bad_payload", "duplicate_seq", "unknown_command")
+EXECUTION_REFUSALS = ("identity_mismatch", "bad_payload", "duplicate_seq", "unknown_command", "unknown_checkpoint",
+                      "cosignature_invalid")
 AGENT_STATES = ("online", "stale", "never-seen", "revoked", "expired")
 ANCHOR_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 INGEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -233,6 +234,9 @@ def agent_families(views: Iterable[object], issued: Iterable[object]) -> list[Me
     expiry = GaugeMetricFamily("edgeledger_agent_certificate_expiry_timestamp_seconds",
                                "Certificate not-after (unix time): source=issued is the latest certificate the fleet "
                                "CA issued, source=presented the one the agent last signed with", labels=["agent", "source"])
+    alarms = CounterMetricFamily("edgeledger_witness_alarms", "Witness alarms the agent reported in its last heartbeat: "
+                                 "inconsistent log checkpoints or confirmed readings not provably in the log",
+                                 labels=["agent"])
     agents = GaugeMetricFamily("edgeledger_agents", "Agents by state", labels=["state"])
     by_state = dict.fromkeys(AGENT_STATES, 0)
     for v in views:
@@ -244,13 +248,14 @@ def agent_families(views: Iterable[object], issued: Iterable[object]) -> list[Me
             last_seen.add_metric([agent], float(v.last_seen))  # type: ignore[attr-defined]
         backlog.add_metric([agent], float(v.outbox_backlog or 0))  # type: ignore[attr-defined]
         readings.add_metric([agent], float(v.readings))  # type: ignore[attr-defined]
+        alarms.add_metric([agent], float(getattr(v, "witness_alarms", None) or 0))
         if getattr(v, "presented_not_after", None) is not None:
             expiry.add_metric([agent, "presented"], float(v.presented_not_after))  # type: ignore[attr-defined]
     for cert in issued:
         expiry.add_metric([cert.name, "issued"], float(cert.not_after))  # type: ignore[attr-defined]
     for s, n in by_state.items():
         agents.add_metric([s], n)
-    return [agents, state, last_seen, backlog, readings, expiry]
+    return [agents, state, last_seen, backlog, readings, alarms, expiry]
 
 
 def child_families(children: Iterable[tuple[str, bool]]) -> list[Metric]:

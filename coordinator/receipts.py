@@ -8,13 +8,24 @@ coordinator durably journaled it. The ingest worker reports every committed read
 after `batch` new readings), so a device sampling once a second gets one message per
 interval, not one per reading, and an idle one gets none.
 
-Receipt payload (version 1; a later step adds `checkpoint`: a signed tlog checkpoint
-with inclusion proofs; agents ignore fields they do not know):
+Receipt payload (version 1; agents ignore fields they do not know):
     {"v": 1, "agent_id": str, "upto": N, "held": [[lo, hi], ...], "issued_at": t,
-     "checkpoint": null}
+     "checkpoint": null | {"note": signed checkpoint note, "log_key": the log's vkey,
+                           "consistency": null | {"from": M, "proof": [base64 hash, ...]},
+                           "proofs": [{"seq", "index", "salt", "path": [base64 hash, ...],
+                                       + the record fields the agent cannot know}, ...]}}
 `upto`: every seq 1..N is journaled; `held`: journaled ranges above N (readings the
 agent dropped under its outbox bound leave a permanent gap, so `upto` alone would
 stall behind it). At most MAX_RANGES ranges; readings beyond are confirmed later.
+
+`checkpoint` (agents as witnesses, agent/witness.py): the newest signed checkpoint,
+a consistency proof from the size the agent last cosigned (the journal's
+`tlog_cosignature`; none for its first checkpoint, accepted on trust-on-first-use),
+and inclusion proofs of up to MAX_PROOFS of the readings noted since the last receipt
+that the checkpoint covers. The agent deletes a reading only once its proof verified;
+readings confirmed without a proof (not yet covered, or beyond MAX_PROOFS) get theirs
+in a later receipt (kept in `_unproven`), or, after a coordinator restart, when the
+agent re-sends them (`resend_after`) and the duplicate is noted again.
 """
 
 from __future__ import annotations
@@ -27,12 +38,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ledger.sqlite_files import read_only
+from ledger.tlog.merkle import MerkleLog, SQLiteNodeStore
+from ledger.tlog.note import b64encode
 from security.contract import RECEIPT_TASK, agent_queue
 
 log = logging.getLogger("edgeledger.coordinator.receipts")
 
 RECEIPT_VERSION = 1
 MAX_RANGES = 256
+MAX_PROOFS = 64  # inclusion proofs per receipt: ~1 KB each (<= 20 hashes at 10^6 records)
 
 
 def add_seq(ranges: list[list[int]], seq: int) -> None:
@@ -76,6 +91,40 @@ def journaled_ranges(journal_path: Path, agent_id: str) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in rows]
 
 
+def witness_part(conn: sqlite3.Connection, agent_id: str, seqs: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
+    """The receipt's `checkpoint` object for `agent_id` and the seqs it proves (None when the
+    journal has no log key or no checkpoint yet)."""
+    key = conn.execute("SELECT value FROM ledger_config WHERE key = 'log_vkey'").fetchone()
+    top = conn.execute("SELECT size, note FROM tlog_checkpoint ORDER BY size DESC LIMIT 1").fetchone()
+    if key is None or top is None:
+        return None, []
+    size, note = int(top[0]), str(top[1])
+    tree = MerkleLog(SQLiteNodeStore(conn, "tlog_node"))
+    last = conn.execute("SELECT MAX(size) FROM tlog_cosignature WHERE agent_id = ? AND size <= ?",
+                        (agent_id, size)).fetchone()[0]
+    consistency = None
+    if last is not None:
+        proof = tree.consistency_proof(int(last), size) if int(last) < size else []
+        consistency = {"from": int(last), "proof": [b64encode(h) for h in proof]}
+    proofs: list[dict[str, Any]] = []
+    for seq in seqs:
+        if len(proofs) >= MAX_PROOFS:
+            break
+        row = conn.execute(
+            "SELECT e.log_index, e.signer_fingerprint, e.result_digest, e.received_at, e.started_at, e.finished_at, "
+            "e.envelope_digest, s.salt FROM readings r JOIN executions e ON e.task_id = r.task_id "
+            "LEFT JOIN record_salt s ON s.task_id = e.task_id WHERE r.agent_id = ? AND r.seq = ?",
+            (agent_id, seq)).fetchone()
+        if row is None or row[0] is None or int(row[0]) >= size or row[7] is None:
+            continue  # not yet under the newest checkpoint (or erased): a later receipt proves it
+        index = int(row[0])
+        proofs.append({"seq": seq, "index": index, "signer_fingerprint": row[1], "result_digest": row[2],
+                       "received_at": row[3], "started_at": row[4], "finished_at": row[5], "envelope_digest": row[6],
+                       "salt": b64encode(bytes(row[7])),
+                       "path": [b64encode(h) for h in tree.inclusion_proof(index, size)]})
+    return {"note": note, "log_key": str(key[0]), "consistency": consistency, "proofs": proofs}, [p["seq"] for p in proofs]
+
+
 def make_receipt(agent_id: str, ranges: list[list[int]], now: float | None = None) -> dict[str, Any]:
     upto, rest = 0, ranges
     if ranges and ranges[0][0] <= 1:
@@ -93,6 +142,9 @@ class ReceiptBook:
         self._lock = threading.Lock()
         self._ranges: dict[str, list[list[int]]] = {}
         self._news: dict[str, list[int]] = {}  # agent -> seqs noted since its last receipt
+        self._unproven: dict[str, set[int]] = {}  # agent -> confirmed seqs no receipt proved yet
+        self._proved_at: dict[str, int] = {}  # agent -> checkpoint size of its last receipt
+        self._more: set[str] = set()  # agents whose last receipt hit MAX_PROOFS: catch up without waiting
         self.wake = threading.Event()  # set when some agent reached `batch` news
 
     def note(self, agent_id: str, seq: int) -> None:
@@ -108,6 +160,10 @@ class ReceiptBook:
         with self._lock:
             news, self._news = self._news, {}
             self.wake.clear()
+        top = self._checkpoint_size()
+        for agent, waiting in self._unproven.items():  # a newer checkpoint may prove what the last could not
+            if waiting and (top > self._proved_at.get(agent, 0) or agent in self._more):
+                news.setdefault(agent, [])
         out = []
         for agent, seqs in news.items():
             ranges = self._ranges.get(agent)
@@ -121,8 +177,42 @@ class ReceiptBook:
                     continue
             for seq in seqs:
                 add_seq(ranges, seq)
-            out.append(make_receipt(agent, ranges))
+            receipt = make_receipt(agent, ranges)
+            self._add_witness_part(receipt, agent, seqs)
+            out.append(receipt)
         return out
+
+    def _checkpoint_size(self) -> int:
+        if not self.journal_path.exists():
+            return 0
+        try:
+            with read_only(self.journal_path, timeout=5) as conn:
+                return int(conn.execute("SELECT COALESCE(MAX(size), 0) FROM tlog_checkpoint").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+
+    def _add_witness_part(self, receipt: dict[str, Any], agent: str, seqs: list[int]) -> None:
+        """Fill `checkpoint`; remember which confirmed seqs still lack a proof."""
+        wanted = sorted(self._unproven.pop(agent, set()) | set(seqs))
+        if not self.journal_path.exists():
+            return
+        try:
+            with read_only(self.journal_path, timeout=5) as conn:
+                part, proven = witness_part(conn, agent, wanted)
+        except sqlite3.Error as exc:  # the receipt still confirms; the proofs come next round
+            log.warning("no checkpoint in %s's receipt (%s): proving next round", agent, exc)
+            part, proven = None, []
+        receipt["checkpoint"] = part
+        rest = set(wanted) - set(proven)
+        if rest:
+            self._unproven[agent] = rest
+        if len(proven) >= MAX_PROOFS and rest:  # a backlog: the next receipt need not wait a whole interval
+            self._more.add(agent)
+            self.wake.set()
+        else:
+            self._more.discard(agent)
+        if part is not None:
+            self._proved_at[agent] = int(part["note"].split("\n", 2)[1])
 
     def renotify(self, agent_id: str) -> None:
         """A receipt could not be sent: send the agent one next round."""

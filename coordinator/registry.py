@@ -39,12 +39,13 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
                 "last_seq": int,
                 "dropped": int,
                 "unconfirmed": int,
+                "witness_alarms": int,
             },
             pk="agent_id",
         )
     else:
         columns = db[AGENTS].columns_dict
-        for name in ("dropped", "unconfirmed"):  # journals from before the heartbeat reported them
+        for name in ("dropped", "unconfirmed", "witness_alarms"):  # journals from before the heartbeat reported them
             if name not in columns:
                 db[AGENTS].add_column(name, int)
 
@@ -79,7 +80,8 @@ def touch(
         row["cert_not_after"] = cert_not_after
     if heartbeat:
         row["outbox_backlog"] = int(heartbeat.get("outbox_backlog") or 0)
-        for name in ("dropped", "unconfirmed"):  # completeness (ledger/completeness.py)
+        # completeness (ledger/completeness.py); witness alarms (agent/witness.py)
+        for name in ("dropped", "unconfirmed", "witness_alarms"):
             if isinstance(heartbeat.get(name), int):
                 row[name] = int(heartbeat[name])
         if heartbeat.get("interval") is not None:
@@ -102,6 +104,7 @@ class AgentView:
     gaps: int | None = None  # seqs missing from the journal (ledger/completeness.py)
     dropped: int | None = None  # readings the agent reports dropped at its outbox bound
     unconfirmed: int | None = None  # readings the agent still holds without a receipt
+    witness_alarms: int | None = None  # inconsistent checkpoints / unprovable readings the agent saw, ever
 
 
 def read_registry(journal_path: Path) -> dict[str, dict]:
@@ -161,6 +164,7 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float | None
                 gaps=complete[name].missing if name in complete else None,
                 dropped=row.get("dropped"),
                 unconfirmed=row.get("unconfirmed"),
+                witness_alarms=row.get("witness_alarms"),
             )
         )
     return views

@@ -29,10 +29,10 @@ from ledger.pins import PinStore
 from ledger.record import RECORD_FIELDS, ExecutionRecord, canonical_json_of
 from ledger.rpc import LOG_CHUNK, scan_events
 from ledger.tlog.checkpoint import open_checkpoint
-from ledger.tlog.cosignature import CosignatureV1Verifier, open_cosigned_checkpoint
+from ledger.tlog.cosignature import CosignatureV1Verifier
 from ledger.tlog.errors import TlogError
 from ledger.tlog.merkle import MemoryNodeStore, MerkleLog, leaf_hash, verify_consistency
-from ledger.tlog.note import Ed25519Verifier
+from ledger.tlog.note import Ed25519Verifier, split_note
 from ledger.tlog.proof import ProofBundle
 
 EXPORT_FIELDS = (
@@ -139,7 +139,7 @@ def show(journal: Journal, task_id: str) -> dict[str, Any] | None:
         cp = covering[0] if covering else journal.latest_checkpoint()
     if cp is not None and index is not None and index < cp["size"]:
         proof = journal.merkle().inclusion_proof(index, cp["size"])
-        out["inclusion_proof"] = ProofBundle(index, tuple(proof), cp["note"]).format()
+        out["inclusion_proof"] = ProofBundle(index, tuple(proof), journal.cosigned_note(cp["size"], cp["note"])).format()
         out["checkpoint_size"] = cp["size"]
         out["checkpoint_anchor"] = {k: cp[k] for k in ("anchor_state", "tx_hash", "block_number", "block_hash",
                                                          "chain_id", "contract")}
@@ -222,6 +222,20 @@ class AuditReport:
     recorders: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     signature_note: str = ""
+    witnessed: dict[str, Any] | None = None  # --witnesses K: {"quorum", "size", "reached": {who: size}}
+
+    def witness_report(self, counted: Sequence[Any], reached: dict[str, int], quorum: int) -> None:
+        """Record how far K witnesses cosigned; no checkpoint with K of them is a finding."""
+        from ledger.witnesses import witnessed_size
+
+        size = witnessed_size(reached, quorum)
+        self.witnessed = {"quorum": quorum, "size": size, "witnesses": len(counted), "reached": dict(sorted(reached.items()))}
+        if not size:
+            seen = ", ".join(f"{w} up to size {n}" for w, n in sorted(reached.items())) or "none"
+            self.add(None, "witness_quorum_not_met",
+                     f"no checkpoint is cosigned by {quorum} witness(es) (cosigned: {seen}; {len(counted)} witness "
+                     f"key(s) known): wait for more agents to cosign; if they do not, they may each have been shown "
+                     f"a different log (split view)")
 
     @property
     def ok(self) -> bool:
@@ -238,7 +252,8 @@ class AuditReport:
             "events": self.events, "other_recorder_events": self.other_recorder_events,
             "checkpoints": self.checkpoints, "anchored_checkpoints": self.anchored_checkpoints,
             "tree_size": self.tree_size, "origin": self.origin, "pinned": self.pinned, "recorders": self.recorders,
-            "signature_note": self.signature_note, "findings": [f.as_dict() for f in self.findings],
+            "signature_note": self.signature_note, "witnessed": self.witnessed,
+            "findings": [f.as_dict() for f in self.findings],
         }
 
 
@@ -346,6 +361,8 @@ def audit(
         _check_pin_and_witnesses(journal, policy, report, signed[latest], tree)
     elif tree.size:  # not a failure by itself: its rows count as unanchored (--require-anchored fails them)
         report.add(None, "no_checkpoint", "the log has records but no signed checkpoint yet")
+    if policy.quorum:  # (no checkpoint at all: nothing is witnessed either)
+        _check_quorum(journal, policy, report, signed)
 
     # 2. every record: its leaf, rebuilt into a tree of our own, must give the signed roots
     leaves: dict[int, bytes] = {}
@@ -397,11 +414,30 @@ def _check_pin_and_witnesses(journal: Journal, policy: LogPolicy, report: AuditR
             report.add(None, kind, detail)
         pin = policy.pins.get(report.origin)
         report.pinned = {"size": pin.size} if pin else None
-    if policy.quorum:
-        try:
-            open_cosigned_checkpoint(newest["note"], policy.log_verifier, policy.witnesses, policy.quorum)
-        except TlogError as exc:
-            report.add(None, "witness_quorum_not_met", str(exc))
+
+def _check_quorum(journal: Journal, policy: LogPolicy, report: AuditReport, signed: dict[int, dict[str, Any]]) -> None:
+    """`--witnesses K`: K witnesses (named keys, or the agents' own keys bound by their signed
+    cosign tasks) must have cosigned at least one checkpoint (ledger/witnesses.py)."""
+    from ledger import witnesses as wit
+
+    if policy.witnesses:
+        counted = [wit.Witness(w.name, w) for w in policy.witnesses]
+    else:
+        verify, payload_of = wit.default_tools()
+        counted, refused = wit.bound_witnesses(wit.journal_bindings(journal), verify, payload_of)
+        for agent, why in refused:
+            report.add(None, "witness_key_unbound", f"witness key of {agent!r} not counted: {why}")
+    report.witness_report(counted, wit.reach(counted, _all_cosignatures(journal, policy, signed),
+                                             {s: row["note"] for s, row in signed.items()}), policy.quorum)
+
+
+def _all_cosignatures(journal: Journal, policy: LogPolicy, signed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored cosignature lines (journal table) and any carried in the notes themselves."""
+    rows = [{"size": c["size"], "line": c["line"]} for c in journal.all_cosignatures()]
+    for size, row in signed.items():
+        rows += [{"size": size, "line": sig.line()} for sig in split_note(row["note"])[1]
+                 if sig.name != policy.log_verifier.name]
+    return rows
 
 
 def _check_records_in_log(report: AuditReport, tree: MerkleLog, signed: dict[int, dict[str, Any]],

@@ -81,7 +81,8 @@ def _log_policy(p: argparse.ArgumentParser) -> None:
                    "first use pins the log, later use must be consistent with it")
     p.add_argument("--no-pins", action="store_true", help="neither check nor update a pin file")
     p.add_argument("--witnesses", type=int, default=0, metavar="K",
-                   help="require K witness cosignatures on the checkpoint (default 0)")
+                   help="require K witnesses to have cosigned the log (default 0); without --witness-key the "
+                        "agents' own witness keys count, bound to them by their signed edge.witness.cosign tasks")
     p.add_argument("--witness-key", dest="witness_keys", action="append", default=[], metavar="VKEY",
                    help="a witness's cosignature/v1 verifier key (string or file; repeatable)")
 
@@ -185,7 +186,7 @@ def _policy(args: argparse.Namespace, log_verifier: Any) -> audit.LogPolicy:
             witnesses.append(CosignatureV1Verifier.from_vkey(vkey))
         except Exception as exc:  # noqa: BLE001 - any parse failure is a usage error
             raise ConfigError(f"--witness-key {text[:40]!r} is not a cosignature/v1 verifier key: {exc}") from None
-    if not 0 <= args.witnesses <= len(witnesses):
+    if args.witnesses < 0 or (witnesses and args.witnesses > len(witnesses)):
         raise ConfigError(f"--witnesses {args.witnesses} needs at least that many --witness-key (got {len(witnesses)})")
     return audit.LogPolicy(log_verifier, pins, witnesses, args.witnesses)
 

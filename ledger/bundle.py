@@ -20,6 +20,7 @@ import hashlib
 import json
 from typing import IO, Any
 
+from ledger import witnesses
 from ledger.audit import (
     HISTORY_FAILURES,
     AuditReport,
@@ -30,11 +31,10 @@ from ledger.audit import (
 )
 from ledger.journal import CONFIRMED, Journal
 from ledger.record import RECORD_FIELDS, canonical_json_of
-from ledger.tlog.checkpoint import open_checkpoint
-from ledger.tlog.cosignature import open_cosigned_checkpoint
+from ledger.tlog.checkpoint import Checkpoint, open_checkpoint
 from ledger.tlog.errors import TlogError
 from ledger.tlog.merkle import MemoryNodeStore, MerkleLog, leaf_hash, verify_consistency, verify_inclusion
-from ledger.tlog.note import Ed25519Verifier
+from ledger.tlog.note import Ed25519Verifier, split_note
 from ledger.tlog.proof import ProofBundle
 
 FORMAT = "edgeledger-audit-bundle/1"
@@ -77,16 +77,43 @@ def export_bundle(journal: Journal, out: IO[str], filters: Filters | None = None
         "format": FORMAT,
         "origin": target["note"].split("\n", 1)[0],
         "log_vkey": log_vkey,
-        "checkpoint": target["note"],
+        "checkpoint": journal.cosigned_note(size, target["note"]),
         "checkpoints": [{"size": c["size"], "note": c["note"], "anchor": {k: c[k] for k in _ANCHOR},
                          "consistency": [_b64(h) for h in tree.consistency_proof(c["size"], size)]}
                         for c in checkpoints],
         "records": records,
+        "witnesses": _witness_evidence(journal, tree, size),
+        "cosigned": _cosigned(journal, tree, size),
         "certificates": {fp: pem for fp in sorted(fingerprints) if (pem := journal.certificate(fp)) is not None},
     }
     json.dump(bundle, out, sort_keys=True)
     out.write("\n")
     return len(records)
+
+
+def _witness_evidence(journal: Journal, tree: MerkleLog, size: int) -> list[dict[str, Any]]:
+    """Each agent witness key with the signed cosign task that binds it to the agent's certificate."""
+    return [{"agent_id": b["agent_id"], "vkey": b["vkey"], "task_id": b["task_id"], "certificate": b["certificate"],
+             "envelope": _b64(b["envelope"]) if b["envelope"] is not None else None}
+            for b in witnesses.journal_bindings(journal)]
+
+
+def _cosigned(journal: Journal, tree: MerkleLog, size: int) -> list[dict[str, Any]]:
+    """Per agent, its cosignature of the largest checkpoint it cosigned, with that checkpoint and a
+    consistency proof between it and the bundle's checkpoint (either order)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for c in journal.all_cosignatures():
+        if c["size"] <= tree.size:
+            newest[c["agent_id"]] = c  # ordered by size: the last one is the largest
+    out = []
+    for agent, c in sorted(newest.items()):
+        row = journal.checkpoints("size = ?", (c["size"],))
+        if not row:
+            continue
+        lo, hi = sorted((c["size"], size))
+        out.append({"agent_id": agent, "size": c["size"], "note": row[0]["note"], "line": c["line"],
+                    "consistency": [_b64(h) for h in tree.consistency_proof(lo, hi)] if lo < hi else []})
+    return out
 
 
 def _memory_tree(journal: Journal) -> MerkleLog:
@@ -136,12 +163,13 @@ def verify_bundle(data: dict[str, Any], policy: LogPolicy, *, check_signatures: 
     elif not check_signatures:
         report.signature_note = "signatures not checked (--no-signatures)"
     try:
-        target = open_cosigned_checkpoint(data["checkpoint"], log_verifier, policy.witnesses, policy.quorum).checkpoint
+        target, _ = open_checkpoint(data["checkpoint"], log_verifier, others=tuple(policy.witnesses))
     except TlogError as exc:
-        kind = "witness_quorum_not_met" if "witness cosignature" in str(exc) else "checkpoint_signature_invalid"
-        report.add(None, kind, f"the bundle's checkpoint: {exc}")
+        report.add(None, "checkpoint_signature_invalid", f"the bundle's checkpoint: {exc}")
         return report
     report.tree_size = target.size
+    if policy.quorum:
+        _check_bundle_quorum(data, policy, report, target)
     proofs: dict[int, list[bytes]] = {}
     for item in data.get("checkpoints", []):
         report.checkpoints += 1
@@ -191,6 +219,36 @@ def verify_bundle(data: dict[str, Any], policy: LogPolicy, *, check_signatures: 
         _check_envelope_bytes(envelope, item, certificates.get(item.get("signer_fingerprint") or ""), report,
                               check_signatures, verifier)
     return report
+
+
+def _check_bundle_quorum(data: dict[str, Any], policy: LogPolicy, report: AuditReport, target: Checkpoint) -> None:
+    """Offline witness quorum: each bundled cosignature's checkpoint must verify and be consistent
+    with the bundle's checkpoint; then the same counting as the journal audit (ledger/witnesses.py)."""
+    if policy.witnesses:
+        counted = [witnesses.Witness(w.name, w) for w in policy.witnesses]
+    else:
+        verify, payload_of = witnesses.default_tools()
+        counted, refused = witnesses.bound_witnesses(witnesses.bundle_bindings(data.get("witnesses") or []),
+                                                     verify, payload_of)
+        for agent, why in refused:
+            report.add(None, "witness_key_unbound", f"witness key of {agent!r} not counted: {why}")
+    notes: dict[int, str] = {target.size: data["checkpoint"]}
+    rows: list[dict[str, Any]] = []
+    for sig in split_note(data["checkpoint"])[1]:
+        rows.append({"size": target.size, "line": sig.line()})
+    for item in data.get("cosigned") or []:
+        try:
+            cp, _ = open_checkpoint(item["note"], policy.log_verifier)
+            proof = [base64.b64decode(h) for h in item["consistency"]]
+            (lo, lo_root), (hi, hi_root) = sorted(((cp.size, cp.root_hash), (target.size, target.root_hash)))
+            if lo:
+                verify_consistency(lo, hi, lo_root, hi_root, proof)
+        except (TlogError, KeyError, ValueError) as exc:
+            report.add(None, "checkpoint_inconsistent", f"cosigned checkpoint of size {item.get('size')}: {exc}")
+            continue
+        notes[cp.size] = item["note"]
+        rows.append({"size": cp.size, "line": item.get("line", "")})
+    report.witness_report(counted, witnesses.reach(counted, rows, notes), policy.quorum)
 
 
 def pin_after(report: AuditReport) -> bool:

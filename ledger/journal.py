@@ -88,6 +88,16 @@ CREATE TABLE IF NOT EXISTS tlog_checkpoint (
     anchored_at REAL
 );
 CREATE INDEX IF NOT EXISTS tlog_checkpoint_anchor ON tlog_checkpoint(anchor_state, size);
+CREATE TABLE IF NOT EXISTS tlog_cosignature (
+    size INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    vkey TEXT NOT NULL,
+    line TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    added_at REAL NOT NULL,
+    PRIMARY KEY (size, agent_id)
+);
+CREATE INDEX IF NOT EXISTS tlog_cosignature_agent ON tlog_cosignature(agent_id, size);
 CREATE TABLE IF NOT EXISTS record_salt (
     task_id TEXT PRIMARY KEY,
     salt BLOB NOT NULL
@@ -427,6 +437,42 @@ class Journal:
                 "UPDATE executions SET anchor_state = ?, tx_hash = NULL, block_number = NULL, block_hash = NULL "
                 "WHERE log_index >= ? AND anchor_state != ?", (PENDING, top, PENDING))
 
+    # -- witness cosignatures (agent/witness.py -> edge.witness.cosign) --------------------
+    def add_cosignature(self, db: sqlite_utils.Database, size: int, agent_id: str, vkey: str, line: str,
+                        task_id: str) -> bool:
+        """Inside the caller's transaction: keep an agent's verified cosignature line of the
+        checkpoint of `size` (first one per agent and size wins). The checkpoint note itself
+        is never rewritten: `cosigned_note` adds the lines when it is read."""
+        cur = db.conn.execute(
+            "INSERT OR IGNORE INTO tlog_cosignature (size, agent_id, vkey, line, task_id, added_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (int(size), agent_id, vkey, line, task_id, time.time()))
+        return cur.rowcount == 1
+
+    def cosignatures(self, size: int) -> list[dict[str, Any]]:
+        """The cosignatures stored for the checkpoint of `size`, by agent id."""
+        cur = self._conn().execute("SELECT agent_id, vkey, line, task_id FROM tlog_cosignature WHERE size = ? "
+                                   "ORDER BY agent_id", (int(size),))
+        return [{"agent_id": a, "vkey": v, "line": ln, "task_id": t} for a, v, ln, t in cur]
+
+    def cosigned_note(self, size: int, note: str) -> str:
+        """The checkpoint note of `size` with its stored cosignature lines appended."""
+        return with_cosignatures(note, [c["line"] for c in self.cosignatures(size)])
+
+    def all_cosignatures(self) -> list[dict[str, Any]]:
+        cur = self._conn().execute("SELECT size, agent_id, line FROM tlog_cosignature ORDER BY size, agent_id")
+        return [{"size": int(z), "agent_id": a, "line": ln} for z, a, ln in cur]
+
+    def last_cosigned_size(self, agent_id: str) -> int | None:
+        found = self._conn().execute("SELECT MAX(size) FROM tlog_cosignature WHERE agent_id = ?", (agent_id,)).fetchone()
+        return int(found[0]) if found and found[0] is not None else None
+
+    def witness_keys(self) -> list[dict[str, Any]]:
+        """Every (agent, witness vkey) that cosigned, with the task id of one cosignature
+        whose signed envelope ties the key to the agent's certificate."""
+        cur = self._conn().execute("SELECT agent_id, vkey, MIN(task_id) FROM tlog_cosignature GROUP BY agent_id, vkey "
+                                   "ORDER BY agent_id")
+        return [{"agent_id": a, "vkey": v, "task_id": t} for a, v, t in cur]
+
     # -- right to erasure ------------------------------------------------------------
     def erase_records(self, db: sqlite_utils.Database, where: str, params: Iterable[Any]) -> list[str]:
         """Inside the caller's transaction: drop envelopes and salts of the matching rows, mark them
@@ -538,6 +584,16 @@ def agent_activity(path: Path, agent_id: str, since: float, task_name: str) -> l
         return [float(r[0]) for r in conn.execute(
             "SELECT received_at FROM executions WHERE agent_id = ? AND received_at >= ? AND task_name = ? "
             "AND status = 'SUCCESS' ORDER BY received_at", (agent_id, since, task_name))]
+
+
+def with_cosignatures(note: str, lines: Iterable[str]) -> str:
+    """A signed note plus cosignature lines (each one "— name base64\\n"), without duplicates."""
+    out = note if note.endswith("\n") else note + "\n"
+    for line in lines:
+        line = line if line.endswith("\n") else line + "\n"
+        if line not in out.split("\n\n")[-1]:
+            out += line
+    return out
 
 
 @contextmanager

@@ -24,7 +24,9 @@ TASK_ID_NAMESPACE = uuid.UUID("6f1c1d2e-5b7a-4c5e-9a51-3c1f0e2d7a44")
 INGEST_TASK = "edge.ingest"
 COMMAND_RESULT_TASK = "edge.command_result"
 HEARTBEAT_TASK = "edge.heartbeat"
-AGENT_TO_COORDINATOR_TASKS = frozenset({INGEST_TASK, COMMAND_RESULT_TASK, HEARTBEAT_TASK})
+# An agent's witness cosignature of a log checkpoint it verified (agent/witness.py).
+WITNESS_COSIGN_TASK = "edge.witness.cosign"
+AGENT_TO_COORDINATOR_TASKS = frozenset({INGEST_TASK, COMMAND_RESULT_TASK, HEARTBEAT_TASK, WITNESS_COSIGN_TASK})
 
 # Commands the coordinator sends to an agent (queue agent_queue(agent_id)).
 AGENT_COMMAND_PREFIX = "edge.agent."
@@ -73,6 +75,17 @@ def reading_task_id(agent_id: str, seq: int) -> str:
 
 def command_result_task_id(agent_id: str, command_task_id: str) -> str:
     return _derive(agent_id, "command_result", str(command_task_id))
+
+
+def witness_key_name(agent_id: str) -> str:
+    """The C2SP key name of an agent's witness key: it names the agent, so the coordinator
+    and auditors can tell whose cosignature a line is (checked against the signer's CN)."""
+    return f"witness/{agent_id}"
+
+
+def cosign_task_id(agent_id: str, size: int) -> str:
+    """One cosignature per agent and checkpoint size: a re-sent one is deduplicated."""
+    return _derive(agent_id, "cosign", str(int(size)))
 
 
 def heartbeat_task_id(agent_id: str, sent_at: float) -> str:

@@ -185,10 +185,17 @@ def _heartbeat_id(signer: str, message: TaskMessage) -> str | None:
     return None
 
 
+def _cosign_id(signer: str, message: TaskMessage) -> str | None:
+    cosignature = message.argument("cosignature")
+    size = cosignature.get("size") if isinstance(cosignature, dict) else None
+    return contract.cosign_task_id(signer, size) if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 DERIVATIONS: Mapping[str, Callable[[str, TaskMessage], str | None]] = {
     contract.INGEST_TASK: _reading_id,
     contract.COMMAND_RESULT_TASK: _command_result_id,
     contract.HEARTBEAT_TASK: _heartbeat_id,
+    contract.WITNESS_COSIGN_TASK: _cosign_id,
 }
 
 
@@ -239,7 +246,7 @@ AGENT_MAX_DELAY = 300.0  # seconds an agent may delay a task at the coordinator 
 def coordinator_policy(identity: str = contract.DEFAULT_COORDINATOR_IDENTITY,
                        agent_max_delay: float = AGENT_MAX_DELAY) -> Policy:
     """The ingest worker: an agent may cause only edge.ingest / edge.command_result /
-    edge.heartbeat, under its own contract ids, delayed by at most `agent_max_delay`
+    edge.heartbeat / edge.witness.cosign, under its own contract ids, delayed by at most `agent_max_delay`
     (agents send no delayed tasks; this only bounds how long one can sit in the
     coordinator's timer); the coordinator identity causes nothing."""
     return AllOf(
