@@ -82,9 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .app import create_app, start_worker
 
     started = time.monotonic()
-    app = create_app(cfg)
-    if args.interval is not None:  # explicit beats the interval kept from a set_interval command
-        app.edge_runtime.set_interval(args.interval)
+    app = create_app(cfg)  # `--interval` beats a stored set_interval one (cfg.interval_after_stored)
 
     def ready(**_: Any) -> None:
         print(f"edge-agent {cfg.agent_id} ready in {time.monotonic() - started:.2f}s: consuming {cfg.queue}",
@@ -123,8 +121,7 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
         box = Outbox(cfg.outbox_file, cfg.agent_id, cfg.outbox_max)
         try:
             out["outbox"] = box.stats()
-            stored = box.get_meta("interval")
-            out["interval"] = float(stored) if stored else cfg.interval
+            out["interval"] = cfg.interval_after_stored(box.get_meta("interval") or None)
         finally:
             box.close()
     else:
