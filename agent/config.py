@@ -51,7 +51,7 @@ class AgentConfig:
     sensors: list[str] = setting(default_factory=lambda: ["simulated"], non_empty=True,
                                  help="sensor drivers to sample (entry points `edgeledger.sensors`)")
     interval: float = setting(60.0, min=0, above=True, unit="s",
-                              help="seconds between samples; the coordinator's `set_interval` stores one below this")
+                              help="seconds between samples (a `set_interval` command from the coordinator is stored state)")
     heartbeat_interval: float = setting(300.0, min=0, unit="s",
                                         help="seconds between edge.heartbeat messages; 0 turns them off")
     broker_heartbeat: float = setting(60.0, min=1, unit="s",
@@ -74,11 +74,11 @@ class AgentConfig:
     command_signers: list[str] = setting(default_factory=lambda: ["coordinator"],
                                          help="certificate CNs allowed to send commands; [] = any fleet certificate")
     log_level: str = setting("WARNING", choices=LOG_LEVELS, fold_case=True, help="log level")
-    key_file: Path | None = setting(None, help="private key; default <data_dir>/agent.key")
-    cert_file: Path | None = setting(None, help="this agent's certificate; default <data_dir>/agent.pem")
-    ca_file: Path | None = setting(None, help="fleet CA certificate; default <data_dir>/ca.pem")
-    crl_file: Path | None = setting(None, help="fleet CRL; default <data_dir>/crl.pem")
-    outbox_file: Path | None = setting(None, help="outbox SQLite file; default <data_dir>/outbox.sqlite3")
+    key_file: Path | None = setting(None, help="private key; default `<data_dir>/agent.key`")
+    cert_file: Path | None = setting(None, help="this agent's certificate; default `<data_dir>/agent.pem`")
+    ca_file: Path | None = setting(None, help="fleet CA certificate; default `<data_dir>/ca.pem`")
+    crl_file: Path | None = setting(None, help="fleet CRL; default `<data_dir>/crl.pem`")
+    outbox_file: Path | None = setting(None, help="outbox SQLite file; default `<data_dir>/outbox.sqlite3`")
     # Where each value came from (security.settings origins); not a setting.
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
