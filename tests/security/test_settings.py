@@ -197,3 +197,15 @@ def test_agent_run_path_does_not_load_the_toml_writer() -> None:
             "load_config(tempfile.mkdtemp(), env={}); print('tomli_w' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_agent_runtime_layers_the_stored_interval(tmp_path: Path) -> None:
+    from agent.outbox import Outbox
+    from agent.runtime import AgentRuntime
+
+    update_toml(tmp_path, agent_id="dev-1")
+    box = Outbox(tmp_path / "outbox.sqlite3", "dev-1")
+    box.set_meta("interval", repr(30.0))
+    box.close()
+    assert AgentRuntime(None, load_config(tmp_path, env={})).interval == 30.0
+    assert AgentRuntime(None, load_config(tmp_path, env={}, overrides={"interval": 2.0})).interval == 2.0

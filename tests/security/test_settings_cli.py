@@ -77,3 +77,27 @@ def test_edge_audit_unknown_toml_key(tmp_path: Path) -> None:
     conf.write_text("colour = 1\n")
     one_line_error(tool("ledger.audit_cli", "list", env={"EDGE_AUDIT_CONFIG": str(conf)}), 2,
                    f"{conf}: unknown setting 'colour' for edge-audit")
+
+
+def test_edge_agent_stored_interval_sits_below_toml_env_and_flags(tmp_path: Path) -> None:
+    """The interval kept by a `set_interval` command (outbox meta) replaces only the default."""
+    import json
+
+    from agent.config import update_toml
+    from agent.outbox import Outbox
+
+    data = str(tmp_path)
+    update_toml(tmp_path, agent_id="dev-1")
+    box = Outbox(tmp_path / "outbox.sqlite3", "dev-1")
+    box.set_meta("interval", repr(30.0))  # what AgentRuntime.set_interval stores
+    box.close()
+
+    def interval(env: dict[str, str] | None = None) -> float:
+        out = tool("agent.cli", "status", "--json", "--data-dir", data, env=env)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["interval"]
+
+    assert interval() == 30.0  # stored state beats the default
+    update_toml(tmp_path, interval=5.0)
+    assert interval() == 5.0  # agent.toml beats stored state
+    assert interval({"EDGE_AGENT_INTERVAL": "7"}) == 7.0  # the environment beats agent.toml
