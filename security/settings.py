@@ -183,11 +183,15 @@ class Resolved:
     origins: dict[str, str]
 
 
+def _is_env_name(origin: str) -> bool:
+    return bool(origin) and origin[0].isalpha() and origin.isupper() and all(c.isalnum() or c == "_" for c in origin)
+
+
 def fix_hint(origin: str, key: str) -> str:
     """How to change a value, given where it came from."""
     if origin.startswith("--"):
         return f"change {origin}"
-    if origin.isupper():  # an environment variable
+    if _is_env_name(origin):
         return f"change or unset {origin}"
     if origin == DEFAULT:
         return f"set {key}"
