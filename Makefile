@@ -59,4 +59,4 @@ clean:
 
 # docs/CONFIG.md is generated from the settings declarations (tests/security/test_settings.py checks it).
 config-doc: python-env
-	$(PY) -m security.settings agent.config coordinator.config ledger.audit_config > docs/CONFIG.md
+	$(PY) -m security.settings_render agent.config coordinator.config ledger.audit_config > docs/CONFIG.md

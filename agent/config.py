@@ -198,5 +198,7 @@ def update_toml(data_dir: Path, **values: Any) -> Path:
     path = Path(data_dir) / CONFIG_NAME
     current = read_toml(path)
     current.update({k: v for k, v in values.items() if v is not None})
-    return settings.write_toml(path, current, header="edge-agent settings (docs/CONFIG.md); "
+    from security.settings_render import write_toml  # not on the run path
+
+    return write_toml(path, current, header="edge-agent settings (docs/CONFIG.md); "
                                                      "EDGE_AGENT_<NAME> env vars and flags override them")

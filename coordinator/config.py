@@ -18,6 +18,7 @@ from typing import Any
 
 from security import settings
 from security.settings import section, setting
+from security.settings_render import dump_toml, to_toml_data, write_toml
 
 from .errors import CoordinatorError
 
@@ -267,8 +268,8 @@ HEADER = "edge-coordinator configuration (every key: docs/CONFIG.md); env EDGE_C
 
 def render_toml(cfg: CoordinatorConfig) -> str:
     """The config as TOML, every key written so operators can see what to change."""
-    return settings.dump_toml(settings.to_toml_data(FACE, cfg), header=HEADER, notes=NOTES)
+    return dump_toml(to_toml_data(FACE, cfg), header=HEADER, notes=NOTES)
 
 
 def save_config(cfg: CoordinatorConfig) -> Path:
-    return settings.write_toml(cfg.config_path, settings.to_toml_data(FACE, cfg), header=HEADER, notes=NOTES)
+    return write_toml(cfg.config_path, to_toml_data(FACE, cfg), header=HEADER, notes=NOTES)

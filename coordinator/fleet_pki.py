@@ -30,7 +30,7 @@ from security.pki import (
     write_pem,
 )
 from security.revocation import RevocationStore, write_crl_file
-from security.settings import write_toml
+from security.settings_render import write_toml
 
 from .config import CoordinatorConfig
 from .errors import CoordinatorError

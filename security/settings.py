@@ -12,11 +12,10 @@ Every value is type- and range-checked as it is read, and a bad one is one line 
 names where it came from (the environment variable, the file or the flag) and how to fix
 it. Unknown TOML keys and unknown environment variables under a tool's prefix are refused
 the same way by all three (a typo must not silently fall back to a default).
-`docs/CONFIG.md` is generated from these declarations (`render_markdown`, or
-`python -m security.settings agent.config coordinator.config ledger.audit_config`).
+The TOML writer and the generator of `docs/CONFIG.md` are in security/settings_render.py.
 
-Stdlib only: `edge-agent run` imports this module, and its start time and memory must not
-grow. The TOML writer (tomli-w) is imported only inside `dump_toml`/`write_toml`.
+Stdlib only and small: `edge-agent run` imports this module, and its start time and memory
+must not grow (so plain slotted classes, not dataclasses, for the declarations themselves).
 """
 
 from __future__ import annotations
@@ -24,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +35,25 @@ class SettingsError(ValueError):
     """A setting is unknown, of the wrong type or out of range; the message is one line with the fix."""
 
 
-@dataclass(frozen=True)
 class Rule:
     """What a setting accepts, beyond its type. Kept in the dataclass field's metadata."""
 
-    help: str
-    min: float | None = None  # inclusive lower bound ...
-    above: bool = False  # ... or, when True, exclusive (value > min)
-    max: float | None = None  # inclusive upper bound
-    choices: tuple[str, ...] = ()
-    prefixes: tuple[str, ...] = ()  # a non-empty value must start with one of these
-    env: bool = True  # settable from the environment
-    file: bool = True  # settable in the TOML file
-    non_empty: bool = False  # strings and lists: not empty
-    fold_case: bool = False  # strings: compared and kept in upper case (log levels)
-    unit: str = ""  # "s" for seconds (docs only)
+    __slots__ = ("help", "min", "above", "max", "choices", "prefixes", "env", "file", "non_empty", "fold_case", "unit")
+
+    def __init__(self, help: str, min: float | None = None, above: bool = False, max: float | None = None,
+                 choices: tuple[str, ...] = (), prefixes: tuple[str, ...] = (), env: bool = True, file: bool = True,
+                 non_empty: bool = False, fold_case: bool = False, unit: str = "") -> None:
+        self.help = help
+        self.min = min  # inclusive lower bound ...
+        self.above = above  # ... or, when True, exclusive (value > min)
+        self.max = max  # inclusive upper bound
+        self.choices = choices
+        self.prefixes = prefixes  # a non-empty value must start with one of these
+        self.env = env  # settable from the environment
+        self.file = file  # settable in the TOML file
+        self.non_empty = non_empty  # strings and lists: not empty
+        self.fold_case = fold_case  # strings: compared and kept in upper case (log levels)
+        self.unit = unit  # "s" for seconds (docs only)
 
     def describe(self) -> str:
         """The accepted range in words, as used in messages and in docs/CONFIG.md."""
@@ -99,33 +100,38 @@ _KINDS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean
           "list[str]": "list of strings", "dict[str, str]": "table of strings"}
 
 
-@dataclass(frozen=True)
 class Spec:
     """One declared setting of one tool, flattened (`broker.port`)."""
 
-    key: str
-    env: str
-    kind: str  # a key of _KINDS
-    optional: bool  # None allowed (unset)
-    default: Any
-    rule: Rule
+    __slots__ = ("key", "env", "kind", "optional", "default", "rule")
+
+    def __init__(self, key: str, env: str, kind: str, optional: bool, default: Any, rule: Rule) -> None:
+        self.key = key
+        self.env = env
+        self.kind = kind  # a key of _KINDS
+        self.optional = optional  # None allowed (unset)
+        self.default = default
+        self.rule = rule
 
     @property
     def kind_name(self) -> str:
         return _KINDS[self.kind]
 
 
-@dataclass(frozen=True)
 class Face:
     """One tool's settings: the schema dataclass plus how the tool names things."""
 
-    tool: str  # "edge-agent"
-    env_prefix: str  # "EDGE_AGENT_"
-    schema: type  # the dataclass whose setting() fields are the settings
-    file: str  # where the TOML file is, in words (docs and help)
-    flags: Mapping[str, str] = dataclasses.field(default_factory=dict)  # key -> "--flag" (docs, messages)
-    other_env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # recognised, not settings
-    notes: str = ""  # extra paragraph in docs/CONFIG.md
+    __slots__ = ("tool", "env_prefix", "schema", "file", "flags", "other_env", "notes")
+
+    def __init__(self, tool: str, env_prefix: str, schema: type, file: str, flags: Mapping[str, str] | None = None,
+                 other_env: Mapping[str, str] | None = None, notes: str = "") -> None:
+        self.tool = tool  # "edge-agent"
+        self.env_prefix = env_prefix  # "EDGE_AGENT_"
+        self.schema = schema  # the dataclass whose setting() fields are the settings
+        self.file = file  # where the TOML file is, in words (docs and help)
+        self.flags = dict(flags or {})  # key -> "--flag" (docs, messages)
+        self.other_env = dict(other_env or {})  # recognised variables that are not settings
+        self.notes = notes  # extra paragraph in docs/CONFIG.md
 
     def specs(self) -> list[Spec]:
         out = list(_walk(self.schema, "", self.env_prefix))
@@ -175,12 +181,14 @@ def _parse_type(text: str) -> tuple[str, bool]:
 
 # -- loading --------------------------------------------------------------------
 
-@dataclass
 class Resolved:
     """The loaded values (flat, by dotted key) and where each came from."""
 
-    values: dict[str, Any]
-    origins: dict[str, str]
+    __slots__ = ("values", "origins")
+
+    def __init__(self, values: dict[str, Any], origins: dict[str, str]) -> None:
+        self.values = values
+        self.origins = origins
 
 
 def _is_env_name(origin: str) -> bool:
@@ -390,154 +398,3 @@ def read_toml(path: Path, fix: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path} is not valid TOML ({exc}): {fix}") from None
-
-
-# -- writing TOML (the one writer) ----------------------------------------------
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def dump_toml(data: Mapping[str, Any], *, header: str = "", notes: Mapping[str, str] | None = None) -> str:
-    """TOML text via tomli-w; `notes` ({"broker.acl_mode": "..."}) become comments above their keys."""
-    import tomli_w  # lazily: the agent's run path never writes TOML
-
-    text = tomli_w.dumps(_plain(data))
-    lines: list[str] = [f"# {line}" if line else "#" for line in header.splitlines()]
-    section = ""
-    for line in text.splitlines():
-        if line.startswith("["):
-            section = line.strip("[]") + "."
-        elif " = " in line and notes:
-            note = notes.get(section + line.split(" = ", 1)[0].strip())
-            if note:
-                lines.append(f"# {note}")
-        lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
-def write_toml(path: Path, data: Mapping[str, Any], *, header: str = "", notes: Mapping[str, str] | None = None,
-               mode: int | None = None) -> Path:
-    """Write `data` as TOML atomically (temp file + rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_toml(data, header=header, notes=notes))
-    if mode is not None:
-        tmp.chmod(mode)
-    os.replace(tmp, path)
-    return path
-
-
-def to_toml_data(face: Face, obj: Any, *, skip: Sequence[str] = ()) -> dict[str, Any]:
-    """A schema instance as nested TOML data (every file-settable key, None left out)."""
-    out: dict[str, Any] = {}
-    for spec in face.specs():
-        if not spec.rule.file or spec.key in skip:
-            continue
-        value: Any = obj
-        for part in spec.key.split("."):
-            value = getattr(value, part)
-        if value is None:
-            continue
-        head, _, tail = spec.key.rpartition(".")
-        (out.setdefault(head, {}) if head else out)[tail] = value
-    return out
-
-
-# -- docs/CONFIG.md -------------------------------------------------------------
-
-MARKDOWN_INTRO = f"""# Configuration
-
-<!-- Generated from the settings declarations (security/settings.py and each tool's config
-module); do not edit by hand: run `make config-doc`. tests/security/test_settings.py fails
-when this file differs from the generated text. -->
-
-All three tools read their settings with one loader (`security/settings.py`) and one
-precedence:
-
-    {PRECEDENCE}
-
-- **TOML file**: flat keys for edge-agent and edge-audit, `[section]` tables for
-  edge-coordinator (key `broker.port` is `port` under `[broker]`).
-- **Environment**: the tool's prefix plus the key in upper case, dots as underscores
-  (`broker.port` -> `EDGE_COORDINATOR_BROKER_PORT`). Lists are comma-separated
-  (`a,b`), tables `name=value,name2=value2`, booleans `1/true/yes/on` or `0/false/no/off`.
-- **Stored state**: values a running tool keeps for itself, e.g. the agent's sampling
-  interval set by the coordinator's `set_interval` command; any TOML, environment or flag
-  value for the same key wins over it at the next start.
-- **Checks**: every value is type- and range-checked when it is read. A bad value, an
-  unknown TOML key or an unknown environment variable under the tool's prefix stops the
-  tool with one line naming the key, file, variable or flag, and the fix.
-"""
-
-
-def _cell(value: Any) -> str:
-    if value is None or value == "":
-        return "(unset)"
-    if isinstance(value, bool):
-        return "`true`" if value else "`false`"
-    if isinstance(value, Path):
-        return f"`{value}`"
-    if isinstance(value, float):
-        return f"`{value:g}`"
-    if isinstance(value, list):
-        return "`[" + ", ".join(f'"{v}"' for v in value) + "]`" if value else "`[]`"
-    if isinstance(value, dict):
-        return "`{" + ", ".join(f'"{k}" = "{v}"' for k, v in value.items()) + "}`"
-    if isinstance(value, str):
-        return f'`"{value}"`'
-    return f"`{value}`"
-
-
-def render_markdown(faces: Sequence[Face]) -> str:
-    """docs/CONFIG.md: every key, its environment variable, type, default and range."""
-    out = [MARKDOWN_INTRO]
-    for face in faces:
-        out.append(f"## {face.tool}\n")
-        out.append(f"File: {face.file}. Environment prefix: `{face.env_prefix}`.\n")
-        if face.notes:
-            out.append(face.notes.strip() + "\n")
-        out.append("| key | environment variable | flag | type | default | range | meaning |")
-        out.append("|---|---|---|---|---|---|---|")
-        for spec in face.specs():
-            rule = spec.rule
-            key = f"`{spec.key}`" if rule.file else f"`{spec.key}` (not in the file)"
-            env = f"`{spec.env}`" if rule.env else "-"
-            flag = f"`{face.flags[spec.key]}`" if spec.key in face.flags else "-"
-            kind = spec.kind_name + (f" ({rule.unit})" if rule.unit else "")
-            help_text = rule.help.replace("|", "\\|")
-            out.append(f"| {key} | {env} | {flag} | {kind} | {_cell(spec.default)} | {rule.describe() or '-'} | {help_text} |")
-        if face.other_env:
-            out.append("\nOther environment variables under the prefix (not settings):\n")
-            for name, what in face.other_env.items():
-                out.append(f"- `{name}`: {what}")
-        out.append("")
-    return "\n".join(out).rstrip("\n") + "\n"
-
-
-def faces_from_modules(modules: Sequence[str]) -> list[Face]:
-    """The `FACE` of each named config module (named at run time: security imports no tool)."""
-    import importlib
-
-    return [importlib.import_module(name).FACE for name in modules]
-
-
-def main(argv: Sequence[str] | None = None, write: Callable[[str], Any] = sys.stdout.write) -> int:
-    """`python -m security.settings MODULE...`: print docs/CONFIG.md for these config modules."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print("usage: python -m security.settings agent.config coordinator.config ledger.audit_config", file=sys.stderr)
-        return 2
-    write(render_markdown(faces_from_modules(args)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

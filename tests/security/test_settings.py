@@ -1,4 +1,4 @@
-"""The one settings loader (security/settings.py): precedence, range checks, unknown keys and
+"""The one settings loader (security/settings.py, security/settings_render.py): precedence, range checks, unknown keys and
 variables, the TOML writer, and docs/CONFIG.md generated from the declarations."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from coordinator.config import load_config as load_coordinator
 from coordinator.config import save_config
 from coordinator.errors import CoordinatorError
 from ledger.audit_config import AuditConfig, ConfigError
-from security import settings
+from security import settings, settings_render
 from security.settings import SettingsError, section, setting
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,10 +182,10 @@ def test_coordinator_transport_options_come_from_settings(tmp_path: Path) -> Non
 
 
 def test_config_md_is_generated_from_the_declarations() -> None:
-    expected = settings.render_markdown(settings.faces_from_modules(FACE_MODULES))
+    expected = settings_render.render_markdown(settings_render.faces_from_modules(FACE_MODULES))
     actual = (ROOT / "docs" / "CONFIG.md").read_text()
     assert actual == expected, "docs/CONFIG.md is stale: run `make config-doc`"
-    for face in settings.faces_from_modules(FACE_MODULES):
+    for face in settings_render.faces_from_modules(FACE_MODULES):
         for spec in face.specs():
             assert f"`{spec.env}`" in actual or not spec.rule.env
 
