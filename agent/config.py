@@ -176,7 +176,9 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> AgentConfig:
-    """Build the config: defaults < agent.toml < EDGE_AGENT_* < overrides (non-None only)."""
+    """Build the config: defaults < agent.toml < EDGE_AGENT_* < overrides (non-None only).
+
+    The stored interval (set_interval) is layered in later by `interval_after_stored`."""
     env = os.environ if env is None else env
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     if data_dir is not None:

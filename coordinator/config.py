@@ -193,9 +193,6 @@ class CoordinatorConfig:
         return not self.chain.url
 
 
-SECTIONS = {"broker": BrokerConfig, "chain": ChainConfig, "http": HttpConfig, "worker": WorkerConfig,
-            "pki": PkiConfig, "monitor": MonitorConfig}
-
 FACE = settings.Face(
     tool="edge-coordinator",
     env_prefix=ENV_PREFIX,
