@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 APT_PACKAGES = mosquitto redis-server
 
-.PHONY: setup system-deps node-tools python-env demo test lint bench agent-binary clean
+.PHONY: setup system-deps node-tools python-env demo test lint bench agent-binary clean config-doc
 
 setup: system-deps node-tools python-env
 
@@ -56,3 +56,7 @@ agent-binary: setup
 
 clean:
 	rm -rf build dist var .pytest_cache
+
+# docs/CONFIG.md is generated from the settings declarations (tests/security/test_settings.py checks it).
+config-doc: python-env
+	$(PY) -m security.settings_render agent.config coordinator.config ledger.audit_config > docs/CONFIG.md

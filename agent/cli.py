@@ -82,9 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .app import create_app, start_worker
 
     started = time.monotonic()
-    app = create_app(cfg)
-    if args.interval is not None:  # explicit beats the interval kept from a set_interval command
-        app.edge_runtime.set_interval(args.interval)
+    app = create_app(cfg)  # `--interval` beats a stored set_interval one (cfg.interval_after_stored)
 
     def ready(**_: Any) -> None:
         print(f"edge-agent {cfg.agent_id} ready in {time.monotonic() - started:.2f}s: consuming {cfg.queue}",
@@ -126,8 +124,7 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
             from .witness import read_status
 
             out["witness"] = read_status(box.db, cfg.data_dir)
-            stored = box.get_meta("interval")
-            out["interval"] = float(stored) if stored else cfg.interval
+            out["interval"] = cfg.interval_after_stored(box.get_meta("interval") or None)
         finally:
             box.close()
     else:

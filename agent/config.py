@@ -2,20 +2,21 @@
 
 Why one place: the CLI, the worker, the sampler and `status` all read the same
 settings, and every bad value is reported once, as one line that says how to fix it.
-Precedence: defaults < `<data_dir>/agent.toml` < environment < command-line overrides.
+Loading, range checks and the precedence are the shared ones of security.settings
+(flags > environment > agent.toml > stored state > defaults; docs/CONFIG.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from security import settings
+from security.settings import setting
 
 from .errors import AgentError
 
@@ -30,6 +31,7 @@ CERT_NAME = "agent.pem"
 CA_NAME = "ca.pem"
 CRL_NAME = "crl.pem"
 OUTBOX_NAME = "outbox.sqlite3"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -41,32 +43,44 @@ def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
 class AgentConfig:
     """Everything the agent needs; paths default to fixed names inside `data_dir`."""
 
-    data_dir: Path
-    agent_id: str = ""
-    broker_url: str = ""
-    sensors: list[str] = field(default_factory=lambda: ["simulated"])
-    interval: float = 60.0  # seconds between samples
-    heartbeat_interval: float = 300.0  # seconds between edge.heartbeat messages; 0 turns them off
-    broker_heartbeat: float = 60.0  # MQTT keepalive; one PINGREQ per interval when idle
-    outbox_max: int = 100_000  # rows kept while offline; oldest dropped beyond
-    flush_batch: int = 200  # rows read per flush round
+    data_dir: Path = setting(DEFAULT_DATA_DIR, file=False,
+                             help="state directory: key, certificates, agent.toml, outbox")
+    agent_id: str = setting("", help="this agent's id (its certificate's CN); written by `keygen` / `enroll`")
+    broker_url: str = setting("", prefixes=("mqtts://", "mqtt://"),
+                              help="the fleet broker, mqtts://host:port; written by `enroll`")
+    sensors: list[str] = setting(default_factory=lambda: ["simulated"], non_empty=True,
+                                 help="sensor drivers to sample (entry points `edgeledger.sensors`)")
+    interval: float = setting(60.0, min=0, above=True, unit="s",
+                              help="seconds between samples (a `set_interval` command from the coordinator is stored state)")
+    heartbeat_interval: float = setting(300.0, min=0, unit="s",
+                                        help="seconds between edge.heartbeat messages; 0 turns them off")
+    broker_heartbeat: float = setting(60.0, min=1, unit="s",
+                                      help="MQTT keepalive: one PINGREQ per interval when idle")
+    outbox_max: int = setting(100_000, min=1, help="readings kept while offline; the oldest are dropped beyond")
+    flush_batch: int = setting(200, min=1, help="outbox rows read per flush round")
     # A reading leaves the outbox only on the coordinator's signed receipt (it journaled it);
     # one still unconfirmed this many seconds after its publish is sent again (deduped there).
-    resend_after: float = 60.0
-    backoff_min: float = 0.5  # first retry delay after a failed flush (jittered)
-    backoff_max: float = 30.0
-    publish_timeout: float = 10.0  # seconds to wait for a PUBACK
-    rate_limits: dict[str, str] = field(default_factory=lambda: {"edge.agent.sample_now": "30/m"})
-    remote_control: bool = False  # pidbox (celery inspect/control); the fleet broker ACL denies it to agents
-    signing: bool = True  # sign tasks and results (security.celery_signing)
+    resend_after: float = setting(60.0, min=0, above=True, unit="s",
+                                  help="an unconfirmed reading is sent again this long after its publish")
+    backoff_min: float = setting(0.5, min=0, above=True, unit="s", help="first retry delay after a failed flush (jittered)")
+    backoff_max: float = setting(30.0, min=0, above=True, unit="s", help="longest retry delay (>= backoff_min)")
+    publish_timeout: float = setting(10.0, min=0, above=True, unit="s",
+                                     help="seconds to wait for a PUBACK; also the transport's reconnect budget")
+    rate_limits: dict[str, str] = setting(default_factory=lambda: {"edge.agent.sample_now": "30/m"},
+                                          help="Celery rate limit per command task")
+    remote_control: bool = setting(False, help="Celery pidbox (inspect/control); the fleet broker ACL denies it to agents")
+    signing: bool = setting(True, help="sign tasks and results (security.celery_signing)")
     # Certificate CNs allowed to send commands (the coordinator's identity); [] = any fleet certificate.
-    command_signers: list[str] = field(default_factory=lambda: ["coordinator"])
-    log_level: str = "WARNING"
-    key_file: Path | None = None
-    cert_file: Path | None = None
-    ca_file: Path | None = None
-    crl_file: Path | None = None
-    outbox_file: Path | None = None
+    command_signers: list[str] = setting(default_factory=lambda: ["coordinator"],
+                                         help="certificate CNs allowed to send commands; [] = any fleet certificate")
+    log_level: str = setting("WARNING", choices=LOG_LEVELS, fold_case=True, help="log level")
+    key_file: Path | None = setting(None, help="private key; default `<data_dir>/agent.key`")
+    cert_file: Path | None = setting(None, help="this agent's certificate; default `<data_dir>/agent.pem`")
+    ca_file: Path | None = setting(None, help="fleet CA certificate; default `<data_dir>/ca.pem`")
+    crl_file: Path | None = setting(None, help="fleet CRL; default `<data_dir>/crl.pem`")
+    outbox_file: Path | None = setting(None, help="outbox SQLite file; default `<data_dir>/outbox.sqlite3`")
+    # Where each value came from (security.settings origins); not a setting.
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -95,19 +109,23 @@ class AgentConfig:
 
     # -- validation ----------------------------------------------------
     def _check_values(self) -> None:
-        for name in ("interval", "broker_heartbeat", "backoff_min", "backoff_max", "publish_timeout", "resend_after"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise AgentError(f"config {name}={value!r} must be a positive number of seconds")
-        if not (math.isfinite(self.heartbeat_interval) and self.heartbeat_interval >= 0):
-            raise AgentError(f"config heartbeat_interval={self.heartbeat_interval!r} must be >= 0 (0 = off)")
+        try:
+            settings.check_instance(FACE, self)
+        except settings.SettingsError as exc:
+            raise AgentError(str(exc)) from None
         if self.backoff_max < self.backoff_min:
             raise AgentError("config backoff_max must be >= backoff_min")
-        for name in ("outbox_max", "flush_batch"):
-            if getattr(self, name) < 1:
-                raise AgentError(f"config {name} must be >= 1")
-        if not self.sensors:
-            raise AgentError("config sensors is empty: list at least one, e.g. sensors = [\"simulated\"]")
+
+    def interval_after_stored(self, stored: str | None) -> float:
+        """The sampling interval once the stored one (`set_interval`) is layered in.
+
+        Why: flags > environment > agent.toml > stored state > default. A stored interval
+        replaces only the default; one set in the file, env or `run --interval` wins."""
+        try:
+            return float(settings.stored_value(FACE, self.origins, "interval", stored, self.interval,
+                                               "stored state (set_interval)"))
+        except settings.SettingsError as exc:
+            raise AgentError(str(exc)) from None
 
     def require_identity(self) -> None:
         if not self.agent_id:
@@ -133,53 +151,23 @@ class AgentConfig:
 
 # -- loading ----------------------------------------------------------------
 
-def _fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(AgentConfig)}
-
-
-def _coerce(name: str, value: Any, *, source: str) -> Any:
-    """Turn a TOML or env value into the field's type; one-line error otherwise."""
-    f = _fields()[name]
-    kind = str(f.type)
-    try:
-        if kind == "float":
-            return float(value)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if kind == "list[str]":
-            if isinstance(value, str):
-                return [part.strip() for part in value.split(",") if part.strip()]
-            return [str(v) for v in value]
-        if kind == "dict[str, str]":
-            if isinstance(value, str):  # env: "task=rate,task2=rate"
-                pairs = (p.split("=", 1) for p in value.split(",") if p.strip())
-                return {k.strip(): v.strip() for k, v in pairs}
-            return {str(k): str(v) for k, v in dict(value).items()}
-        if "Path" in kind:
-            return Path(value)
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise AgentError(f"{source}: {name}={value!r} is not a valid {kind}") from exc
+FACE = settings.Face(
+    tool="edge-agent",
+    env_prefix=ENV_PREFIX,
+    schema=AgentConfig,
+    file="`<data-dir>/agent.toml` (flat keys, or an `[agent]` table), written by `keygen` and `enroll`",
+    flags={"data_dir": "--data-dir", "broker_url": "--broker-url", "interval": "--interval", "log_level": "--log-level"},
+    other_env={"EDGE_AGENT_RUNTIME_DIR": "runtime directory of the packaged binary (read by packaging/launcher.sh)"},
+    notes="Stored state: `interval` set by the coordinator's `set_interval` command is kept in the outbox "
+          "and used at the next start only when no flag, variable or `agent.toml` sets `interval`.",
+)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise AgentError(f"{path} is not valid TOML ({exc}): fix or delete it") from exc
+        data = settings.read_toml(path, "fix or delete it")
+    except settings.SettingsError as exc:
+        raise AgentError(str(exc)) from None
     return data.get("agent", data) if isinstance(data.get("agent"), dict) else data
 
 
@@ -188,52 +176,31 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> AgentConfig:
-    """Build the config: defaults < agent.toml < EDGE_AGENT_* < overrides (non-None only)."""
+    """Build the config: defaults < agent.toml < EDGE_AGENT_* < overrides (non-None only).
+
+    The stored interval (set_interval) is layered in later by `interval_after_stored`."""
     env = os.environ if env is None else env
-    data_dir = Path(data_dir) if data_dir else default_data_dir(env)
-    known = _fields()
-    values: dict[str, Any] = {}
-    path = data_dir / CONFIG_NAME
-    for key, value in read_toml(path).items():
-        if key not in known or key == "data_dir":
-            raise AgentError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(k for k in known if k != 'data_dir'))}")
-        values[key] = _coerce(key, value, source=str(path))
-    for key in known:
-        raw = env.get(ENV_PREFIX + key.upper())
-        if raw is not None and key != "data_dir":
-            values[key] = _coerce(key, raw, source=ENV_PREFIX + key.upper())
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = _coerce(key, value, source="command line")
-    return AgentConfig(data_dir=data_dir, **values)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if data_dir is not None:
+        flags["data_dir"] = data_dir
+    try:
+        # the data dir (where agent.toml is) comes from the flag, else the environment
+        first = settings.load(FACE, env=env, flags=flags)
+        path = Path(first.values["data_dir"]) / CONFIG_NAME
+        resolved = settings.load(FACE, file_values=read_toml(path), file_origin=str(path), env=env, flags=flags)
+    except settings.SettingsError as exc:
+        raise AgentError(str(exc)) from None
+    cfg = settings.build(AgentConfig, resolved.values)
+    cfg.origins = resolved.origins
+    return cfg
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
-
-
-def update_toml(data_dir: Path, **settings: Any) -> Path:
+def update_toml(data_dir: Path, **values: Any) -> Path:
     """Merge settings into `<data_dir>/agent.toml` (flat keys; written atomically)."""
     path = Path(data_dir) / CONFIG_NAME
     current = read_toml(path)
-    current.update({k: v for k, v in settings.items() if v is not None})
-    lines = ["# edge-agent settings; EDGE_AGENT_<NAME> env vars override them"]
-    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in current.items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    current.update({k: v for k, v in values.items() if v is not None})
+    from security.settings_render import write_toml  # not on the run path
+
+    return write_toml(path, current, header="edge-agent settings (docs/CONFIG.md); "
+                                                     "EDGE_AGENT_<NAME> env vars and flags override them")

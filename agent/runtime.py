@@ -92,8 +92,8 @@ class AgentRuntime:
         self._conn: Any = None
         self._producer: Any = None
         self.started_at = time.time()
-        stored = self.outbox().get_meta("interval")
-        self.interval = float(stored) if stored else cfg.interval
+        # flags > env > agent.toml > the interval stored by `set_interval` > default
+        self.interval = cfg.interval_after_stored(self.outbox().get_meta("interval") or None)
         self.forwarder: Forwarder | None = None
         self.revoked: dict[str, Any] | None = None  # set when this device learns it is revoked
         self._refusal_logged: str | None = None

@@ -62,7 +62,12 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
 
     app = Celery("edge-coordinator", broker=cfg.broker_url, backend="rpc://", set_as_current=False)
     # the daemon rides out broker restarts; a one-shot client (`send`) fails fast
-    transport: dict[str, Any] = {"publish_timeout": 15.0, "reconnect_timeout": 60.0 if consumer else 10.0}
+    broker = cfg.broker
+    transport: dict[str, Any] = {
+        "keepalive": broker.keepalive,
+        "publish_timeout": broker.publish_timeout,
+        "reconnect_timeout": broker.reconnect_timeout if consumer else broker.command_reconnect_timeout,
+    }
     if consumer:
         transport["client_id"] = f"edge-coordinator-{cfg.identity}-{cfg.worker.queue}"
     app.conf.update(

@@ -21,7 +21,7 @@ from pathlib import Path
 from security import exit_codes
 
 from .broker_acl import agent_enrolled, agent_revoked
-from .config import CoordinatorConfig, load_config, save_config, validate
+from .config import CoordinatorConfig, load_config, save_config
 from .errors import CoordinatorError
 
 PROG = "edge-coordinator"
@@ -162,21 +162,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         made = FleetStore(cfg).repair()
         print("\n".join(f"re-issued {p}" for p in made) if made else f"nothing to repair in {cfg.pki_dir}")
         return 0
-    cfg = _config(args, require_file=False)
+    # init's flags go through the same loader (range checks, precedence) and into the file
+    flags = {"broker.port": args.broker_port, "chain.port": args.chain_port, "http.port": args.http_port,
+             "broker.url": args.broker_url or None, "chain.url": args.chain_url or None, "broker.acl_mode": args.acl_mode}
+    cfg = load_config(args.config, data_dir=args.data_dir, require_file=False, flags=flags)
     cfg.data_dir = cfg.data_dir.resolve()
-    if args.broker_port is not None:
-        cfg.broker.port = args.broker_port
-    if args.chain_port is not None:
-        cfg.chain.port = args.chain_port
-    if args.http_port is not None:
-        cfg.http.port = args.http_port
-    if args.broker_url:
-        cfg.broker.url = args.broker_url
-    if args.chain_url:
-        cfg.chain.url = args.chain_url
-    if args.acl_mode:
-        cfg.broker.acl_mode = args.acl_mode
-    validate(cfg)
     store = FleetStore(cfg)
     store.init()
     from .tlog_setup import coordinator_log_key

@@ -159,7 +159,7 @@ class Coordinator:
                     f"port 127.0.0.1:{self.cfg.chain.port} for the managed anvil is in use: stop what listens there or change chain.port"
                 )
             try:
-                self.anvil = ManagedAnvil(self.cfg.data_dir / "chain", port=self.cfg.chain.port, snapshot_interval=5.0).start()
+                self.anvil = ManagedAnvil(self.cfg.data_dir / "chain", port=self.cfg.chain.port, snapshot_interval=self.cfg.chain.snapshot_interval).start()
             except AnvilError as exc:
                 raise CoordinatorError(str(exc)) from None
             log.info("anvil on %s", self.anvil.rpc_url)

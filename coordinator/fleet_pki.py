@@ -30,6 +30,7 @@ from security.pki import (
     write_pem,
 )
 from security.revocation import RevocationStore, write_crl_file
+from security.settings_render import write_toml
 
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
@@ -219,13 +220,9 @@ class FleetStore:
         log_pub = self.cfg.pki_dir / "log.pub"  # the transparency log's verifier key (issue #12)
         if log_pub.exists():
             (out / "log.pub").write_bytes(log_pub.read_bytes())
-        (out / "agent.toml").write_text(
-            f'agent_id = "{name}"\n'
-            f'broker_url = "{broker_url}"\n'
-            'ca_file = "ca.pem"\n'
-            f'cert_file = "{name}.pem"\n'
-            f'key_file = "{name}.key"\n'
-        )
+        write_toml(out / "agent.toml", {"agent_id": name, "broker_url": broker_url, "ca_file": "ca.pem",
+                                        "cert_file": f"{name}.pem", "key_file": f"{name}.key"},
+                   header="edge-agent settings for this bundle (`edge-agent enroll --bundle DIR` installs them)")
         return out
 
     # -- revocation (security.revocation keeps the serials; we map names to serials) --

@@ -242,7 +242,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cli = {k: getattr(args, k, None) for k in ("config", "journal", "rpc_url", "contract", "recorders")}
+    cli = {k: getattr(args, k, None) for k in ("config", "journal", "rpc_url", "contract", "recorders", "from_block")}
     cli["journal"] = cli["journal"] or data_dir_journal(getattr(args, "data_dir", None))
     args.json = bool(getattr(args, "json", False))
     config = AuditConfig.load({**cli, "log_key": getattr(args, "log_key", None)})
