@@ -1,4 +1,4 @@
-"""The `edge-agent` command: keygen, enroll, run, status.
+"""The `edge-agent` command: keygen, enroll, run, status, doctor, renew.
 
 Why so few commands: a device operator makes a key, installs what the coordinator
 signed, and runs; `status` answers "is it working" from local files without the broker.
@@ -167,6 +167,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from security.doctor import report
+
+    from .doctor import run_checks
+
+    return report("edge-agent", run_checks(_config(args), warn_days=args.expiring, timeout=args.timeout), args.json)
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    from .identity import renew_csr, renew_install
+
+    cfg = _config(args)
+    if args.csr == (args.cert is not None):
+        raise AgentError("renew needs either --csr (write the request) or --cert FILE (install the new certificate)",
+                         exit_codes.USAGE)
+    if args.csr:
+        path = renew_csr(cfg)
+        print(f"csr: {path}\nnext: on the coordinator `edge-coordinator renew {cfg.agent_id} --csr agent.csr --out "
+              f"{cfg.agent_id}.pem`, then here `edge-agent renew --cert {cfg.agent_id}.pem`")
+        return 0
+    cert = renew_install(cfg, args.cert)
+    print(f"installed {cfg.cert_file} (serial {cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d})")
+    print("a running agent keeps its current certificate (still valid) until it restarts: "
+          "`systemctl restart edge-agent` when convenient (readings wait in the outbox)")
+    return 0
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -219,6 +246,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default), ERROR")
     _data_dir(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("doctor", help="preflight: key, certificate, CRL, broker over TLS, outbox, disk",
+                       description="Check everything `run` needs, one line each with OK/WARN/FAIL and the fix; "
+                                   "connects to the broker once with this device's certificate. "
+                                   "Exit 0 when nothing FAILs, 6 otherwise.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--expiring", type=int, default=14, metavar="DAYS",
+                   help="warn when the certificate expires within DAYS (default 14)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for the broker probe (default 5)")
+    _data_dir(p)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("renew", help="rotate this device's certificate: write a CSR, then install the new certificate",
+                       description="Step 1: `renew --csr` writes a CSR with this device's key for "
+                                   "`edge-coordinator renew ID --csr FILE`. Step 2: `renew --cert FILE` checks and "
+                                   "installs the new certificate atomically. A running agent keeps its current "
+                                   "(still valid) certificate until it restarts; readings wait in the outbox.")
+    p.add_argument("--csr", action="store_true", help="write the CSR (agent.csr) for the coordinator")
+    p.add_argument("--cert", type=Path, help="the renewed certificate to install (PEM)")
+    _data_dir(p)
+    p.set_defaults(func=cmd_renew)
 
     p = sub.add_parser("status", help="show local state (id, certificate, outbox) without the broker",
                        description="Print the agent's local state from its files; needs no broker.")
