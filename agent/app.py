@@ -204,6 +204,8 @@ def create_app(cfg: AgentConfig) -> Celery:
         _setup_signing(app, cfg)
     runtime = AgentRuntime(app, cfg)
     app.edge_runtime = runtime  # type: ignore[attr-defined]
+    # another device with this agent id taking the consuming session over (agent.takeover)
+    app.conf.broker_transport_options = {**(app.conf.broker_transport_options or {}), "on_takeover": runtime.takeover}
     register_tasks(app, runtime)
     app.steps["worker"].add(AgentStep)
     return app

@@ -123,6 +123,9 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
         box = Outbox(cfg.outbox_file, cfg.agent_id, cfg.outbox_max)
         try:
             out["outbox"] = box.stats()
+            from .takeover import takeover_state
+
+            out["takeover"] = takeover_state(box)
             stored = box.get_meta("interval")
             out["interval"] = float(stored) if stored else cfg.interval
         finally:
@@ -160,6 +163,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(f"REVOKED:      {st['revoked'].get('detail') or st['revoked'].get('reason')} (since {_fmt_time(st['revoked'].get('at'))})")
         print(f"              `run` refuses to start: {FIX}")
+    if st.get("takeover"):
+        from .takeover import FIX as TAKEOVER_FIX
+        from .takeover import cause
+
+        t = st["takeover"]
+        print(f"DUPLICATE ID: {cause(st['agent_id'])}: {t['count']} takeover(s), last {_fmt_time(t.get('last_at'))}")
+        print(f"              fix: {TAKEOVER_FIX}")
     print(f"interval:     {st['interval']}s")
     print(f"outbox:       {box['backlog']} waiting, {box.get('unconfirmed', 0)} sent awaiting a receipt, {box['sent']} sent, "
           f"{box['dropped']} dropped, next seq {box['next_seq']}")

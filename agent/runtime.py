@@ -29,6 +29,7 @@ from .forwarder import Backoff, Forwarder
 from .memory import trim
 from .outbox import Outbox, OutboxItem
 from .sensors import load_sensors
+from .takeover import TakeoverReporter, takeover_state
 
 log = logging.getLogger("edge.agent")
 
@@ -100,6 +101,8 @@ class AgentRuntime:
         self._revoked_lock = threading.Lock()
         self._watch: ConsumerRefusalWatch | None = None
         self.on_receipt: Any = None  # hook (bench): called with (receipt, rows deleted) after a receipt
+        #: the transport's on_takeover hook (agent.app): another device uses this agent id
+        self.takeover = TakeoverReporter(cfg.agent_id, self.outbox)
 
     def outbox(self) -> Outbox:
         """This thread's outbox connection (sqlite3 connections are per thread)."""
@@ -336,6 +339,10 @@ class AgentRuntime:
             "version": agent_version(),
             "sent_at": now,
         }
+        taken = takeover_state(outbox)
+        if taken:  # another device with this agent id (agent.takeover)
+            status["takeovers"] = int(taken.get("count") or 0)
+            status["takeover_last_at"] = taken.get("last_at")
         outbox.replace_task(HEARTBEAT_TASK, heartbeat_task_id(self.cfg.agent_id, now), {"status": status})
 
     def report_command(self, command: str, command_task_id: str, status: str, result: Any) -> None:

@@ -320,6 +320,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
     check_database(cfg.journal_path)  # a damaged journal: one line, not a traceback from the registry read
     views = list_agents(FleetStore(cfg), cfg.journal_path)
     _warn_expiring(views, args.expiring)
+    _warn_takeovers(views, cfg.stale_after)
     if args.json:
         emit_json([v.__dict__ for v in views])
         return 0
@@ -349,6 +350,19 @@ def _warn_expiring(views: list, days: int, now: float | None = None) -> None:
             print(f"warning: {v.agent_id}'s certificate expires in {left / 86400:.1f} day(s) ({_when(v.cert_not_after)} UTC): "
                   f"renew it (`edge-coordinator renew AGENT --csr FILE`, then `edge-agent renew --cert FILE` on the device)",
                   file=sys.stderr)
+
+
+def _warn_takeovers(views: list, recent: float, now: float | None = None) -> None:
+    """One stderr line per agent whose heartbeat reported losing its connection to another device with its id."""
+    import time
+
+    now = time.time() if now is None else now
+    for v in views:
+        last = getattr(v, "takeover_last_at", None)
+        if v.takeovers and last and now - last <= recent:
+            print(f"warning: {v.agent_id}: another device is connected with agent id {v.agent_id!r} ({v.takeovers} "
+                  f"takeover(s), last {_when(last)} UTC): find the second device, stop it or give it its own identity; "
+                  f"if the key was copied, `edge-coordinator revoke {v.agent_id}` and re-enroll", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

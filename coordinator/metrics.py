@@ -233,6 +233,9 @@ def agent_families(views: Iterable[object], issued: Iterable[object]) -> list[Me
     expiry = GaugeMetricFamily("edgeledger_agent_certificate_expiry_timestamp_seconds",
                                "Certificate not-after (unix time): source=issued is the latest certificate the fleet "
                                "CA issued, source=presented the one the agent last signed with", labels=["agent", "source"])
+    takeovers = CounterMetricFamily("edgeledger_agent_takeovers_total",
+                                    "Connections the agent reports it lost to another device using its agent id "
+                                    "(duplicate identity; from its heartbeat)", labels=["agent"])
     agents = GaugeMetricFamily("edgeledger_agents", "Agents by state", labels=["state"])
     by_state = dict.fromkeys(AGENT_STATES, 0)
     for v in views:
@@ -244,13 +247,14 @@ def agent_families(views: Iterable[object], issued: Iterable[object]) -> list[Me
             last_seen.add_metric([agent], float(v.last_seen))  # type: ignore[attr-defined]
         backlog.add_metric([agent], float(v.outbox_backlog or 0))  # type: ignore[attr-defined]
         readings.add_metric([agent], float(v.readings))  # type: ignore[attr-defined]
+        takeovers.add_metric([agent], float(getattr(v, "takeovers", None) or 0))
         if getattr(v, "presented_not_after", None) is not None:
             expiry.add_metric([agent, "presented"], float(v.presented_not_after))  # type: ignore[attr-defined]
     for cert in issued:
         expiry.add_metric([cert.name, "issued"], float(cert.not_after))  # type: ignore[attr-defined]
     for s, n in by_state.items():
         agents.add_metric([s], n)
-    return [agents, state, last_seen, backlog, readings, expiry]
+    return [agents, state, last_seen, backlog, readings, expiry, takeovers]
 
 
 def child_families(children: Iterable[tuple[str, bool]]) -> list[Metric]:

@@ -39,14 +39,17 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
                 "last_seq": int,
                 "dropped": int,
                 "unconfirmed": int,
+                "takeovers": int,
+                "takeover_last_at": float,
             },
             pk="agent_id",
         )
     else:
         columns = db[AGENTS].columns_dict
-        for name in ("dropped", "unconfirmed"):  # journals from before the heartbeat reported them
+        for name, typ in (("dropped", int), ("unconfirmed", int),  # journals from before the heartbeat reported them
+                          ("takeovers", int), ("takeover_last_at", float)):
             if name not in columns:
-                db[AGENTS].add_column(name, int)
+                db[AGENTS].add_column(name, typ)
 
 
 def touch(
@@ -82,6 +85,9 @@ def touch(
         for name in ("dropped", "unconfirmed"):  # completeness (ledger/completeness.py)
             if isinstance(heartbeat.get(name), int):
                 row[name] = int(heartbeat[name])
+        if isinstance(heartbeat.get("takeovers"), int):  # another device with this id (agent/takeover.py)
+            row["takeovers"] = int(heartbeat["takeovers"])
+            row["takeover_last_at"] = float(heartbeat.get("takeover_last_at") or 0.0) or None
         if heartbeat.get("interval") is not None:
             row["interval"] = float(heartbeat["interval"])
         if heartbeat.get("version") is not None:
@@ -102,6 +108,8 @@ class AgentView:
     gaps: int | None = None  # seqs missing from the journal (ledger/completeness.py)
     dropped: int | None = None  # readings the agent reports dropped at its outbox bound
     unconfirmed: int | None = None  # readings the agent still holds without a receipt
+    takeovers: int | None = None  # connections the agent lost to another device with its id (its heartbeat)
+    takeover_last_at: float | None = None
 
 
 def read_registry(journal_path: Path) -> dict[str, dict]:
@@ -161,6 +169,8 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float | None
                 gaps=complete[name].missing if name in complete else None,
                 dropped=row.get("dropped"),
                 unconfirmed=row.get("unconfirmed"),
+                takeovers=row.get("takeovers"),
+                takeover_last_at=row.get("takeover_last_at"),
             )
         )
     return views
