@@ -186,7 +186,8 @@ class FleetStore:
             until = dt.datetime.fromtimestamp(active[-1].not_after, dt.UTC)
             raise CoordinatorError(
                 f"{name!r} already has a valid certificate (serial {active[-1].serial:x}, until {until:%Y-%m-%d}): "
-                f"revoke it first (`edge-coordinator revoke {name}`), or pass --force to issue a second one", exit_codes.USAGE)
+                f"to rotate it use `edge-coordinator renew {name} --csr FILE`; for a new device revoke it first "
+                f"(`edge-coordinator revoke {name}`), or pass --force to issue a second one", exit_codes.USAGE)
         if self.is_revoked(name):
             raise CoordinatorError(f"{name!r} was revoked: pass --force to re-enroll it (a new certificate for the same id)",
                                    exit_codes.USAGE)

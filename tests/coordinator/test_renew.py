@@ -61,6 +61,7 @@ def test_renew_while_running_keeps_every_reading_and_switches_certificate(coordi
         csr = home / "agent.csr"
         refused = cli("enroll", str(csr), "--data-dir", str(coordinator.data_dir))
         assert refused.returncode == exit_codes.USAGE and "already has a valid certificate" in refused.stderr
+        assert "edge-coordinator renew rn-01 --csr FILE" in refused.stderr  # the legitimate path is named
 
         new_pem = tmp_path / "rn-01-new.pem"
         out = cli("renew", "rn-01", "--csr", str(csr), "--days", "400", "--out", str(new_pem),
