@@ -199,8 +199,8 @@ def cmd_renew(args: argparse.Namespace) -> int:
         return 0
     cert = renew_install(cfg, args.cert)
     print(f"installed {cfg.cert_file} (serial {cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d})")
-    print("a running agent keeps its current certificate (still valid) until it restarts: "
-          "`systemctl restart edge-agent` when convenient (readings wait in the outbox)")
+    print("a running agent keeps its current (still valid) certificate until told: "
+          "`systemctl reload edge-agent` (SIGHUP) makes it sign and connect with the new one, no restart")
     return 0
 
 
@@ -271,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("renew", help="rotate this device's certificate: write a CSR, then install the new certificate",
                        description="Step 1: `renew --csr` writes a CSR with this device's key for "
                                    "`edge-coordinator renew ID --csr FILE`. Step 2: `renew --cert FILE` checks and "
-                                   "installs the new certificate atomically. A running agent keeps its current "
-                                   "(still valid) certificate until it restarts; readings wait in the outbox.")
+                                   "installs the new certificate atomically. A running agent takes it up on SIGHUP "
+                                   "(`systemctl reload edge-agent`) without a restart, or at its next start.")
     p.add_argument("--csr", action="store_true", help="write the CSR (agent.csr) for the coordinator")
     p.add_argument("--cert", type=Path, help="the renewed certificate to install (PEM)")
     _data_dir(p)

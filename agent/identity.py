@@ -218,6 +218,24 @@ def renew_install(cfg: AgentConfig, cert_path: Path) -> x509.Certificate:
     return cert
 
 
+def reload_certificate(app, cfg: AgentConfig) -> x509.Certificate:
+    """Make a running agent sign with the certificate now installed (after `renew --cert`).
+
+    Why only the certificate: renewal keeps the key, so the signing identity needs only
+    its certificate text swapped; the TLS connections load the file again whenever they
+    are made anew. The installed file is checked like at enrolment first: this key, this
+    id, the installed CA, not expired (fails closed: the current certificate stays)."""
+    cert = _pki(pki.load_certificate, cfg.cert_file)
+    check_certificate(cfg, cert, _pki(pki.load_certificate, cfg.ca_file))
+    from security.celery_signing import signing_context
+    from security.envelope import certificate_pem
+
+    ctx = signing_context(app)
+    if ctx is not None:
+        ctx.identity.cert_pem = certificate_pem(cert)
+    return cert
+
+
 def crl_summary(cfg: AgentConfig) -> dict:
     """The installed CRL for `status`: fresh / stale / invalid, and its next update."""
     if not cfg.crl_file.exists():
