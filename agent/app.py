@@ -98,6 +98,19 @@ def wake_hub_on_shutdown(worker: Any) -> None:
     worker_shutting_down.connect(wake, weak=False)
 
 
+def take_certificate_on_hup(runtime: AgentRuntime) -> None:
+    """SIGHUP: take up a renewed certificate (`edge-agent renew --cert`) without a restart.
+
+    Replaces Celery's own SIGHUP handler (installed before the steps start), which would
+    re-exec the process: that breaks the one-file binary and is not needed for a new
+    certificate with the same key."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda *_: runtime.request_certificate_reload())
+
+
 class AgentStep(bootsteps.StartStopStep):
     """Starts the sampler/forwarder thread with the worker and stops it with the worker."""
 
@@ -106,6 +119,7 @@ class AgentStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         wake_hub_on_shutdown(worker)
         worker.app.edge_runtime.start()
+        take_certificate_on_hup(worker.app.edge_runtime)
 
     def stop(self, worker: Any) -> None:
         worker.app.edge_runtime.stop()
@@ -204,6 +218,8 @@ def create_app(cfg: AgentConfig) -> Celery:
         _setup_signing(app, cfg)
     runtime = AgentRuntime(app, cfg)
     app.edge_runtime = runtime  # type: ignore[attr-defined]
+    # another device with this agent id taking the consuming session over (agent.takeover)
+    app.conf.broker_transport_options = {**(app.conf.broker_transport_options or {}), "on_takeover": runtime.takeover}
     register_tasks(app, runtime)
     app.steps["worker"].add(AgentStep)
     return app

@@ -1,4 +1,4 @@
-"""The `edge-agent` command: keygen, enroll, run, status.
+"""The `edge-agent` command: keygen, enroll, run, status, doctor, renew.
 
 Why so few commands: a device operator makes a key, installs what the coordinator
 signed, and runs; `status` answers "is it working" from local files without the broker.
@@ -121,9 +121,11 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
         box = Outbox(cfg.outbox_file, cfg.agent_id, cfg.outbox_max)
         try:
             out["outbox"] = box.stats()
+            from .takeover import takeover_state
             from .witness import read_status
 
             out["witness"] = read_status(box.db, cfg.data_dir)
+            out["takeover"] = takeover_state(box)
             out["interval"] = cfg.interval_after_stored(box.get_meta("interval") or None)
         finally:
             box.close()
@@ -160,6 +162,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(f"REVOKED:      {st['revoked'].get('detail') or st['revoked'].get('reason')} (since {_fmt_time(st['revoked'].get('at'))})")
         print(f"              `run` refuses to start: {FIX}")
+    if st.get("takeover"):
+        from .takeover import FIX as TAKEOVER_FIX
+        from .takeover import cause
+
+        t = st["takeover"]
+        print(f"DUPLICATE ID: {cause(st['agent_id'])}: {t['count']} takeover(s), last {_fmt_time(t.get('last_at'))}")
+        print(f"              fix: {TAKEOVER_FIX}")
     print(f"interval:     {st['interval']}s")
     print(f"outbox:       {box['backlog']} waiting, {box.get('unconfirmed', 0)} sent awaiting a receipt, {box['sent']} sent, "
           f"{box['dropped']} dropped, next seq {box['next_seq']}")
@@ -175,6 +184,33 @@ def cmd_status(args: argparse.Namespace) -> int:
             alarm = witness["last_alarm"]
             print(f"WITNESS ALARM: {alarm['kind']} at {_fmt_time(alarm['at'])}: {alarm['detail']}")
             print(f"              {FIX.format(dir=cfg.data_dir / EVIDENCE_DIR)}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from security.doctor import report
+
+    from .doctor import run_checks
+
+    return report("edge-agent", run_checks(_config(args), warn_days=args.expiring, timeout=args.timeout), args.json)
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    from .identity import renew_csr, renew_install
+
+    cfg = _config(args)
+    if args.csr == (args.cert is not None):
+        raise AgentError("renew needs either --csr (write the request) or --cert FILE (install the new certificate)",
+                         exit_codes.USAGE)
+    if args.csr:
+        path = renew_csr(cfg)
+        print(f"csr: {path}\nnext: on the coordinator `edge-coordinator renew {cfg.agent_id} --csr agent.csr --out "
+              f"{cfg.agent_id}.pem`, then here `edge-agent renew --cert {cfg.agent_id}.pem`")
+        return 0
+    cert = renew_install(cfg, args.cert)
+    print(f"installed {cfg.cert_file} (serial {cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d})")
+    print("a running agent keeps its current (still valid) certificate until told: "
+          "`systemctl reload edge-agent` (SIGHUP) makes it sign and connect with the new one, no restart")
     return 0
 
 
@@ -230,6 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default), ERROR")
     _data_dir(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("doctor", help="preflight: key, certificate, CRL, broker over TLS, outbox, disk",
+                       description="Check everything `run` needs, one line each with OK/WARN/FAIL and the fix; "
+                                   "connects to the broker once with this device's certificate. "
+                                   "Exit 0 when nothing FAILs, 6 otherwise.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--expiring", type=int, default=14, metavar="DAYS",
+                   help="warn when the certificate expires within DAYS (default 14)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for the broker probe (default 5)")
+    _data_dir(p)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("renew", help="rotate this device's certificate: write a CSR, then install the new certificate",
+                       description="Step 1: `renew --csr` writes a CSR with this device's key for "
+                                   "`edge-coordinator renew ID --csr FILE`. Step 2: `renew --cert FILE` checks and "
+                                   "installs the new certificate atomically. A running agent takes it up on SIGHUP "
+                                   "(`systemctl reload edge-agent`) without a restart, or at its next start.")
+    p.add_argument("--csr", action="store_true", help="write the CSR (agent.csr) for the coordinator")
+    p.add_argument("--cert", type=Path, help="the renewed certificate to install (PEM)")
+    _data_dir(p)
+    p.set_defaults(func=cmd_renew)
 
     p = sub.add_parser("status", help="show local state (id, certificate, outbox) without the broker",
                        description="Print the agent's local state from its files; needs no broker.")

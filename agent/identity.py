@@ -185,6 +185,69 @@ def enroll(
     return cert
 
 
+def renew_csr(cfg: AgentConfig) -> Path:
+    """A fresh CSR for this device's existing key and id (renewal keeps the key)."""
+    cfg.require_identity()
+    key = _pki(pki.load_private_key, cfg.key_file)
+    pki.write_pem(_pki(pki.make_csr, key, cfg.agent_id), cfg.csr_file)
+    return cfg.csr_file
+
+
+def renew_install(cfg: AgentConfig, cert_path: Path) -> x509.Certificate:
+    """Check the renewed certificate (this key, this id, the installed CA, not revoked) and
+    replace the installed one atomically: a reader (a starting agent) sees the old file or
+    the new one, never half of either. The installed CA and CRL stay as they are."""
+    cfg.require_identity()
+    cert = _pki(pki.load_certificate, Path(cert_path))
+    ca = _pki(pki.load_certificate, cfg.ca_file)
+    check_certificate(cfg, cert, ca)
+    if cfg.crl_file.exists():
+        from security.crl import parse_crl
+
+        try:
+            revoked = parse_crl(cfg.crl_file.read_bytes()).get_revoked_certificate_by_serial_number(cert.serial_number)
+        except pki.PKIError:
+            revoked = None  # a damaged local CRL is `doctor`'s and the next push's business
+        if revoked is not None:
+            raise AgentError("the new certificate is revoked in the installed CRL: ask the coordinator for another one")
+    if cfg.cert_file.exists():
+        old = _pki(pki.load_certificate, cfg.cert_file)
+        if old.serial_number == cert.serial_number:
+            raise AgentError(f"{cert_path} is the certificate already installed: renew it on the coordinator first "
+                             f"(`edge-coordinator renew {cfg.agent_id} --csr agent.csr`)")
+    import os
+    import tempfile
+
+    from cryptography.hazmat.primitives import serialization
+
+    fd, tmp = tempfile.mkstemp(dir=cfg.cert_file.parent, prefix=f".{cfg.cert_file.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, cfg.cert_file)
+    return cert
+
+
+def reload_certificate(app, cfg: AgentConfig) -> x509.Certificate:
+    """Make a running agent sign with the certificate now installed (after `renew --cert`).
+
+    Why only the certificate: renewal keeps the key, so the signing identity needs only
+    its certificate text swapped; the TLS connections load the file again whenever they
+    are made anew. The installed file is checked like at enrolment first: this key, this
+    id, the installed CA, not expired (fails closed: the current certificate stays)."""
+    cert = _pki(pki.load_certificate, cfg.cert_file)
+    check_certificate(cfg, cert, _pki(pki.load_certificate, cfg.ca_file))
+    from security.celery_signing import signing_context
+    from security.envelope import certificate_pem
+
+    ctx = signing_context(app)
+    if ctx is not None:
+        ctx.identity.cert_pem = certificate_pem(cert)
+    return cert
+
+
 def crl_summary(cfg: AgentConfig) -> dict:
     """The installed CRL for `status`: fresh / stale / invalid, and its next update."""
     if not cfg.crl_file.exists():

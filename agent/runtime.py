@@ -31,6 +31,7 @@ from .forwarder import Backoff, Forwarder
 from .memory import trim
 from .outbox import Outbox, OutboxItem
 from .sensors import load_sensors
+from .takeover import TakeoverReporter, takeover_state
 
 log = logging.getLogger("edge.agent")
 
@@ -102,6 +103,9 @@ class AgentRuntime:
         self._revoked_lock = threading.Lock()
         self._watch: ConsumerRefusalWatch | None = None
         self.on_receipt: Any = None  # hook (bench): called with (receipt, rows deleted) after a receipt
+        self._certificate_reload = False  # set by SIGHUP (agent.app): take up a renewed certificate
+        #: the transport's on_takeover hook (agent.app): another device uses this agent id
+        self.takeover = TakeoverReporter(cfg.agent_id, self.outbox)
 
     def outbox(self) -> Outbox:
         """This thread's outbox connection (sqlite3 connections are per thread)."""
@@ -145,6 +149,8 @@ class AgentRuntime:
         A connection that sat idle may have been dropped by the broker (keepalive):
         a failure on a reused connection is retried once on a fresh one.
         """
+        if self._certificate_reload:
+            self._reload_certificate()
         for attempt in (0, 1):
             fresh = self._producer is None
             try:
@@ -301,6 +307,26 @@ class AgentRuntime:
                 self.forwarder.kick()
         return verdict
 
+    def request_certificate_reload(self) -> None:
+        """SIGHUP: only a flag here (signal context); the publishing thread does the work."""
+        self._certificate_reload = True
+
+    def _reload_certificate(self) -> None:
+        """Sign with the newly installed certificate and reconnect the publisher with it.
+
+        On any problem the current (still valid) certificate stays in use: one ERROR line."""
+        self._certificate_reload = False
+        from .identity import reload_certificate
+
+        try:
+            cert = reload_certificate(self.app, self.cfg)
+        except AgentError as exc:
+            log.error("SIGHUP: the installed certificate was not taken up (%s); still using the current one", exc)
+            return
+        self.reset_connection()  # the next connection presents the new certificate in its TLS handshake
+        log.warning("SIGHUP: now signing with certificate serial %x (valid until %s); the consuming connection "
+                    "presents it from its next reconnect", cert.serial_number, f"{cert.not_valid_after_utc:%Y-%m-%d}")
+
     def reset_connection(self) -> None:
         conn, self._conn, self._producer = self._conn, None, None
         if conn is not None:
@@ -375,6 +401,10 @@ class AgentRuntime:
             "version": agent_version(),
             "sent_at": now,
         }
+        taken = takeover_state(outbox)
+        if taken:  # another device with this agent id (agent.takeover)
+            status["takeovers"] = int(taken.get("count") or 0)
+            status["takeover_last_at"] = taken.get("last_at")
         outbox.replace_task(HEARTBEAT_TASK, heartbeat_task_id(self.cfg.agent_id, now), {"status": status})
 
     def report_command(self, command: str, command_task_id: str, status: str, result: Any) -> None:

@@ -1,4 +1,4 @@
-"""The `edge-coordinator` command: init, run, enroll, revoke, agents, send, result, demo.
+"""The `edge-coordinator` command: init, run, enroll, renew, revoke, agents, send, result, doctor, demo.
 
 Why: one entry point for the fleet operator. Every failure the operator can fix is a
 `CoordinatorError` printed as one line, with the exit code of its kind
@@ -129,6 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="seconds the agents run (default 20)")
     p.add_argument("--interval", type=float, default=0.5, help="agents' sampling interval in seconds (default 0.5)")
     p.add_argument("--keep", action="store_true", help="keep the demo data dir (printed at the end)")
+
+    p = sub.add_parser("doctor", help="preflight: PKI files and permissions, certificates, CRL, broker, chain, journal, disk",
+                       description="Check everything `run` needs, one line each with OK/WARN/FAIL and the fix. "
+                                   "Exit 0 when nothing FAILs, 6 otherwise.")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--expiring", type=int, default=14, metavar="DAYS",
+                   help="warn about certificates that expire within DAYS (default 14)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for each network probe (default 5)")
+
+    p = sub.add_parser("renew", help="issue a new certificate for an agent (from its CSR), the coordinator or the broker",
+                       description="Rotate a certificate without downtime: the old one is not revoked and stays "
+                                   "valid until it expires. NAME is an agent id (needs --csr), the coordinator's "
+                                   "identity, or `broker`; --self renews the coordinator's and the broker's.")
+    _common(p)
+    p.add_argument("name", nargs="?", metavar="NAME", help="agent id, the coordinator identity, or broker")
+    p.add_argument("--self", dest="self_", action="store_true", help="the coordinator's and the broker's certificates")
+    p.add_argument("--csr", type=Path, help="the agent's CSR (`edge-agent renew --csr` writes it)")
+    p.add_argument("--out", type=Path, help="agent certificate file (default stdout)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="broker only: a host name or address devices connect to (repeatable; kept on later renewals)")
 
     from .erase import add_parser as add_erase_parser
 
@@ -288,6 +310,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
     check_database(cfg.journal_path)  # a damaged journal: one line, not a traceback from the registry read
     views = list_agents(FleetStore(cfg), cfg.journal_path)
     _warn_expiring(views, args.expiring)
+    _warn_takeovers(views, cfg.stale_after)
     if args.json:
         emit_json([v.__dict__ for v in views])
         return 0
@@ -315,8 +338,21 @@ def _warn_expiring(views: list, days: int, now: float | None = None) -> None:
         left = v.cert_not_after - now
         if left <= days * 86400:
             print(f"warning: {v.agent_id}'s certificate expires in {left / 86400:.1f} day(s) ({_when(v.cert_not_after)} UTC): "
-                  f"issue a new one (`edge-coordinator enroll CSR --force`) and install it with `edge-agent enroll`",
+                  f"renew it (`edge-coordinator renew AGENT --csr FILE`, then `edge-agent renew --cert FILE` on the device)",
                   file=sys.stderr)
+
+
+def _warn_takeovers(views: list, recent: float, now: float | None = None) -> None:
+    """One stderr line per agent whose heartbeat reported losing its connection to another device with its id."""
+    import time
+
+    now = time.time() if now is None else now
+    for v in views:
+        last = getattr(v, "takeover_last_at", None)
+        if v.takeovers and last and now - last <= recent:
+            print(f"warning: {v.agent_id}: another device is connected with agent id {v.agent_id!r} ({v.takeovers} "
+                  f"takeover(s), last {_when(last)} UTC): find the second device, stop it or give it its own identity; "
+                  f"if the key was copied, `edge-coordinator revoke {v.agent_id}` and re-enroll", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -378,7 +414,67 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return erase(args, _config(args))
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from security.doctor import report
+
+    from .doctor import run_checks
+
+    cfg = _config(args)
+    findings = run_checks(cfg, daemon_running=daemon_pid(cfg) is not None, warn_days=args.expiring,
+                          timeout=args.timeout)
+    return report(PROG, findings, args.json)
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    from .fleet_pki import BROKER_IDENTITY, FleetStore
+
+    cfg = _config(args)
+    store = FleetStore(cfg)
+    own = [cfg.identity, BROKER_IDENTITY] if args.self_ else [args.name] if args.name in (cfg.identity, BROKER_IDENTITY) else []
+    if args.self_ and args.name:
+        raise CoordinatorError("give NAME or --self, not both", exit_codes.USAGE)
+    if own:
+        for name in own:
+            path = store.renew_own(name, hosts=tuple(args.host) if name == BROKER_IDENTITY else (), days=args.days)
+            print(f"renewed {name}: {path} (same key; the old certificate stays valid until it expires)")
+        _apply_own_renewal(cfg, own)
+        return 0
+    if not args.name:
+        raise CoordinatorError("renew what? give an agent id with --csr FILE, `coordinator`, `broker` or --self",
+                               exit_codes.USAGE)
+    if args.csr is None:
+        raise CoordinatorError(f"renewing agent {args.name!r} needs its CSR: `edge-agent renew --csr` on the device "
+                               f"writes one, then `edge-coordinator renew {args.name} --csr FILE`", exit_codes.USAGE)
+    try:
+        csr = args.csr.read_bytes()
+    except OSError as exc:
+        raise CoordinatorError(f"cannot read CSR {args.csr}: {exc.strerror}") from None
+    cert = store.renew_agent(args.name, csr, days=args.days)
+    if args.out:
+        args.out.write_bytes(cert)
+        print(f"certificate written to {args.out}; next, on the device: edge-agent renew --cert FILE", file=sys.stderr)
+    else:
+        sys.stdout.write(cert.decode())
+    return 0
+
+
+def _apply_own_renewal(cfg: CoordinatorConfig, names: list[str]) -> None:
+    """The broker re-reads its certificate on SIGHUP; the daemon uses its new one from its next start."""
+    from .broker import running_broker_pid
+    from .fleet_pki import BROKER_IDENTITY
+
+    if BROKER_IDENTITY in names and cfg.managed_broker:
+        pid = running_broker_pid(cfg)
+        if pid:
+            os.kill(pid, signal.SIGHUP)
+            print(f"told the broker (pid {pid}) to reload its certificate (new TLS connections use it)")
+    if cfg.identity in names and daemon_pid(cfg):
+        print("the running coordinator keeps its current (still valid) certificate until its next restart")
+
+
 COMMANDS = {
+    "doctor": cmd_doctor,
+    "renew": cmd_renew,
     "erase": cmd_erase,
     "init": cmd_init,
     "run": cmd_run,

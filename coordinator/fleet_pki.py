@@ -41,6 +41,18 @@ BROKER_HOSTS = ("127.0.0.1", "localhost")
 RESERVED_NAMES = ("coordinator", BROKER_IDENTITY)
 
 
+def broker_hosts(cert_path: Path) -> tuple[str, ...]:
+    """The host names and addresses in a broker certificate's subjectAltName (not its CN)."""
+    try:
+        cert = load_certificate(cert_path)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (PKIError, x509.ExtensionNotFound):
+        return ()
+    names = [str(v) for v in san.get_values_for_type(x509.DNSName) if v != BROKER_IDENTITY]
+    names += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+    return tuple(names)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Readers (Mosquitto on SIGHUP, the verifier) never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +187,8 @@ class FleetStore:
             until = dt.datetime.fromtimestamp(active[-1].not_after, dt.UTC)
             raise CoordinatorError(
                 f"{name!r} already has a valid certificate (serial {active[-1].serial:x}, until {until:%Y-%m-%d}): "
-                f"revoke it first (`edge-coordinator revoke {name}`), or pass --force to issue a second one", exit_codes.USAGE)
+                f"to rotate it use `edge-coordinator renew {name} --csr FILE`; for a new device revoke it first "
+                f"(`edge-coordinator revoke {name}`), or pass --force to issue a second one", exit_codes.USAGE)
         if self.is_revoked(name):
             raise CoordinatorError(f"{name!r} was revoked: pass --force to re-enroll it (a new certificate for the same id)",
                                    exit_codes.USAGE)
@@ -197,6 +210,74 @@ class FleetStore:
         write_pem(cert, target)
         self._remember(target)
         return target.read_bytes()
+
+    # -- renew: a new certificate for an id that already has one --
+    def renew_agent(self, name: str, csr_pem: bytes, days: int = 365) -> bytes:
+        """Issue a new certificate for an enrolled, unrevoked agent from its CSR.
+
+        Why a separate path from enroll: a second valid certificate for an active id is
+        exactly what enroll refuses without --force (two devices, one identity); renewal
+        is the legitimate case, so it is allowed here, but only for an id this CA issued
+        to and did not revoke, and only for a CSR that names that id. The old certificate
+        is not revoked: the running agent keeps using it until it restarts with the new one
+        (no downtime), and it simply expires."""
+        try:
+            csr = load_csr(csr_pem)
+            cn = common_name(csr)
+        except PKIError as exc:
+            raise CoordinatorError(str(exc)) from None
+        if cn != name:
+            raise CoordinatorError(f"the CSR is for {cn!r}, not {name!r}: renew with the CSR of {name!r} "
+                                   "(`edge-agent renew --csr` on that device)", exit_codes.USAGE)
+        self._refuse_reserved(name)
+        if days <= 0:
+            raise CoordinatorError(f"--days {days}: a certificate must be valid for at least 1 day", exit_codes.USAGE)
+        if not any(c.name == name for c in self.issued()):
+            raise CoordinatorError(f"{name!r} was never enrolled: enroll it first (`edge-coordinator enroll CSR`)",
+                                   exit_codes.USAGE)
+        if self.is_revoked(name):
+            raise CoordinatorError(f"{name!r} is revoked: renewal would undo that; re-enroll it deliberately with "
+                                   "`edge-coordinator enroll CSR --force`", exit_codes.USAGE)
+        try:
+            cert = self.ca().issue(csr, client=True, days=days)
+        except PKIError as exc:
+            raise CoordinatorError(str(exc)) from None
+        target = self.dir / "issued" / f"{name}-{cert.serial_number:x}.pem"
+        write_pem(cert, target)
+        self._remember(target)
+        return target.read_bytes()
+
+    def renew_own(self, which: str, hosts: tuple[str, ...] = (), days: int = 365) -> Path:
+        """Re-issue the coordinator's (`which` = its identity) or the broker's certificate with
+        its existing key, written atomically over the old one.
+
+        Same key: a running daemon or Mosquitto keeps a key that matches the new file, so
+        nothing breaks between the write and the next (re)start. The broker keeps the host
+        names of its current certificate plus `hosts` (the names devices connect to)."""
+        from cryptography.hazmat.primitives import serialization
+
+        from security.pki import load_private_key, make_csr
+
+        if days <= 0:
+            raise CoordinatorError(f"--days {days}: a certificate must be valid for at least 1 day", exit_codes.USAGE)
+        broker = which == BROKER_IDENTITY
+        cert_path = self.broker_cert if broker else self.cfg.cert_path
+        key_path = self.broker_key if broker else self.cfg.key_path
+        if hosts and not broker:
+            raise CoordinatorError("--host is for the broker's certificate: `edge-coordinator renew broker --host NAME`",
+                                   exit_codes.USAGE)
+        try:
+            key = load_private_key(key_path)
+        except PKIError as exc:
+            raise CoordinatorError(f"{exc}: `edge-coordinator init --repair` makes a new key and certificate") from None
+        names = tuple(dict.fromkeys((*broker_hosts(cert_path), *BROKER_HOSTS, *hosts))) if broker else ()
+        try:
+            cert = self.ca().issue(make_csr(key, which), client=not broker, server=broker, hosts=names, days=days)
+        except PKIError as exc:
+            raise CoordinatorError(str(exc)) from None
+        _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        self._remember(cert_path)
+        return cert_path
 
     def _refuse_reserved(self, name: str) -> None:
         if name in (self.cfg.identity, *RESERVED_NAMES):

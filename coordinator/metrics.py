@@ -237,6 +237,9 @@ def agent_families(views: Iterable[object], issued: Iterable[object]) -> list[Me
     alarms = CounterMetricFamily("edgeledger_witness_alarms", "Witness alarms the agent reported in its last heartbeat: "
                                  "inconsistent log checkpoints or confirmed readings not provably in the log",
                                  labels=["agent"])
+    takeovers = CounterMetricFamily("edgeledger_agent_takeovers_total",
+                                    "Connections the agent reports it lost to another device using its agent id "
+                                    "(duplicate identity; from its heartbeat)", labels=["agent"])
     agents = GaugeMetricFamily("edgeledger_agents", "Agents by state", labels=["state"])
     by_state = dict.fromkeys(AGENT_STATES, 0)
     for v in views:
@@ -249,13 +252,14 @@ def agent_families(views: Iterable[object], issued: Iterable[object]) -> list[Me
         backlog.add_metric([agent], float(v.outbox_backlog or 0))  # type: ignore[attr-defined]
         readings.add_metric([agent], float(v.readings))  # type: ignore[attr-defined]
         alarms.add_metric([agent], float(getattr(v, "witness_alarms", None) or 0))
+        takeovers.add_metric([agent], float(getattr(v, "takeovers", None) or 0))
         if getattr(v, "presented_not_after", None) is not None:
             expiry.add_metric([agent, "presented"], float(v.presented_not_after))  # type: ignore[attr-defined]
     for cert in issued:
         expiry.add_metric([cert.name, "issued"], float(cert.not_after))  # type: ignore[attr-defined]
     for s, n in by_state.items():
         agents.add_metric([s], n)
-    return [agents, state, last_seen, backlog, readings, alarms, expiry]
+    return [agents, state, last_seen, backlog, readings, alarms, expiry, takeovers]
 
 
 def child_families(children: Iterable[tuple[str, bool]]) -> list[Metric]:

@@ -40,14 +40,17 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
                 "dropped": int,
                 "unconfirmed": int,
                 "witness_alarms": int,
+                "takeovers": int,
+                "takeover_last_at": float,
             },
             pk="agent_id",
         )
     else:
         columns = db[AGENTS].columns_dict
-        for name in ("dropped", "unconfirmed", "witness_alarms"):  # journals from before the heartbeat reported them
+        for name, typ in (("dropped", int), ("unconfirmed", int),  # journals from before the heartbeat reported them
+                          ("witness_alarms", int), ("takeovers", int), ("takeover_last_at", float)):
             if name not in columns:
-                db[AGENTS].add_column(name, int)
+                db[AGENTS].add_column(name, typ)
 
 
 def touch(
@@ -84,6 +87,9 @@ def touch(
         for name in ("dropped", "unconfirmed", "witness_alarms"):
             if isinstance(heartbeat.get(name), int):
                 row[name] = int(heartbeat[name])
+        if isinstance(heartbeat.get("takeovers"), int):  # another device with this id (agent/takeover.py)
+            row["takeovers"] = int(heartbeat["takeovers"])
+            row["takeover_last_at"] = float(heartbeat.get("takeover_last_at") or 0.0) or None
         if heartbeat.get("interval") is not None:
             row["interval"] = float(heartbeat["interval"])
         if heartbeat.get("version") is not None:
@@ -105,6 +111,8 @@ class AgentView:
     dropped: int | None = None  # readings the agent reports dropped at its outbox bound
     unconfirmed: int | None = None  # readings the agent still holds without a receipt
     witness_alarms: int | None = None  # inconsistent checkpoints / unprovable readings the agent saw, ever
+    takeovers: int | None = None  # connections the agent lost to another device with its id (its heartbeat)
+    takeover_last_at: float | None = None
 
 
 def read_registry(journal_path: Path) -> dict[str, dict]:
@@ -165,6 +173,8 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float | None
                 dropped=row.get("dropped"),
                 unconfirmed=row.get("unconfirmed"),
                 witness_alarms=row.get("witness_alarms"),
+                takeovers=row.get("takeovers"),
+                takeover_last_at=row.get("takeover_last_at"),
             )
         )
     return views

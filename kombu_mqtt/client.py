@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .errors import MqttConnectionError, PublishRejectedError, SubscribeRejectedError
+from .takeover import TakeoverWatch, watch_for
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,10 @@ class MqttSession:
         self._on_message = on_message
         #: called with (session_present) after every successful (re)connect
         self.on_connected: Callable[[bool], None] | None = None
+        #: fixed-id connections only: called with (client_id, suspected losses, pause seconds)
+        #: when connections keep dying right after CONNACK (another client with this id; see .takeover)
+        self.on_takeover: Callable[[str, int, float], None] | None = None
+        self._watch: TakeoverWatch | None = None
         self.client_id = ""
         self.clean_start = True
         self.session_expiry = 0
@@ -146,7 +151,9 @@ class MqttSession:
             self.clean_start = clean_start
             self.session_expiry = session_expiry
             self.receive_maximum = receive_maximum
+            self._watch = watch_for(client_id) if self.on_takeover is not None else None
             self._drop_socket()
+            self._pause_if_taken_over()
             self._connect_with_retry()
 
     def ensure_connected(self, probe_interval: float = 0.0) -> None:
@@ -174,8 +181,30 @@ class MqttSession:
                     return
                 except (MqttConnectionError, OSError, ValueError):
                     logger.warning("MQTT connection %s to %s:%s lost; reconnecting", self.client_id, self.endpoint.host, self.endpoint.port)
+                    self._note_lost()
             self._drop_socket()
+            self._pause_if_taken_over()
             self._connect_with_retry()
+
+    def _note_lost(self) -> None:
+        """The broker side closed this connection (fixed-id sessions: feed the takeover watch)."""
+        if self._watch is not None:
+            self._watch.lost()
+
+    def _pause_if_taken_over(self) -> None:
+        """Wait before reconnecting while the takeover pattern holds (the storm stops)."""
+        watch = self._watch
+        if watch is None or self.on_takeover is None:
+            return
+        pause = watch.take_pause()
+        if pause <= 0:
+            return
+        logger.debug("MQTT %s taken over again (%d); pausing %.0fs", self.client_id, watch.suspected, pause)
+        try:
+            self.on_takeover(self.client_id, watch.suspected, pause)
+        except Exception:
+            logger.exception("on_takeover hook failed")
+        time.sleep(pause)
 
     @property
     def connected(self) -> bool:
@@ -268,6 +297,8 @@ class MqttSession:
             err.fatal = reason in _FATAL_CONNACK
             raise err
         logger.debug("MQTT %s connected to %s (session_present=%s)", self.client_id, where, session_present)
+        if self._watch is not None:
+            self._watch.connected()
         if self.on_connected is not None:
             self.on_connected(session_present)
 
@@ -351,6 +382,7 @@ class MqttSession:
                 rc = client.loop_read()
                 sock = client.socket()
                 if rc != paho.MQTT_ERR_SUCCESS or sock is None:
+                    self._note_lost()
                     raise MqttConnectionError(f"MQTT connection {self.client_id} lost ({paho.error_string(rc)})")
                 if tls_buffered(sock):
                     more = True

@@ -46,6 +46,11 @@ set of knobs is visible in one place:
     earliest. A handler may see one message more than once; it should be idempotent.
     Without a handler the transport logs a warning, counts the refusal per reason
     (``Transport.dead_letter_counts``) and acks: the message is gone.
+``on_takeover`` (callable, default none)
+    The durable session's fixed client id is being taken over: its connections keep
+    closing right after CONNACK (another client uses the same id; kombu_mqtt.takeover).
+    Called with ``(client_id, suspected_losses, pause_seconds)``; the session logs one
+    ERROR and pauses (growing up to 60 s) before each reconnect while the pattern holds.
 ``dead_letter_retry`` / ``dead_letter_retry_max`` (float seconds, default 1 / 60)
     Backoff between calls of a failing ``dead_letter_handler`` for one message.
 ``deadletter_keep`` (int, default 100)
@@ -86,6 +91,7 @@ class TransportOptions:
     dead_letter_handler: Any = None  # callable | "module:function" | None (resolved by the transport)
     dead_letter_retry: float = 1.0
     dead_letter_retry_max: float = 60.0
+    on_takeover: Any = None  # callable(client_id, suspected, pause) | None: the durable session was taken over
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any] | None) -> TransportOptions:
@@ -96,6 +102,11 @@ class TransportOptions:
             if spec.name not in raw or raw[spec.name] is None:
                 continue
             value = raw[spec.name]
+            if spec.name == "on_takeover":
+                if not callable(value):
+                    raise ValueError("broker_transport_options['on_takeover'] must be a callable")
+                values[spec.name] = value
+                continue
             if spec.name == "dead_letter_handler":
                 if not (callable(value) or isinstance(value, str)):
                     raise ValueError(

@@ -50,6 +50,7 @@ from .deadletter import NOT_KOMBU_MESSAGE, STALE_SUBSCRIPTION, DeadLetterBox, re
 from .errors import MqttConnectionError, NoSubscribersError, PublishRejectedError, SubscribeRejectedError
 from .hub import HubBinding
 from .options import TransportOptions
+from .takeover import PAUSE_MIN
 
 logger = logging.getLogger(__name__)
 
@@ -395,6 +396,8 @@ class Transport(virtual.Transport):
         )
         state = holder["state"] = SessionState(session=session, durable=durable)
         session.on_connected = lambda present: self._on_session_connected(state, present)
+        if durable:  # the only connection with a fixed client id: the only one another client can take over
+            session.on_takeover = opts.on_takeover or _log_only
         return state
 
     def establish_connection(self) -> Transport:
@@ -900,6 +903,14 @@ class Transport(virtual.Transport):
         """Blocking mode: reconnect with backoff (re-subscribes), or raise."""
         logger.warning("MQTT connection %s lost; reconnecting", session.client_id)
         session.ensure_connected()
+
+def _log_only(client_id: str, suspected: int, pause: float) -> None:
+    """Default on_takeover: one ERROR at the start of each takeover episode (the pause is the session's)."""
+    if pause <= PAUSE_MIN:
+        logger.error("MQTT client id %s keeps being taken over right after connecting (%d times): another client "
+                     "connects with the same client id; give each client its own id. Pausing %.0fs between "
+                     "reconnects meanwhile", client_id, suspected, pause)
+
 
 class TLSTransport(Transport):
     """kombu transport for `mqtts://host:8883` (TLS always on; client cert via broker_use_ssl)."""

@@ -13,6 +13,7 @@ USAGE = 2  # bad command line or arguments (nothing was done or sent)
 TASK_FAILED = 3  # the command reached the agent and FAILED there
 TIMEOUT = 4  # no result in time: the command stays queued; `edge-coordinator result ID` later
 NOT_DELIVERED = 5  # not delivered: broker unreachable, agent not enrolled, not connected or revoked
+PREFLIGHT_FAILED = 6  # `doctor`: at least one check FAILed (each printed with its fix)
 DATA_CORRUPT = 65  # a SQLite file (journal, outbox) is corrupt: recover or restore it, do not restart
 REVOKED = 78  # this agent's certificate is revoked: it refuses to run until re-enrolled
 INTERRUPTED = 130  # SIGINT / Ctrl-C
@@ -25,6 +26,7 @@ TABLE = (
     (TASK_FAILED, "the command ran on the agent and failed"),
     (TIMEOUT, "no result in time; the command stays queued (`edge-coordinator result ID`)"),
     (NOT_DELIVERED, "not delivered: broker unreachable, agent not enrolled, not connected or revoked"),
+    (PREFLIGHT_FAILED, "`doctor` found at least one FAIL (each line names its fix)"),
     (DATA_CORRUPT, "a SQLite file is corrupt: `sqlite3 FILE .recover` or restore a backup"),
     (REVOKED, "this agent is revoked: re-enroll it"),
     (INTERRUPTED, "interrupted"),

@@ -25,7 +25,7 @@ def run_cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", ["", "init", "run", "enroll", "revoke", "agents", "send", "result", "demo"])
+@pytest.mark.parametrize("command", ["", "init", "run", "enroll", "revoke", "agents", "send", "result", "demo", "doctor", "renew"])
 def test_help_everywhere(command: str) -> None:
     argv = [command, "--help"] if command else ["--help"]
     proc = run_cli(*argv)
