@@ -58,7 +58,7 @@ class AgentConfig:
     publish_timeout: float = 10.0  # seconds to wait for a PUBACK
     rate_limits: dict[str, str] = field(default_factory=lambda: {"edge.agent.sample_now": "30/m"})
     remote_control: bool = False  # pidbox (celery inspect/control); the fleet broker ACL denies it to agents
-    signing: bool = True  # sign tasks and results (security.celery_signing)
+    signing: bool = True  # sign tasks and results (security.signing_setup)
     # Certificate CNs allowed to send commands (the coordinator's identity); [] = any fleet certificate.
     command_signers: list[str] = field(default_factory=lambda: ["coordinator"])
     log_level: str = "WARNING"

@@ -24,8 +24,9 @@ import sqlite_utils
 
 from ledger.journal import Journal
 from ledger.record import ExecutionRecord
+from security.app_signing import ensure_bound
 from security.contract import COMMAND_RESULT_TASK, HEARTBEAT_TASK, INGEST_TASK
-from security.signing import IdentityMismatch, ensure_bound
+from security.signing import IdentityMismatch
 
 from . import commands, registry
 from .metrics import Metrics

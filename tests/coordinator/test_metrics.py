@@ -224,7 +224,7 @@ def test_anchoring_check_fails_over_the_threshold_and_report_is_503(tmp_path: Pa
 
 
 def test_the_agent_never_imports_prometheus_client() -> None:
-    code = ("import sys, agent.cli, agent.app, agent.runtime, security.celery_signing; "
+    code = ("import sys, agent.cli, agent.app, agent.runtime, security.signing_setup; "
             "print('prometheus_client' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
