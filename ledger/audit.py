@@ -48,13 +48,16 @@ class SignatureVerifier(Protocol):
     def __call__(self, envelope: bytes, certificate_pem: str) -> None: ...
 
 
-def default_verifier() -> SignatureVerifier | None:
-    """security.envelope.verify_envelope_signature if installed, else None ("not checked")."""
-    try:
-        from security.envelope import verify_envelope_signature
-    except ImportError:
-        return None
-    return verify_envelope_signature
+def default_verifier() -> SignatureVerifier:
+    """security.envelope.verify_envelope_signature, reusing parsed certificates for one audit run."""
+    from security.envelope import CertificateCache, verify_envelope_signature
+
+    certificates = CertificateCache()
+
+    def verify(envelope: bytes, certificate_pem: str) -> None:
+        verify_envelope_signature(envelope, certificate_pem, cache=certificates)
+
+    return verify
 
 
 class AuditError(RuntimeError):

@@ -20,7 +20,7 @@ from kombu.utils import json as kjson
 
 from . import metrics
 from .codec import VerifiedMessage, parse_eta
-from .envelope import check_signature, load_envelope_certificate, parse_envelope
+from .envelope import CertificateCache, check_signature, load_envelope_certificate, parse_envelope
 from .quarantine import Quarantine
 from .replay import check_fresh
 from .signing import SignatureRefused, SignerInfo
@@ -48,6 +48,7 @@ class Verifier:
         self.max_age = config.max_age_seconds
         self._cache: OrderedDict[str, tuple[float, int, VerifiedMessage]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self.certificates = CertificateCache()
 
     def verify(self, data: bytes | str) -> VerifiedMessage:
         """Full check (crypto once per distinct message; repeats hit a short-lived cache)."""
@@ -61,7 +62,7 @@ class Verifier:
             check_fresh(hit[2].sent_at, self.max_age, now, hit[2].eta)
             return hit[2]
         env = parse_envelope(raw, self.max_bytes)
-        cert = load_envelope_certificate(env.certificate_pem)
+        cert = load_envelope_certificate(env.certificate_pem, cache=self.certificates)
         trusted = self.trust.validate(cert, cache_key=env.certificate_pem)  # canonical PEM (strict parse)
         check_signature(env, cert)
         try:
@@ -92,7 +93,7 @@ class Verifier:
         if signer is None:
             return SignatureRefused("unsigned", "request carries no verified signer")
         try:
-            cert = load_envelope_certificate(signer.certificate_pem, strict=False)
+            cert = load_envelope_certificate(signer.certificate_pem, strict=False, cache=self.certificates)
             self.trust.validate(cert, cache_key=signer.certificate_pem)
         except SignatureRefused as exc:
             return exc
