@@ -2,7 +2,8 @@
 
 Why SQLite in WAL with synchronous=FULL: a record the coordinator acked must survive a
 power cut; the chain is only a public commitment to what the journal already holds.
-Rows carry their anchoring state: `pending` -> `sent` (tx hash) -> `confirmed` (block).
+Rows carry their anchoring state: `pending` until an anchored checkpoint covers them,
+then `confirmed` (block); anchoring is per checkpoint, never per record.
 
 Exactly-once: `task_id` is unique; appending a task_id that is already journaled is a
 no-op returning False (first write wins), so a redelivered task is journaled once.
@@ -325,15 +326,9 @@ class Journal:
         """Every row as a tuple of AUDIT_COLUMNS, in id order: the audit's hot path (no dicts)."""
         return self._conn().execute(f"SELECT {', '.join(AUDIT_COLUMNS)} FROM executions ORDER BY id")
 
-    def pending(self, limit: int) -> list[dict[str, Any]]:
-        return list(self.rows("anchor_state = ?", (PENDING,), limit=limit))
-
     def counts(self) -> dict[str, int]:
         """Execution rows by anchoring state."""
         return self._state_counts("executions")
-
-    def max_confirmed_block(self) -> tuple[int, str] | None:
-        return self._newest_confirmed_block("executions")
 
     # Rows and checkpoints carry the same anchoring columns: one query each for both tables.
     def _state_counts(self, table: str) -> dict[str, int]:
@@ -348,36 +343,6 @@ class Journal:
             "ORDER BY block_number DESC LIMIT 1", (CONFIRMED,))
         found = cur.fetchone()
         return (int(found[0]), found[1]) if found else None
-
-    # -- anchoring state (the chain writer's) -----------------------------------------
-    def mark_sent(self, task_ids: list[str], tx_hash: str, chain_id: int, contract: str) -> None:
-        with self.transaction() as db:
-            db.conn.executemany(
-                "UPDATE executions SET anchor_state = ?, tx_hash = ?, chain_id = ?, contract = ?, "
-                "block_number = NULL, block_hash = NULL WHERE task_id = ?",
-                [(SENT, tx_hash, chain_id, contract, t) for t in task_ids])
-
-    def mark_confirmed(self, task_ids: list[str], block_number: int, block_hash: str,
-                       tx_hash: str | None = None) -> None:
-        self.mark_confirmed_many([(task_ids, block_number, block_hash, tx_hash)])
-
-    def mark_confirmed_many(self, groups: list[tuple[list[str], int, str, str | None]]) -> None:
-        """Several (task_ids, block_number, block_hash, tx_hash) confirmations in one commit."""
-        if not groups:
-            return
-        now = time.time()
-        with self.transaction() as db:
-            for task_ids, block_number, block_hash, tx_hash in groups:
-                db.conn.executemany(
-                    "UPDATE executions SET anchor_state = ?, block_number = ?, block_hash = ?, "
-                    "tx_hash = COALESCE(?, tx_hash), anchored_at = ? WHERE task_id = ?",
-                    [(CONFIRMED, block_number, block_hash, tx_hash, now, t) for t in task_ids])
-
-    def mark_pending(self, task_ids: list[str]) -> None:
-        with self.transaction() as db:
-            db.conn.executemany(
-                "UPDATE executions SET anchor_state = ?, tx_hash = NULL, block_number = NULL, "
-                "block_hash = NULL, anchored_at = NULL WHERE task_id = ?", [(PENDING, t) for t in task_ids])
 
     # -- the transparency log: tree size, checkpoints and their anchoring --------------------
     def tree_size(self) -> int:
