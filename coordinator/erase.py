@@ -49,13 +49,10 @@ def erase(journal_path: Path, agent: str, before: float | None) -> dict[str, int
 
     journal = Journal(journal_path)
     try:
-        conn = journal.db.conn
-        conn.execute("PRAGMA secure_delete = ON")
-        with journal.transaction() as db:
+        with journal.secure_delete(), journal.transaction() as db:
             ensure_schema(db)
             readings, results = erase_payloads(db, agent, before)
             records = journal.erase_records(db, agent, before)
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"records": len(records), "readings": readings, "command_results": results}
     finally:
         journal.close()

@@ -466,6 +466,15 @@ class Journal:
         conn.executemany("DELETE FROM record_salt WHERE task_id = ?", [(t,) for t in ids])
         return ids
 
+    @contextmanager
+    def secure_delete(self) -> Iterator[None]:
+        """Erased content is overwritten in the file (secure_delete) and, on leaving, flushed out
+        of the WAL into the main file (wal_checkpoint TRUNCATE), so no old page keeps it."""
+        conn = self._conn()
+        conn.execute("PRAGMA secure_delete = ON")
+        yield
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def salt(self, task_id: str) -> bytes | None:
         found = self._conn().execute("SELECT salt FROM record_salt WHERE task_id = ?", (task_id,)).fetchone()
         return bytes(found[0]) if found else None
