@@ -42,11 +42,12 @@ def _load_transport() -> None:
 
 def _setup_signing(app: Celery, cfg: AgentConfig) -> None:
     try:
-        from security.celery_signing import SigningConfig, setup_signing
         from security.pki import PKIError
         from security.signing import SigningError
+        from security.signing_config import SigningConfig
+        from security.signing_setup import setup_signing
     except ImportError as exc:
-        raise AgentError(f"signing is on but security.celery_signing is unavailable ({exc}): set signing = false or reinstall") from exc
+        raise AgentError(f"signing is on but security.signing_setup is unavailable ({exc}): set signing = false or reinstall") from exc
     try:
         _call_setup(setup_signing, SigningConfig, app, cfg)
     except (SigningError, PKIError) as exc:

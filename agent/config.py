@@ -69,7 +69,7 @@ class AgentConfig:
     rate_limits: dict[str, str] = setting(default_factory=lambda: {"edge.agent.sample_now": "30/m"},
                                           help="Celery rate limit per command task")
     remote_control: bool = setting(False, help="Celery pidbox (inspect/control); the fleet broker ACL denies it to agents")
-    signing: bool = setting(True, help="sign tasks and results (security.celery_signing)")
+    signing: bool = setting(True, help="sign tasks and results (security.signing_setup)")
     # Certificate CNs allowed to send commands (the coordinator's identity); [] = any fleet certificate.
     command_signers: list[str] = setting(default_factory=lambda: ["coordinator"],
                                          help="certificate CNs allowed to send commands; [] = any fleet certificate")

@@ -239,7 +239,7 @@ def reload_certificate(app, cfg: AgentConfig) -> x509.Certificate:
     id, the installed CA, not expired (fails closed: the current certificate stays)."""
     cert = _pki(pki.load_certificate, cfg.cert_file)
     check_certificate(cfg, cert, _pki(pki.load_certificate, cfg.ca_file))
-    from security.celery_signing import signing_context
+    from security.app_signing import signing_context
     from security.envelope import certificate_pem
 
     ctx = signing_context(app)

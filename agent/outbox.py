@@ -99,6 +99,9 @@ class Outbox:
     def set_meta(self, key: str, value: Any) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
 
+    def delete_meta(self, key: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def _bump(self, key: str, by: int = 1) -> None:
         self.db.execute(
             "INSERT INTO meta(key, value) VALUES (?, ?) "

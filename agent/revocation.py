@@ -69,7 +69,7 @@ def clear_revoked(cfg: AgentConfig) -> None:
         return
     box = _outbox(cfg)
     try:
-        box.db.execute("DELETE FROM meta WHERE key = ?", (META_KEY,))
+        box.delete_meta(META_KEY)
     finally:
         box.close()
 

@@ -237,9 +237,9 @@ LAYERS = [
     ("+ kombu + paho-mqtt", "import kombu, paho.mqtt.client"),
     ("+ celery worker stack", "import kombu, paho.mqtt.client, celery.worker, celery.apps.worker, celery.backends.rpc"),
     ("+ cryptography + security", "import kombu, paho.mqtt.client, celery.worker, celery.apps.worker, "
-                                  "celery.backends.rpc, security.celery_signing"),
+                                  "celery.backends.rpc, security.signing_setup"),
     ("+ agent + kombu_mqtt", "import kombu, paho.mqtt.client, celery.worker, celery.apps.worker, "
-                             "celery.backends.rpc, security.celery_signing, kombu_mqtt.transport, agent.app"),
+                             "celery.backends.rpc, security.signing_setup, kombu_mqtt.transport, agent.app"),
 ]
 
 

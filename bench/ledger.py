@@ -158,7 +158,7 @@ def bench_keeps_up(anvil: ManagedAnvil, workdir: Path, rate: int, seconds: float
     stop.set()
     for t in threads:
         t.join(timeout=30)
-    lat = sorted((r["anchored_at"] - r["appended_at"]) for r in journal.rows("anchor_state = ?", (CONFIRMED,)))
+    lat = sorted((r["anchored_at"] - r["appended_at"]) for r in journal.find(anchor_state=CONFIRMED))
     journal.close()
     return {"rate": achieved, "appended": appended, "confirmed": len(lat), "p50": statistics.median(lat),
             "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}

@@ -73,7 +73,8 @@ def build_app(variant: str, broker: str, pki: dict[str, str], workdir: Path):
                         result_accept_content=["auth"])
         app.setup_security()
     elif variant == "edge-p256":
-        from security.celery_signing import SigningConfig, setup_signing
+        from security.signing_config import SigningConfig
+        from security.signing_setup import setup_signing
 
         setup_signing(app, SigningConfig(key_path=Path(pki["edge_key"]), cert_path=Path(pki["edge_cert"]),
                                          ca_path=Path(pki["ca"]), crl_path=Path(pki["crl"]),

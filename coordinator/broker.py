@@ -28,41 +28,10 @@ def mosquitto_binary() -> str:
 
 
 def render_config(cfg: CoordinatorConfig, store: FleetStore, workdir: Path) -> str:
-    """Mosquitto config (and its ACL in `workdir`) from security's renderer.
+    """Mosquitto config (and its ACL in `workdir`) from security's renderer."""
+    from security.mosquitto_conf import render_for_coordinator
 
-    The minimal fallback (TLS + CRL + limits, no ACL) is only used when that renderer
-    is missing, so an older security package cannot stop the broker from starting.
-    """
-    try:
-        from security.mosquitto_conf import render_for_coordinator
-    except ImportError:
-        return _fallback_config(cfg, store, workdir)
     return render_for_coordinator(cfg, store, workdir)
-
-
-def _fallback_config(cfg: CoordinatorConfig, store: FleetStore, workdir: Path) -> str:
-    user = "user root\n" if os.geteuid() == 0 else ""
-    return (
-        f"{user}"
-        "per_listener_settings false\n"
-        "allow_anonymous false\n"
-        "persistence true\n"
-        f"persistence_location {workdir}/\n"
-        "autosave_interval 1\n"
-        f"max_queued_messages {cfg.broker.max_queued_messages}\n"
-        "max_inflight_messages 0\n"
-        "max_packet_size 1048576\n"
-        "log_dest stderr\n"
-        "log_type error\nlog_type warning\nlog_type notice\n"
-        f"listener {cfg.broker.port} {cfg.broker.host}\n"
-        f"cafile {cfg.ca_path}\n"
-        f"certfile {store.broker_cert}\n"
-        f"keyfile {store.broker_key}\n"
-        f"crlfile {cfg.crl_path}\n"
-        "require_certificate true\n"
-        "use_identity_as_username true\n"
-        "tls_version tlsv1.2\n"
-    )
 
 
 def running_broker_pid(cfg: CoordinatorConfig) -> int | None:

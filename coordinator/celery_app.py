@@ -52,11 +52,12 @@ def require_mqtt_transport() -> None:
 def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
     """A signing Celery app. `consumer=True` for the ingest worker (stable MQTT session)."""
     require_mqtt_transport()
-    from security.celery_signing import SigningConfig, setup_signing
     from security.contract import RESENDABLE_TASKS
     from security.pki import PKIError
     from security.policy import coordinator_policy
     from security.signing import SigningError
+    from security.signing_config import SigningConfig
+    from security.signing_setup import setup_signing
 
     from .remote_control import operator_only_node
 
@@ -147,7 +148,8 @@ class JournalOutage:
         self._wake = threading.Event()  # never set: a pause that is not a bare sleep
 
     def failed(self, app: Celery, task: Any, signer: Any, exc: sqlite3.Error) -> Reject:
-        from security.celery_signing import replay_key, signing_context
+        from security.admission import replay_key
+        from security.app_signing import signing_context
 
         self.ingestor.metrics.inc("edgeledger_journal_write_failures_total", task=task.name)
         if not self.failing:

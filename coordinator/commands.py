@@ -82,3 +82,13 @@ def lookup(conn: sqlite3.Connection, agent_id: str, task_id: str) -> SentCommand
     ).fetchone()
     return SentCommand(*row) if row else None
 
+
+
+def find(conn: sqlite3.Connection, task_id: str) -> list[SentCommand]:
+    """The command with this exact id, or up to two whose id starts with it (an ambiguous
+    prefix shows as two). Raises sqlite3.OperationalError when nothing was ever recorded."""
+    rows = conn.execute(
+        f"SELECT task_id, agent_id, command, args_digest, sent_at FROM {TABLE} WHERE task_id = ? "
+        f"UNION SELECT task_id, agent_id, command, args_digest, sent_at FROM {TABLE} "
+        "WHERE substr(task_id, 1, length(?)) = ? LIMIT 2", (task_id, task_id, task_id)).fetchall()
+    return [SentCommand(*r) for r in rows]

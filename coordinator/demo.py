@@ -13,21 +13,26 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from ledger.journal import JournalReader, open_reader
 
 from .broker_acl import agent_enrolled
 from .config import load_config, save_config
 from .errors import CoordinatorError
 from .fleet_pki import FleetStore
-from .journal_view import query_journal
 from .supervisor import free_port
+
+T = TypeVar("T")
 
 PY = sys.executable
 COMMAND_PLAN = (("sample_now", []), ("set_interval", ["1.0"]), ("status", []))
@@ -129,12 +134,20 @@ class Demo:
         _say(f"[3/6] enrolled and started {self.n_agents} agents ({', '.join(sorted(kinds))}), sampling every {self.interval:g}s")
 
     # -- running ----------------------------------------------------------------------
-    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        return query_journal(self.data_dir, sql, params)
+    def read(self, ask: Callable[[JournalReader], T], empty: T) -> T:
+        """`ask` on a read-only view of the journal; `empty` while its file or table does not exist yet."""
+        path = self.data_dir / "journal.db"
+        if not path.exists():
+            return empty
+        try:
+            with open_reader(path, timeout=10) as reader:
+                return ask(reader)
+        except sqlite3.OperationalError:
+            return empty
 
     def progress_line(self, elapsed: float) -> str:
-        readings = dict(self.query("SELECT agent_id, COUNT(*) FROM readings GROUP BY 1"))
-        states = dict(self.query("SELECT anchor_state, COUNT(*) FROM executions GROUP BY 1"))
+        readings = self.read(JournalReader.readings_per_agent, {})
+        states = self.read(JournalReader.state_counts, {})
         per_agent = " ".join(f"{a.name}={readings.get(a.name, 0)}" for a in self.agents)
         return (f"  t={elapsed:4.0f}s  readings {per_agent}  | journal {sum(states.values())} "
                 f"on-chain {states.get('confirmed', 0)} pending {states.get('pending', 0) + states.get('sent', 0)}")
@@ -201,7 +214,7 @@ class Demo:
         deadline = time.monotonic() + timeout
         last_total = -1
         while time.monotonic() < deadline:
-            states = dict(self.query("SELECT anchor_state, COUNT(*) FROM executions GROUP BY 1"))
+            states = self.read(JournalReader.state_counts, {})
             total = sum(states.values())
             if total and states.get("confirmed", 0) == total and total == last_total:
                 return
@@ -222,9 +235,7 @@ class Demo:
             raise CoordinatorError(f"edge-audit verify gave no report (exit {proc.returncode}): {proc.stderr.strip()[-300:]}") from None
 
     def summary(self, report: dict[str, Any], commands: list[dict[str, Any]]) -> bool:
-        rows = self.query(
-            "SELECT agent_id, task_name, COUNT(*), SUM(anchor_state = 'confirmed') FROM executions GROUP BY 1, 2 ORDER BY 1, 2"
-        )
+        rows = self.read(JournalReader.counts_by_agent_and_task, [])
         per: dict[str, dict[str, int]] = {}
         for agent, task, n, confirmed in rows:
             per.setdefault(agent, {})[task.rsplit(".", 1)[-1]] = n

@@ -30,7 +30,7 @@ from . import commands
 from .commands import SentCommand
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
-from .ingest import canonical_digest
+from .ingest import canonical_digest, first_command_result
 
 COMMANDS = tuple(name[len(AGENT_COMMAND_PREFIX):] for name in AGENT_COMMANDS)
 PREFIX = AGENT_COMMAND_PREFIX
@@ -192,19 +192,16 @@ def send_command(cfg: CoordinatorConfig, agent: str, task: str, args: list[str],
 
 def _find_command(conn: sqlite3.Connection, task_id: str) -> SentCommand:
     """The recorded command with this id (or unique id prefix), else a usage error."""
-    rows = conn.execute(
-        f"SELECT task_id, agent_id, command, args_digest, sent_at FROM {commands.TABLE} WHERE task_id = ? "
-        f"UNION SELECT task_id, agent_id, command, args_digest, sent_at FROM {commands.TABLE} "
-        "WHERE substr(task_id, 1, length(?)) = ? LIMIT 2", (task_id, task_id, task_id)).fetchall()
-    exact = [r for r in rows if r[0] == task_id]
+    rows = commands.find(conn, task_id)
+    exact = [r for r in rows if r.task_id == task_id]
     if exact:
-        return SentCommand(*exact[0])
+        return exact[0]
     if len(rows) > 1:
         raise CoordinatorError(f"task id prefix {task_id!r} is ambiguous: give more of it", exit_codes.USAGE)
     if not rows:
         raise CoordinatorError(f"no command with task id {task_id!r} was sent from this coordinator "
                                "(`edge-coordinator send` records each one in the journal)", exit_codes.USAGE)
-    return SentCommand(*rows[0])
+    return rows[0]
 
 
 def fetch_result(cfg: CoordinatorConfig, task_id: str, timeout: float = 0.0) -> dict[str, Any]:
@@ -226,13 +223,7 @@ def fetch_result(cfg: CoordinatorConfig, task_id: str, timeout: float = 0.0) -> 
                 except sqlite3.OperationalError:  # no commands table: nothing ever sent
                     raise CoordinatorError(f"no command with task id {task_id!r} was sent from this coordinator",
                                            exit_codes.USAGE) from None
-                try:
-                    row = conn.execute(
-                        "SELECT status, result, finished_at, received_at FROM command_results "
-                        "WHERE command_task_id = ? AND agent_id = ? ORDER BY received_at LIMIT 1",
-                        (sent.task_id, sent.agent_id)).fetchone()
-                except sqlite3.OperationalError:
-                    row = None
+                row = first_command_result(conn, sent.task_id, sent.agent_id)
             reply = {"task_id": sent.task_id, "agent": sent.agent_id, "command": sent.command, "sent_at": sent.sent_at}
             if row is not None:
                 status, result, finished_at, received_at = row

@@ -45,22 +45,14 @@ def erase(journal_path: Path, agent: str, before: float | None) -> dict[str, int
     """Erase in one transaction; returns counts of what went."""
     from ledger.journal import Journal
 
-    from .ingest import COMMAND_RESULTS, READINGS, ensure_schema
+    from .ingest import ensure_schema, erase_payloads
 
     journal = Journal(journal_path)
     try:
-        conn = journal.db.conn
-        conn.execute("PRAGMA secure_delete = ON")
-        cond, params = "agent_id = ?", [agent]
-        if before is not None:
-            cond += " AND received_at < ?"
-            params.append(before)
-        with journal.transaction() as db:
+        with journal.secure_delete(), journal.transaction() as db:
             ensure_schema(db)
-            readings = conn.execute(f"DELETE FROM {READINGS} WHERE {cond}", params).rowcount
-            results = conn.execute(f"DELETE FROM {COMMAND_RESULTS} WHERE {cond}", params).rowcount
-            records = journal.erase_records(db, cond, params)
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            readings, results = erase_payloads(db, agent, before)
+            records = journal.erase_records(db, agent, before)
         return {"records": len(records), "readings": readings, "command_results": results}
     finally:
         journal.close()

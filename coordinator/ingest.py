@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from ledger.record import ExecutionRecord
 from ledger.tlog.cosignature import CosignatureV1Verifier
 from ledger.tlog.errors import TlogError
 from ledger.tlog.note import open_note
+from security.app_signing import ensure_bound
 from security.contract import COMMAND_RESULT_TASK, HEARTBEAT_TASK, INGEST_TASK, WITNESS_COSIGN_TASK, witness_key_name
-from security.signing import IdentityMismatch, ensure_bound
+from security.signing import IdentityMismatch
 
 from . import commands, registry
 from .metrics import Metrics
@@ -108,6 +110,45 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         db[COMMAND_RESULTS].add_column("args_digest", str)
     commands.ensure_schema(db.conn)
     registry.ensure_schema(db)
+
+
+def first_command_result(conn: sqlite3.Connection, command_task_id: str,
+                         agent_id: str) -> tuple[str, str, float, float] | None:
+    """(status, result JSON, finished_at, received_at) of the first result `agent_id` reported
+    for the command, or None (also while no result table exists)."""
+    try:
+        return conn.execute(
+            f"SELECT status, result, finished_at, received_at FROM {COMMAND_RESULTS} "
+            "WHERE command_task_id = ? AND agent_id = ? ORDER BY received_at LIMIT 1",
+            (command_task_id, agent_id)).fetchone()
+    except sqlite3.OperationalError:
+        return None
+
+
+def reading_seq_ranges(conn: sqlite3.Connection, agent_id: str) -> list[list[int]]:
+    """The agent's stored seqs as [first, last] ranges in order ([] while no readings table exists)."""
+    try:
+        rows = conn.execute(
+            f"SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS g "
+            f"FROM {READINGS} WHERE agent_id = ?) GROUP BY g ORDER BY 1", (agent_id,)
+        ).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    return [[int(a), int(b)] for a, b in rows]
+
+
+def erase_payloads(db: sqlite_utils.Database, agent_id: str, before: float | None) -> tuple[int, int]:
+    """Inside the caller's transaction: delete the agent's readings and command results
+    (received before `before`, if given). Returns (readings, command results) deleted."""
+    cond, params = "agent_id = ?", list[Any]([agent_id])
+    if before is not None:
+        cond += " AND received_at < ?"
+        params.append(before)
+    readings = db.conn.execute(f"DELETE FROM {READINGS} WHERE {cond}", params).rowcount
+    results = db.conn.execute(f"DELETE FROM {COMMAND_RESULTS} WHERE {cond}", params).rowcount
+    return readings, results
 
 
 def _check_reading(reading: Any) -> dict[str, Any]:

@@ -43,6 +43,8 @@ from ledger.tlog.merkle import MerkleLog, SQLiteNodeStore
 from ledger.tlog.note import b64encode
 from security.contract import RECEIPT_TASK, agent_queue
 
+from .ingest import reading_seq_ranges
+
 log = logging.getLogger("edgeledger.coordinator.receipts")
 
 RECEIPT_VERSION = 1
@@ -76,19 +78,8 @@ def journaled_ranges(journal_path: Path, agent_id: str) -> list[list[int]]:
     """The agent's stored seqs as ranges, straight from the journal (gaps and islands)."""
     if not Path(journal_path).exists():
         return []
-    conn = sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = conn.execute(
-            "SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS g "
-            "FROM readings WHERE agent_id = ?) GROUP BY g ORDER BY 1", (agent_id,)
-        ).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return []
-        raise
-    finally:
-        conn.close()
-    return [[int(a), int(b)] for a, b in rows]
+    with read_only(journal_path, timeout=30) as conn:
+        return reading_seq_ranges(conn, agent_id)
 
 
 def witness_part(conn: sqlite3.Connection, agent_id: str, seqs: list[int]) -> tuple[dict[str, Any] | None, list[int]]:

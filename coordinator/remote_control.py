@@ -15,8 +15,9 @@ from typing import Any
 
 from kombu import pidbox
 
-from security.celery_signing import CONTENT_TYPE, Verifier
+from security.codec import CONTENT_TYPE
 from security.signing import SignatureRefused
+from security.verifier import Verifier
 
 REFUSAL = "signer_not_allowed"
 

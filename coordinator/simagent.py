@@ -48,7 +48,8 @@ class SimAgent:
 
     def __init__(self, bundle: Path, broker_url: str | None = None, reconnect_timeout: float = 60.0, retries: int = 20) -> None:
         from coordinator.celery_app import require_mqtt_transport
-        from security.celery_signing import SigningConfig, setup_signing
+        from security.signing_config import SigningConfig
+        from security.signing_setup import setup_signing
 
         require_mqtt_transport()
         bundle = Path(bundle)

@@ -20,9 +20,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from ledger.sqlite_files import read_only
+from ledger.journal import JournalReader, open_reader
 from ledger.tlog.errors import TlogError
-from ledger.tlog.merkle import MerkleLog, SQLiteNodeStore
 from ledger.tlog.note import b64encode
 from ledger.tlog.proof import ProofBundle
 
@@ -48,13 +47,13 @@ class TlogRoutes:
         try:
             if path == "/tlog/log.pub" and self.log_pub is not None and self.log_pub.exists():
                 return 200, self.log_pub.read_bytes(), TEXT
-            with read_only(self.journal_path, timeout=5) as conn:
+            with open_reader(self.journal_path, timeout=5) as reader:
                 if path == "/tlog/checkpoint":
-                    return self._checkpoint(conn)
+                    return self._checkpoint(reader)
                 if path == "/tlog/proof":
-                    return self._proof(conn, query)
+                    return self._proof(reader, query)
                 if path == "/tlog/consistency":
-                    return self._consistency(conn, query)
+                    return self._consistency(reader, query)
         except (TlogError, ValueError) as exc:
             return 400, f"{exc}\n".encode(), TEXT
         except sqlite3.Error as exc:
@@ -62,45 +61,41 @@ class TlogRoutes:
         return 404, b"not found: try /tlog/checkpoint, /tlog/proof?index=N, /tlog/consistency?from=A&to=B\n", TEXT
 
     @staticmethod
-    def _checkpoint_row(conn: sqlite3.Connection, size: str | None) -> tuple[int, str] | None:
-        if size is None:
-            row = conn.execute("SELECT size, note FROM tlog_checkpoint ORDER BY size DESC LIMIT 1").fetchone()
-        else:
-            row = conn.execute("SELECT size, note FROM tlog_checkpoint WHERE size = ?", (int(size),)).fetchone()
-        return (int(row[0]), row[1]) if row else None
-
-    def _checkpoint(self, conn: sqlite3.Connection) -> Response:
-        found = self._checkpoint_row(conn, None)
+    def _checkpoint(reader: JournalReader) -> Response:
+        found = reader.checkpoint_note()
         if found is None:
             return 404, b"no checkpoint signed yet\n", TEXT
         return 200, found[1].encode(), TEXT
 
-    def _proof(self, conn: sqlite3.Connection, query: dict[str, str]) -> Response:
+    @staticmethod
+    def _proof(reader: JournalReader, query: dict[str, str]) -> Response:
         if "task_id" in query:
-            row = conn.execute("SELECT log_index FROM executions WHERE task_id = ?", (query["task_id"],)).fetchone()
-            if row is None or row[0] is None:
+            found_index = reader.log_index(query["task_id"])
+            if found_index is None:
                 return 404, f"no journaled task {query['task_id']}\n".encode(), TEXT
-            index = int(row[0])
+            index = found_index
         elif "index" in query:
             index = int(query["index"])
         else:
             return 400, b"give index=N or task_id=ID\n", TEXT
-        found = self._checkpoint_row(conn, query.get("size"))
+        size_arg = query.get("size")
+        found = reader.checkpoint_note(int(size_arg) if size_arg is not None else None)
         if found is None:
             return 404, b"no such checkpoint\n", TEXT
         size, note = found
         if not 0 <= index < size:
             return 404, f"log index {index} is not covered by the checkpoint of size {size} (yet)\n".encode(), TEXT
-        proof = MerkleLog(SQLiteNodeStore(conn, "tlog_node")).inclusion_proof(index, size)
+        proof = reader.merkle().inclusion_proof(index, size)
         return 200, ProofBundle(index, tuple(proof), note).format().encode(), TEXT
 
-    def _consistency(self, conn: sqlite3.Connection, query: dict[str, str]) -> Response:
+    @staticmethod
+    def _consistency(reader: JournalReader, query: dict[str, str]) -> Response:
         try:
             first, second = int(query["from"]), int(query["to"])
         except KeyError:
             return 400, b"give from=A&to=B (checkpoint sizes)\n", TEXT
         for size in (first, second):
-            if self._checkpoint_row(conn, str(size)) is None:
+            if reader.checkpoint_note(size) is None:
                 return 404, f"no checkpoint of size {size}\n".encode(), TEXT
-        proof = MerkleLog(SQLiteNodeStore(conn, "tlog_node")).consistency_proof(first, second)
+        proof = reader.merkle().consistency_proof(first, second)
         return 200, "".join(b64encode(h) + "\n" for h in proof).encode(), TEXT

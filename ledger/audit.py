@@ -48,13 +48,16 @@ class SignatureVerifier(Protocol):
     def __call__(self, envelope: bytes, certificate_pem: str) -> None: ...
 
 
-def default_verifier() -> SignatureVerifier | None:
-    """security.envelope.verify_envelope_signature if installed, else None ("not checked")."""
-    try:
-        from security.envelope import verify_envelope_signature
-    except ImportError:
-        return None
-    return verify_envelope_signature
+def default_verifier() -> SignatureVerifier:
+    """security.envelope.verify_envelope_signature, reusing parsed certificates for one audit run."""
+    from security.envelope import CertificateCache, verify_envelope_signature
+
+    certificates = CertificateCache()
+
+    def verify(envelope: bytes, certificate_pem: str) -> None:
+        verify_envelope_signature(envelope, certificate_pem, cache=certificates)
+
+    return verify
 
 
 class AuditError(RuntimeError):
@@ -72,24 +75,10 @@ class Filters:
     until: float | None = None
     limit: int | None = None
 
-    def sql(self) -> tuple[str, list[Any]]:
-        where: list[str] = ["1=1"]
-        params: list[Any] = []
-        for column, value in (("agent_id", self.agent), ("task_name", self.task_name),
-                              ("anchor_state", self.anchor_state)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if self.status is not None:  # SUCCESS, success and Success name the same status
-            where.append("UPPER(status) = UPPER(?)")
-            params.append(self.status)
-        if self.since is not None:
-            where.append("received_at >= ?")
-            params.append(self.since)
-        if self.until is not None:
-            where.append("received_at < ?")
-            params.append(self.until)
-        return " AND ".join(where), params
+    def criteria(self) -> dict[str, Any]:
+        """These filters as the keyword arguments of Journal.find."""
+        return {"agent_id": self.agent, "task_name": self.task_name, "status": self.status,
+                "anchor_state": self.anchor_state, "since": self.since, "until": self.until, "limit": self.limit}
 
 
 COMMAND_RESULT_TASK = "edge.command_result"
@@ -97,8 +86,7 @@ COMMAND_FIELDS = ("command", "command_task_id", "command_args_digest")
 
 
 def list_records(journal: Journal, filters: Filters = Filters()) -> list[dict[str, Any]]:
-    where, params = filters.sql()
-    rows = [_public(r) for r in journal.rows(where, params, limit=filters.limit)]
+    rows = [_public(r) for r in journal.find(**filters.criteria())]
     _add_commands(journal, rows)
     return rows
 
@@ -135,8 +123,7 @@ def show(journal: Journal, task_id: str) -> dict[str, Any] | None:
     out["leaf_hash"] = leaf_hash(record.canonical_json()).hex()
     cp = None
     if index is not None:
-        covering = journal.checkpoints("size > ? AND anchor_state = ?", (index, CONFIRMED), limit=1)
-        cp = covering[0] if covering else journal.latest_checkpoint()
+        cp = journal.first_anchored_checkpoint_above(index) or journal.latest_checkpoint()
     if cp is not None and index is not None and index < cp["size"]:
         proof = journal.merkle().inclusion_proof(index, cp["size"])
         out["inclusion_proof"] = ProofBundle(index, tuple(proof), journal.cosigned_note(cp["size"], cp["note"])).format()
@@ -368,8 +355,7 @@ def audit(
     leaves: dict[int, bytes] = {}
     rows_at: dict[int, str] = {}
     anchored_size = verified_anchored[-1] if verified_anchored else 0
-    columns = (*RECORD_FIELDS, "digest", "log_index", "erased_at", "envelope")
-    cur = journal.db.conn.execute(f"SELECT {', '.join(columns)} FROM executions ORDER BY id")
+    cur = journal.audit_tuples()  # AUDIT_COLUMNS: the record fields, digest, log_index, erased_at, envelope
     nfields = len(RECORD_FIELDS)
     for values in cur:  # tuples, not dicts: this loop is the audit's hot path
         report.rows += 1

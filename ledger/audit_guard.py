@@ -21,7 +21,7 @@ from typing import Any
 import sqlite_utils
 
 from ledger.audit_config import AuditConfig, ConfigError
-from ledger.journal import Journal
+from ledger.journal import Journal, JournalReader
 from security import exit_codes
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -40,7 +40,7 @@ class ReadOnlyJournal(Journal):
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         try:
-            tables = {r[0] for r in self._conn().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = JournalReader(self._conn()).tables()
         except sqlite3.DatabaseError as exc:
             raise CorruptJournal(str(exc)) from None
         if "executions" not in tables:
@@ -71,7 +71,7 @@ def resolve_task_id(journal: Journal, prefix: str) -> str:
     """A full task id for a unique prefix (or the id itself); unknown prefixes are returned as given."""
     if journal.get(prefix) is not None:
         return prefix
-    found = [r["task_id"] for r in journal.rows("substr(task_id, 1, ?) = ?", (len(prefix), prefix), limit=2)]
+    found = journal.task_ids_with_prefix(prefix, limit=2)
     if len(found) > 1:
         raise ConfigError(f"task id prefix {prefix!r} matches several records: give more of it")
     return found[0] if found else prefix

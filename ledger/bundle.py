@@ -57,11 +57,10 @@ def export_bundle(journal: Journal, out: IO[str], filters: Filters | None = None
         raise BundleError("the journal has no signed checkpoint yet: start the coordinator (it signs one a second)")
     size = target["size"]
     tree = _memory_tree(journal)
-    checkpoints = journal.checkpoints("size <= ?", (size,))
+    checkpoints = journal.checkpoints_up_to(size)
     records, fingerprints = [], set()
     filters = filters or Filters()
-    where, params = filters.sql()
-    for row in journal.rows(where, params, limit=filters.limit):
+    for row in journal.find(**filters.criteria()):
         index = row.get("log_index")
         item: dict[str, Any] = {name: row[name] for name in RECORD_FIELDS}
         item.update(digest=row["digest"], log_index=index, erased=row.get("erased_at") is not None,
@@ -119,7 +118,7 @@ def _cosigned(journal: Journal, tree: MerkleLog, size: int) -> list[dict[str, An
 def _memory_tree(journal: Journal) -> MerkleLog:
     """The journal's stored tree copied into memory: one query instead of one per proof."""
     store = MemoryNodeStore()
-    cur = journal.db.conn.execute("SELECT level, idx, hash FROM tlog_node ORDER BY level, idx")
+    cur = journal.tree_nodes()
     size = journal.tree_size()
     while True:
         chunk = cur.fetchmany(50_000)

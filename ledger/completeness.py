@@ -11,12 +11,11 @@ agents` and the fleet page.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ledger.sqlite_files import read_only
+from ledger.journal import open_reader
 
 GAP = "seq_gap"  # a failing audit finding
 DROPPED = "readings_dropped"  # informational: the agent says so itself
@@ -42,34 +41,14 @@ class AgentCompleteness:
                 "dropped": self.dropped, "unconfirmed": self.unconfirmed}
 
 
-def _ranges_by_agent(conn: sqlite3.Connection) -> dict[str, list[tuple[int, int]]]:
-    rows = conn.execute(
-        "SELECT agent_id, MIN(seq), MAX(seq) FROM (SELECT agent_id, seq, "
-        "seq - ROW_NUMBER() OVER (PARTITION BY agent_id ORDER BY seq) AS island FROM readings) "
-        "GROUP BY agent_id, island ORDER BY agent_id, 2"
-    ).fetchall()
-    out: dict[str, list[tuple[int, int]]] = {}
-    for agent, lo, hi in rows:
-        out.setdefault(agent, []).append((int(lo), int(hi)))
-    return out
-
-
-def _reported(conn: sqlite3.Connection) -> dict[str, tuple[int | None, int | None]]:
-    columns = {r[1] for r in conn.execute("PRAGMA table_info(agents)")}
-    if not {"dropped", "unconfirmed"} <= columns:
-        return {}
-    return {a: (d, u) for a, d, u in conn.execute("SELECT agent_id, dropped, unconfirmed FROM agents")}
-
-
 def check(journal_path: Path | str) -> dict[str, AgentCompleteness]:
     """Per agent: journaled readings, seq gaps, and what its heartbeat reported."""
     path = Path(journal_path)
     if not path.exists():
         return {}
-    with read_only(path, timeout=30) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        ranges = _ranges_by_agent(conn) if "readings" in tables else {}
-        reported = _reported(conn) if "agents" in tables else {}
+    with open_reader(path, timeout=30) as reader:
+        ranges = reader.reading_seq_ranges()
+        reported = reader.agent_reports()
     out: dict[str, AgentCompleteness] = {}
     for agent in sorted(set(ranges) | set(reported)):
         islands = ranges.get(agent, [])

@@ -27,11 +27,7 @@ ROOTS_OF_SIG = "rootsOf(address,bytes32,uint64[])"
 CHECKPOINT_EVENT_SIG = "CheckpointAnchored(bytes32,address,uint64,bytes32)"
 CHECKPOINT_TOPIC = keccak(text=CHECKPOINT_EVENT_SIG)
 
-RECORD_SIG = "record(bytes32,bytes32,bytes32,uint8,uint64)"
 RECORD_BATCH_SIG = "recordBatch(bytes32[],bytes32[],bytes32[],uint8[],uint64[])"
-DIGESTS_OF_SIG = "digestsOf(address,bytes32[])"
-EVENT_SIG = "ExecutionRecorded(bytes32,bytes32,address,bytes32,uint8,uint64)"
-EVENT_TOPIC = keccak(text=EVENT_SIG)
 
 
 @lru_cache(maxsize=1)
@@ -118,11 +114,6 @@ def encode_record_batch_reference(task_keys: list[bytes], agent_keys: list[bytes
         [task_keys, agent_keys, digests, statuses, finished_ms])
 
 
-def encode_record(task_key: bytes, agent_key: bytes, digest: bytes, status: int, finished_ms: int) -> bytes:
-    return _selector(RECORD_SIG) + encode(
-        ["bytes32", "bytes32", "bytes32", "uint8", "uint64"], [task_key, agent_key, digest, status, finished_ms])
-
-
 _RECORD_BATCH_SELECTOR = keccak(text=RECORD_BATCH_SIG)[:4]
 
 
@@ -159,31 +150,6 @@ def encode_record_batch(task_keys: list[bytes], agent_keys: list[bytes], digests
     return b"".join(parts)
 
 
-def encode_digests_of(recorder: str, task_keys: list[bytes]) -> bytes:
-    return _selector(DIGESTS_OF_SIG) + encode(["address", "bytes32[]"], [recorder, task_keys])
-
-
-def decode_digests_of(data: bytes) -> list[bytes]:
-    (out,) = decode(["bytes32[]"], data)
-    return list(out)
-
-
-@dataclass(frozen=True)
-class ChainEvent:
-    """One ExecutionRecorded log, decoded."""
-
-    task_key: bytes
-    agent_key: bytes
-    recorder: str
-    digest: bytes
-    status: int
-    finished_ms: int
-    block_number: int
-    block_hash: str
-    tx_hash: str
-    log_index: int
-
-
 def as_int(value: Any) -> int:
     """JSON-RPC quantities arrive as hex strings (HTTP) or ints (eth-tester)."""
     return int(value, 16) if isinstance(value, str) else int(value)
@@ -209,25 +175,6 @@ def _bytes(value: Any) -> bytes:
 @lru_cache(maxsize=1024)
 def _checksum(address: bytes) -> str:
     return to_checksum_address(address)  # costly; recorders are few
-
-
-def decode_event(log: Any) -> ChainEvent | None:
-    """Decode a raw log (web3 AttributeDict or dict); None if it is not ExecutionRecorded."""
-    topics = [_bytes(t) for t in log["topics"]]
-    if len(topics) != 4 or topics[0] != EVENT_TOPIC:
-        return None
-    data = _bytes(log["data"])
-    if len(data) != 96:
-        return None
-    digest, status, finished = data[:32], int.from_bytes(data[32:64], "big"), int.from_bytes(data[64:96], "big")
-    block_number = log["blockNumber"]
-    return ChainEvent(
-        task_key=topics[1], agent_key=topics[2], recorder=_checksum(topics[3][12:]),
-        digest=digest, status=status, finished_ms=finished,
-        block_number=int(block_number, 16) if isinstance(block_number, str) else int(block_number),
-        block_hash=_hex(log["blockHash"]), tx_hash=_hex(log["transactionHash"]),
-        log_index=int(log["logIndex"], 16) if isinstance(log["logIndex"], str) else int(log["logIndex"]),
-    )
 
 
 def calldata_floor_gas(data: bytes) -> int:

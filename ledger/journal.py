@@ -2,7 +2,8 @@
 
 Why SQLite in WAL with synchronous=FULL: a record the coordinator acked must survive a
 power cut; the chain is only a public commitment to what the journal already holds.
-Rows carry their anchoring state: `pending` -> `sent` (tx hash) -> `confirmed` (block).
+Rows carry their anchoring state: `pending` until an anchored checkpoint covers them,
+then `confirmed` (block); anchoring is per checkpoint, never per record.
 
 Exactly-once: `task_id` is unique; appending a task_id that is already journaled is a
 no-op returning False (first write wins), so a redelivered task is journaled once.
@@ -105,6 +106,9 @@ CREATE TABLE IF NOT EXISTS record_salt (
 """
 # Columns added after the first release: (name, declaration). Old journals get them on open.
 _LATE_COLUMNS = (("log_index", "INTEGER"), ("erased_at", "REAL"))
+
+#: Columns of `Journal.audit_tuples`, in order: the record fields, then digest, log_index, erased_at, envelope.
+AUDIT_COLUMNS = (*RECORD_FIELDS, "digest", "log_index", "erased_at", "envelope")
 
 _INSERT = (
     f"INSERT OR IGNORE INTO executions ({', '.join(RECORD_FIELDS)}, digest, envelope, appended_at, log_index) "
@@ -299,15 +303,42 @@ class Journal:
         for values in cur:
             yield dict(zip(names, values, strict=False))
 
-    def pending(self, limit: int) -> list[dict[str, Any]]:
-        return list(self.rows("anchor_state = ?", (PENDING,), limit=limit))
+    def find(self, *, agent_id: str | None = None, task_name: str | None = None, status: str | None = None,
+             anchor_state: str | None = None, since: float | None = None, until: float | None = None,
+             limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Rows matching every given criterion, in journal order (edge-audit list/export/bundle).
+
+        status matches case-insensitively (SUCCESS, success and Success name the same
+        status); since/until bound received_at (until exclusive).
+        """
+        where: list[str] = ["1=1"]
+        params: list[Any] = []
+        for column, value in (("agent_id", agent_id), ("task_name", task_name), ("anchor_state", anchor_state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if status is not None:
+            where.append("UPPER(status) = UPPER(?)")
+            params.append(status)
+        if since is not None:
+            where.append("received_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("received_at < ?")
+            params.append(until)
+        return self.rows(" AND ".join(where), params, limit=limit)
+
+    def task_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` journaled task ids starting with `prefix`."""
+        return [r["task_id"] for r in self.rows("substr(task_id, 1, ?) = ?", (len(prefix), prefix), limit=limit)]
+
+    def audit_tuples(self) -> sqlite3.Cursor:
+        """Every row as a tuple of AUDIT_COLUMNS, in id order: the audit's hot path (no dicts)."""
+        return self._conn().execute(f"SELECT {', '.join(AUDIT_COLUMNS)} FROM executions ORDER BY id")
 
     def counts(self) -> dict[str, int]:
         """Execution rows by anchoring state."""
         return self._state_counts("executions")
-
-    def max_confirmed_block(self) -> tuple[int, str] | None:
-        return self._newest_confirmed_block("executions")
 
     # Rows and checkpoints carry the same anchoring columns: one query each for both tables.
     def _state_counts(self, table: str) -> dict[str, int]:
@@ -322,36 +353,6 @@ class Journal:
             "ORDER BY block_number DESC LIMIT 1", (CONFIRMED,))
         found = cur.fetchone()
         return (int(found[0]), found[1]) if found else None
-
-    # -- anchoring state (the chain writer's) -----------------------------------------
-    def mark_sent(self, task_ids: list[str], tx_hash: str, chain_id: int, contract: str) -> None:
-        with self.transaction() as db:
-            db.conn.executemany(
-                "UPDATE executions SET anchor_state = ?, tx_hash = ?, chain_id = ?, contract = ?, "
-                "block_number = NULL, block_hash = NULL WHERE task_id = ?",
-                [(SENT, tx_hash, chain_id, contract, t) for t in task_ids])
-
-    def mark_confirmed(self, task_ids: list[str], block_number: int, block_hash: str,
-                       tx_hash: str | None = None) -> None:
-        self.mark_confirmed_many([(task_ids, block_number, block_hash, tx_hash)])
-
-    def mark_confirmed_many(self, groups: list[tuple[list[str], int, str, str | None]]) -> None:
-        """Several (task_ids, block_number, block_hash, tx_hash) confirmations in one commit."""
-        if not groups:
-            return
-        now = time.time()
-        with self.transaction() as db:
-            for task_ids, block_number, block_hash, tx_hash in groups:
-                db.conn.executemany(
-                    "UPDATE executions SET anchor_state = ?, block_number = ?, block_hash = ?, "
-                    "tx_hash = COALESCE(?, tx_hash), anchored_at = ? WHERE task_id = ?",
-                    [(CONFIRMED, block_number, block_hash, tx_hash, now, t) for t in task_ids])
-
-    def mark_pending(self, task_ids: list[str]) -> None:
-        with self.transaction() as db:
-            db.conn.executemany(
-                "UPDATE executions SET anchor_state = ?, tx_hash = NULL, block_number = NULL, "
-                "block_hash = NULL, anchored_at = NULL WHERE task_id = ?", [(PENDING, t) for t in task_ids])
 
     # -- the transparency log: tree size, checkpoints and their anchoring --------------------
     def tree_size(self) -> int:
@@ -379,6 +380,27 @@ class Journal:
         cur = self._conn().execute(sql, list(params))
         names = [d[0] for d in cur.description]
         return [dict(zip(names, values, strict=False)) for values in cur]
+
+    def checkpoints_in_state(self, *states: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Checkpoints in any of `states`, smallest first."""
+        return self.checkpoints(f"anchor_state IN ({','.join('?' * len(states))})", states, limit=limit)
+
+    def checkpoints_of_sizes(self, sizes: Iterable[int]) -> list[dict[str, Any]]:
+        wanted = [int(s) for s in sizes]
+        return self.checkpoints(f"size IN ({','.join('?' * len(wanted))})", wanted)
+
+    def checkpoints_up_to(self, size: int) -> list[dict[str, Any]]:
+        """Checkpoints of at most `size` leaves, smallest first."""
+        return self.checkpoints("size <= ?", (int(size),))
+
+    def first_anchored_checkpoint_above(self, index: int) -> dict[str, Any] | None:
+        """The smallest anchored checkpoint covering log index `index`, or None."""
+        found = self.checkpoints("size > ? AND anchor_state = ?", (int(index), CONFIRMED), limit=1)
+        return found[0] if found else None
+
+    def tree_nodes(self) -> sqlite3.Cursor:
+        """Every stored (level, idx, hash) of the log's tree, in order (copied to memory by bundles)."""
+        return self._conn().execute(f"SELECT level, idx, hash FROM {NODE_TABLE} ORDER BY level, idx")
 
     def latest_checkpoint(self, anchored: bool = False) -> dict[str, Any] | None:
         where = "anchor_state = ?" if anchored else "1=1"
@@ -474,11 +496,16 @@ class Journal:
         return [{"agent_id": a, "vkey": v, "task_id": t} for a, v, t in cur]
 
     # -- right to erasure ------------------------------------------------------------
-    def erase_records(self, db: sqlite_utils.Database, where: str, params: Iterable[Any]) -> list[str]:
-        """Inside the caller's transaction: drop envelopes and salts of the matching rows, mark them
-        erased. The record fields (digests only) stay: they are log leaves and must keep verifying."""
+    def erase_records(self, db: sqlite_utils.Database, agent_id: str, before: float | None = None) -> list[str]:
+        """Inside the caller's transaction: drop envelopes and salts of the agent's rows (received
+        before `before`, if given), mark them erased. The record fields (digests only) stay: they
+        are log leaves and must keep verifying."""
         conn = db.conn
-        ids = [r[0] for r in conn.execute(f"SELECT task_id FROM executions WHERE {where}", list(params))]
+        where, params = "agent_id = ?", list[Any]([agent_id])
+        if before is not None:
+            where += " AND received_at < ?"
+            params.append(before)
+        ids = [r[0] for r in conn.execute(f"SELECT task_id FROM executions WHERE {where}", params)]
         now = time.time()
         conn.executemany("UPDATE executions SET envelope = NULL, erased_at = COALESCE(erased_at, ?) WHERE task_id = ?",
                          [(now, t) for t in ids])
@@ -512,6 +539,15 @@ class Journal:
                                 "command_args_digest": args_digest}
         return out
 
+    @contextmanager
+    def secure_delete(self) -> Iterator[None]:
+        """Erased content is overwritten in the file (secure_delete) and, on leaving, flushed out
+        of the WAL into the main file (wal_checkpoint TRUNCATE), so no old page keeps it."""
+        conn = self._conn()
+        conn.execute("PRAGMA secure_delete = ON")
+        yield
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def salt(self, task_id: str) -> bytes | None:
         found = self._conn().execute("SELECT salt FROM record_salt WHERE task_id = ?", (task_id,)).fetchone()
         return bytes(found[0]) if found else None
@@ -529,6 +565,85 @@ class Journal:
 
 
 # -- read-only views for other processes and threads (metrics scrapes, the demo) -------------
+class JournalReader:
+    """Named read-only queries on a journal another process writes (one short-lived
+    read-only connection: an HTTP request, an audit step, a demo progress line).
+
+    The coordinator keeps its own tables in the journal file (`readings`,
+    coordinator/ingest.py; `agents`, coordinator/registry.py); the audit reads them here
+    because ledger must not import the coordinator. Tables that do not exist yet read
+    as empty where a method says so.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def tables(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def merkle(self) -> MerkleLog:
+        return MerkleLog(SQLiteNodeStore(self.conn, NODE_TABLE))
+
+    def checkpoint_note(self, size: int | None = None) -> tuple[int, str] | None:
+        """(size, signed note) of the checkpoint of `size` leaves (None: the newest), or None."""
+        if size is None:
+            row = self.conn.execute("SELECT size, note FROM tlog_checkpoint ORDER BY size DESC LIMIT 1").fetchone()
+        else:
+            row = self.conn.execute("SELECT size, note FROM tlog_checkpoint WHERE size = ?", (int(size),)).fetchone()
+        return (int(row[0]), row[1]) if row else None
+
+    def log_index(self, task_id: str) -> int | None:
+        """The log index of a journaled task id, or None."""
+        row = self.conn.execute("SELECT log_index FROM executions WHERE task_id = ?", (task_id,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def state_counts(self) -> dict[str, int]:
+        """Execution rows by anchoring state (only states that occur)."""
+        return {s: int(n) for s, n in self.conn.execute("SELECT anchor_state, COUNT(*) FROM executions GROUP BY 1")}
+
+    def counts_by_agent_and_task(self) -> list[tuple[str, str, int, int]]:
+        """(agent_id, task_name, rows, rows confirmed) in agent, task order."""
+        return [(a, t, int(n), int(c or 0)) for a, t, n, c in self.conn.execute(
+            "SELECT agent_id, task_name, COUNT(*), SUM(anchor_state = ?) FROM executions GROUP BY 1, 2 ORDER BY 1, 2",
+            (CONFIRMED,))]
+
+    def readings_per_agent(self) -> dict[str, int]:
+        """Readings stored per agent (the coordinator's `readings` table)."""
+        return {a: int(n) for a, n in self.conn.execute("SELECT agent_id, COUNT(*) FROM readings GROUP BY 1")}
+
+    def reading_seq_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        """Per agent, its stored reading seqs as consecutive (first, last) ranges in order
+        ({} without a `readings` table)."""
+        if "readings" not in self.tables():
+            return {}
+        rows = self.conn.execute(
+            "SELECT agent_id, MIN(seq), MAX(seq) FROM (SELECT agent_id, seq, "
+            "seq - ROW_NUMBER() OVER (PARTITION BY agent_id ORDER BY seq) AS island FROM readings) "
+            "GROUP BY agent_id, island ORDER BY agent_id, 2"
+        ).fetchall()
+        out: dict[str, list[tuple[int, int]]] = {}
+        for agent, lo, hi in rows:
+            out.setdefault(agent, []).append((int(lo), int(hi)))
+        return out
+
+    def agent_reports(self) -> dict[str, tuple[int | None, int | None]]:
+        """Per agent, (dropped, unconfirmed) from its last heartbeat (the coordinator's
+        `agents` table; {} without it or from before those columns existed)."""
+        if "agents" not in self.tables():
+            return {}
+        columns = {r[1] for r in self.conn.execute("PRAGMA table_info(agents)")}
+        if not {"dropped", "unconfirmed"} <= columns:
+            return {}
+        return {a: (d, u) for a, d, u in self.conn.execute("SELECT agent_id, dropped, unconfirmed FROM agents")}
+
+
+@contextmanager
+def open_reader(path: Path | str, timeout: float = 5.0) -> Iterator[JournalReader]:
+    """A JournalReader on a read-only connection (never creates or writes), closed after use."""
+    with read_only(path, timeout=timeout) as conn:
+        yield JournalReader(conn)
+
+
 def anchor_backlog(path: Path) -> dict[str, int]:
     """Rows not yet confirmed on chain, by state, read without disturbing the writer."""
     with read_only(path, timeout=5) as conn:

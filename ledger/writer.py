@@ -199,8 +199,7 @@ class ChainWriter:
         Returns counts: confirmed (on chain with the stored root), pending (missing, will be
         re-sent as stored), conflict (the chain holds another root from us for that size).
         """
-        placeholders = ",".join("?" * len(states))
-        return self._reconcile(self.journal.checkpoints(f"anchor_state IN ({placeholders})", states))
+        return self._reconcile(self.journal.checkpoints_in_state(*states))
 
     def _reconcile(self, rows: list[dict[str, Any]]) -> dict[str, int]:
         result = {"confirmed": 0, "pending": 0, "conflict": 0}
@@ -254,7 +253,7 @@ class ChainWriter:
 
     def _resolve_sent(self) -> None:
         """Checkpoints left `sent` by an earlier run or a timeout: receipt if any, else ask the contract."""
-        sent = self.journal.checkpoints("anchor_state = ?", (SENT,))
+        sent = self.journal.checkpoints_in_state(SENT)
         by_tx: dict[str, list[dict[str, Any]]] = {}
         for row in sent:
             by_tx.setdefault(row["tx_hash"], []).append(row)
@@ -295,7 +294,7 @@ class ChainWriter:
         taken = 0
         while limit is None or taken < limit:
             want = batch_size * self.in_flight if limit is None else min(batch_size * self.in_flight, limit - taken)
-            rows = self.journal.checkpoints("anchor_state = ?", (PENDING,), limit=want)
+            rows = self.journal.checkpoints_in_state(PENDING, limit=want)
             if not rows:
                 break
             taken += len(rows)
@@ -383,8 +382,7 @@ class ChainWriter:
             done = {f[0] for f in found}
             skipped = [s for s in sizes if s not in done]
             log.info("%d checkpoints were already on chain (re-sent after a timeout or restart)", len(skipped))
-            self._reconcile(self.journal.checkpoints(
-                f"size IN ({','.join('?' * len(skipped))})", skipped))
+            self._reconcile(self.journal.checkpoints_of_sizes(skipped))
 
     # -- loop -------------------------------------------------------------------------
     def run(self, stop_event: threading.Event, interval: float = 1.0, progress_every: float = 30.0) -> None:

@@ -112,17 +112,35 @@ def parse_envelope(data: bytes | str, max_bytes: int | None = None) -> Envelope:
     return Envelope(raw=raw, alg=alg, certificate_pem=cert, signature=signature, payload=body)
 
 
-_cert_cache: dict[str, x509.Certificate] = {}
-_cert_lock = threading.Lock()
+class CertificateCache:
+    """Parsed signer certificates by their canonical PEM text (a fleet has few signers,
+    and parsing one costs more than checking a signature). One per verifier or audit
+    run, not module state: its owner decides its lifetime."""
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self) -> None:
+        self._certs: dict[str, x509.Certificate] = {}
+        self._lock = threading.Lock()
+
+    def get(self, certificate_pem: str) -> x509.Certificate | None:
+        return self._certs.get(certificate_pem)
+
+    def put(self, certificate_pem: str, cert: x509.Certificate) -> None:
+        with self._lock:
+            if len(self._certs) > self.MAX_ENTRIES:
+                self._certs.clear()
+            self._certs[certificate_pem] = cert
 
 
-def load_envelope_certificate(certificate_pem: str, strict: bool = True) -> x509.Certificate:
-    """Parse (and cache) a signer certificate.
+def load_envelope_certificate(certificate_pem: str, strict: bool = True,
+                              cache: CertificateCache | None = None) -> x509.Certificate:
+    """Parse (and, given a cache, cache) a signer certificate.
 
     strict: the PEM must be exactly what `certificate_pem()` emits, so an envelope has a
     single valid byte encoding (PEM parsers tolerate reflowed or trimmed text).
     """
-    cert = _cert_cache.get(certificate_pem)
+    cert = cache.get(certificate_pem) if cache is not None else None
     if cert is None:
         try:
             cert = x509.load_pem_x509_certificate(certificate_pem.encode())
@@ -134,11 +152,8 @@ def load_envelope_certificate(certificate_pem: str, strict: bool = True) -> x509
             raise SignatureRefused("malformed", f"signer certificate is not valid PEM/DER: {exc}") from None
         if strict and canonical != certificate_pem:
             raise SignatureRefused("malformed", "signer certificate PEM is not in canonical form")
-        if canonical == certificate_pem:  # only canonical text is cached (strict lookups hit it)
-            with _cert_lock:
-                if len(_cert_cache) > 4096:
-                    _cert_cache.clear()
-                _cert_cache[certificate_pem] = cert
+        if cache is not None and canonical == certificate_pem:  # only canonical text is cached
+            cache.put(certificate_pem, cert)
     return cert
 
 
@@ -167,15 +182,17 @@ def check_signature(env: Envelope, cert: x509.Certificate) -> None:
         raise SignatureRefused("bad_signature", "signature does not match the payload: message was altered") from None
 
 
-def verify_envelope_signature(envelope: bytes, certificate_pem: str) -> None:
+def verify_envelope_signature(envelope: bytes, certificate_pem: str, cache: CertificateCache | None = None) -> None:
     """Re-verify a stored envelope against a known certificate (no Celery needed).
 
     Raises SignatureRefused when the envelope is malformed, was signed by another key,
     or was altered. Certificate trust (chain, CRL) is the caller's business here: an
     auditor checks a historic signature with the certificate registered at the time.
+    cache: parsed certificates to reuse across calls (an audit run checks many
+    envelopes of few signers).
     """
     env = parse_envelope(envelope)
-    cert = load_envelope_certificate(certificate_pem, strict=False)
+    cert = load_envelope_certificate(certificate_pem, strict=False, cache=cache)
     check_signature(env, cert)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from celery.backends.rpc import ResultConsumer, RPCBackend
 
+from .app_signing import get_verifier, signing_context
 from .result_guard import ResultGuard
 
 DEFAULT_REPLY_EXCHANGE = "c.rep"
@@ -46,8 +47,6 @@ class ReplyExchangeRPCBackend(RPCBackend):
         super().__init__(*args, **kwargs)
 
     def _create_exchange(self, name, type="direct", delivery_mode=2):
-        from .celery_signing import signing_context
-
         ctx = signing_context(self.app)
         exchange = (ctx.config.rpc_reply_exchange if ctx else None) or self.reply_exchange
         return self.Exchange(exchange, type="direct", durable=False, auto_delete=True, delivery_mode=delivery_mode)
@@ -68,8 +67,6 @@ class ReplyExchangeRPCBackend(RPCBackend):
         """Check one received result message (memoised on the message)."""
         verdict = getattr(message, _VERDICT, None)
         if verdict is None:
-            from .celery_signing import get_verifier
-
             verifier = get_verifier(self.app)
             props = getattr(message, "properties", None) or {}
             verdict = self.result_guard.admit(

@@ -32,8 +32,8 @@ log = logging.getLogger("edgeledger.security")
 ANY_SIGNER = ""  # a task sent without a binding: any verified fleet certificate may answer
 MAX_TRACKED = 65536  # task ids / envelope digests remembered (oldest forgotten first)
 
-VerifyFn = Callable[[bytes | str], Any]  # -> security.celery_signing.VerifiedMessage
-RecordFn = Callable[..., None]  # security.celery_signing.Verifier.record
+VerifyFn = Callable[[bytes | str], Any]  # -> security.codec.VerifiedMessage
+RecordFn = Callable[..., None]  # security.verifier.Verifier.record
 
 
 def _remember(store: OrderedDict[str, Any], key: str, value: Any) -> None:

@@ -1,15 +1,14 @@
 """Signer identity as seen by a task, and the errors of the signed-message checks.
 
 Why: a task must know WHO signed the message that started it (certificate CN), so an
-agent can never claim readings for another agent. `ensure_bound` is that check.
+agent can never claim readings for another agent; `SignerInfo` is that answer and
+security.app_signing.ensure_bound the check. No imports beyond the standard library,
+so every security module can share these types without an import circle.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-
-log = logging.getLogger("edgeledger.security")
 
 
 class SigningError(Exception):
@@ -44,30 +43,3 @@ class SignerInfo:
 
     def __repr__(self) -> str:  # keep logs short: no envelope bytes or PEM
         return f"SignerInfo(agent_id={self.agent_id!r}, fingerprint={self.fingerprint[:16]}...)"
-
-
-def _record(exc: SignatureRefused, signer: SignerInfo | None) -> None:
-    """Log, count and quarantine with the settings of the running task's app (no state here)."""
-    try:
-        from .celery_signing import record_for_current_task
-    except ImportError:  # Celery not installed: nobody to record with but the log
-        log.warning("refused message: %s", exc)
-        return
-    record_for_current_task(exc, signer)
-
-
-def ensure_bound(signer: SignerInfo | None, claimed_agent_id: str) -> SignerInfo:
-    """Raise IdentityMismatch unless the message was signed by `claimed_agent_id`.
-
-    The refusal is recorded (counted, quarantined with the envelope) before raising.
-    """
-    if signer is None:
-        exc = IdentityMismatch(f"message claims agent {claimed_agent_id!r} but carries no verified signer")
-    elif signer.agent_id != claimed_agent_id:
-        exc = IdentityMismatch(
-            f"message signed by {signer.agent_id!r} claims agent {claimed_agent_id!r}"
-        )
-    else:
-        return signer
-    _record(exc, signer)
-    raise exc

@@ -2,7 +2,7 @@
 
 Why not the coordinator: the agent and the coordinator agree only through task names
 and schemas (docs/INTERFACES.md). This worker consumes `edge.ingest` with signature
-checks on (security.celery_signing) and appends every executed task as one JSON line
+checks on (security.signing_setup) and appends every executed task as one JSON line
 (task id, name, kwargs, signer CN) to $RECEIVER_OUT.
 
 Run: python -m tests.agent.receiver   (settings from RECEIVER_* environment variables)
@@ -38,7 +38,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 
-from security.celery_signing import SigningConfig, setup_signing  # noqa: E402
+from security.signing_config import SigningConfig  # noqa: E402
+from security.signing_setup import setup_signing  # noqa: E402
 
 setup_signing(app, SigningConfig(key_path=Path(KEY), cert_path=Path(CERT), ca_path=Path(CA),
                                  replay_db=STATE / "replay.sqlite", quarantine_db=STATE / "quarantine.sqlite"))

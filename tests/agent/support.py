@@ -178,7 +178,8 @@ def operator_app(test_pki: FleetPKI, workdir: Path, broker_url: str, name: str =
     from celery import Celery
 
     import kombu_mqtt  # noqa: F401  (registers mqtts://)
-    from security.celery_signing import SigningConfig, setup_signing
+    from security.signing_config import SigningConfig
+    from security.signing_setup import setup_signing
 
     cert, key = test_pki.client(name)
     app = Celery("operator", broker=broker_url, backend="rpc://", set_as_current=False)

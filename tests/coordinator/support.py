@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,11 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.journal_view import query_journal
+from ledger.sqlite_files import read_only
 from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
+
+
+def query_journal(data_dir: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of `sql` on `data_dir`/journal.db, or [] while the file or table does not exist yet
+    (tests look at the running daemon's journal with their own SQL, read-only)."""
+    path = Path(data_dir) / "journal.db"
+    if not path.exists():
+        return []
+    try:
+        with read_only(path) as conn:
+            return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:
+        return []
 
 
 def cli(*argv: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -84,12 +84,12 @@ def wire_properties(payload: bytes) -> dict[str, Any]:
 
 def signed_result(coordinator: CoordinatorProcess, signer: str, task_id: str, result: Any) -> bytes:
     """A Celery rpc:// result for `task_id`, signed with `signer`'s real key and certificate."""
-    from security.celery_signing import _Identity
+    from security.codec import Identity
     from security.envelope import certificate_pem
     from security.pki import load_certificate, load_private_key
 
     bundle = coordinator.bundle(signer)
-    identity = _Identity(load_private_key(bundle / f"{signer}.key"),
+    identity = Identity(load_private_key(bundle / f"{signer}.key"),
                          certificate_pem(load_certificate(bundle / f"{signer}.pem")))
     meta = {"status": "SUCCESS", "result": result, "traceback": None, "children": [], "date_done": None,
             "task_id": task_id}
@@ -101,7 +101,7 @@ def publish_result(coordinator: CoordinatorProcess, signer: str, reply_to: str, 
     from kombu import Connection, Exchange, Producer
 
     import kombu_mqtt  # noqa: F401  (registers mqtts://)
-    from security.celery_signing import CONTENT_TYPE
+    from security.codec import CONTENT_TYPE
 
     bundle = coordinator.bundle(signer)
     ssl = {"ca_certs": str(bundle / "ca.pem"), "certfile": str(bundle / f"{signer}.pem"),

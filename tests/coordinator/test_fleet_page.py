@@ -47,6 +47,12 @@ def _ingest_row(journal: Journal, task_id: str, agent: str, at: float) -> None:
         envelope_digest="0" * 64))
 
 
+def _anchor_first(journal: Journal, size: int, block: int) -> None:
+    """Confirm the first `size` rows as the chain writer does: a checkpoint covering them, anchored."""
+    assert journal.add_checkpoint(size, bytes(32), f"checkpoint {size}")
+    journal.checkpoints_confirmed([(size, block, f"0x{block:02x}", "0x7a")], 31337, "0xC0")
+
+
 @pytest.fixture
 def fleet(tmp_path: Path):
     data = tmp_path / "d"
@@ -65,7 +71,7 @@ def fleet(tmp_path: Path):
         _ingest_row(journal, f"a{i}", "pg-a", now - 30 * i)
     for i in range(3):
         _ingest_row(journal, f"e{i}", EVIL_AGENT, now - 100 * i)
-    journal.mark_confirmed([f"a{i}" for i in range(6)], 7, "0x07")
+    _anchor_first(journal, 6, 7)  # a0..a5 (the first rows appended)
     Quarantine(cfg.quarantine_path).add("bad_signature", EVIL_DETAIL, b"raw", signer=EVIL_AGENT, task_name="edge.ingest")
     Quarantine(cfg.quarantine_path).add("replay", "seen before", b"raw")
     yield cfg, FleetStore(cfg), now

@@ -44,6 +44,12 @@ def _record(task_id: str, agent: str = "m-a") -> ExecutionRecord:
                            started_at=now, finished_at=now, envelope_digest="0" * 64)
 
 
+def _anchor_first(journal: Journal, size: int, block: int) -> None:
+    """Confirm the first `size` rows as the chain writer does: a checkpoint covering them, anchored."""
+    assert journal.add_checkpoint(size, bytes(32), f"checkpoint {size}")
+    journal.checkpoints_confirmed([(size, block, f"0x{block:02x}", "0x7a")], 31337, "0xC0")
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     data = tmp_path / "d"
@@ -108,17 +114,17 @@ def test_security_counters_keep_their_call_sites_and_escape_labels() -> None:
 def test_anchor_latency_comes_from_rows_confirmed_after_start_and_lag_from_the_oldest_pending(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.db")
     journal.append(_record("before"))
-    journal.mark_confirmed(["before"], 1, "0x01")  # anchored before the coordinator started: not observed
+    _anchor_first(journal, 1, 1)  # "before" anchored before the coordinator started: not observed
     m = standard_metrics()
     feed = AnchorLatencyFeed(journal.path, m.anchor_latency)
     m.before_scrape(feed)
     for i in range(3):
         journal.append(_record(f"t{i}"))
-    journal.mark_confirmed(["t0", "t1"], 2, "0x02")
+    _anchor_first(journal, 3, 2)  # t0, t1
     text = m.render().decode()
     assert sample(text, "edgeledger_anchor_latency_seconds_count") == 2
     assert sample(m.render().decode(), "edgeledger_anchor_latency_seconds_count") == 2  # not counted twice
-    journal.mark_confirmed(["t2"], 3, "0x03")
+    _anchor_first(journal, 4, 3)  # t2
     assert sample(m.render().decode(), "edgeledger_anchor_latency_seconds_count") == 3
 
     journal.append(_record("late"))
@@ -224,7 +230,7 @@ def test_anchoring_check_fails_over_the_threshold_and_report_is_503(tmp_path: Pa
 
 
 def test_the_agent_never_imports_prometheus_client() -> None:
-    code = ("import sys, agent.cli, agent.app, agent.runtime, security.celery_signing; "
+    code = ("import sys, agent.cli, agent.app, agent.runtime, security.signing_setup; "
             "print('prometheus_client' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

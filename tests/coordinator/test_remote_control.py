@@ -17,10 +17,12 @@ from kombu import pidbox
 from kombu.utils import json as kjson
 
 from coordinator.remote_control import REFUSAL, operator_only_node
-from security.celery_signing import CONTENT_TYPE, SigningConfig, Verifier
+from security.codec import CONTENT_TYPE
 from security.envelope import certificate_pem, sign_envelope
 from security.pki import load_certificate, load_private_key
 from security.quarantine import Quarantine
+from security.signing_config import SigningConfig
+from security.verifier import Verifier
 
 
 def control_message(test_pki, signer: str, body: dict[str, Any], content_type: str = CONTENT_TYPE) -> SimpleNamespace:

@@ -80,18 +80,7 @@ def test_envelope_and_certificates_deduped(journal, test_pki):
         journal.append(make_record(9, fingerprint="00" * 32), certificate_pem=pem)
 
 
-def test_anchoring_state_transitions_and_config(journal):
-    recs = [make_record(n) for n in range(3)]
-    for r in recs:
-        journal.append(r)
-    ids = [r.task_id for r in recs]
-    journal.mark_sent(ids[:2], "0xabc", 31337, "0xC0")
-    journal.mark_confirmed(ids[:1], 7, "0xb7")
-    assert journal.counts() == {PENDING: 1, SENT: 1, CONFIRMED: 1}
-    assert [r["task_id"] for r in journal.pending(10)] == ids[2:]
-    assert journal.max_confirmed_block() == (7, "0xb7")
-    journal.mark_pending(ids[:2])
-    assert journal.counts()[PENDING] == 3 and journal.get(ids[0])["block_number"] is None
+def test_config(journal):
     journal.set_config(rpc_url="http://x", chain_id=5)
     journal.set_config(chain_id=6)
     assert journal.get_config() == {"rpc_url": "http://x", "chain_id": "6"}

@@ -2,7 +2,7 @@
 
 Why raw: an attacker who holds one agent's certificate and key is not bound to our
 Celery apps or to kombu. It can sign any payload with `security.envelope.sign_envelope`
-(the exact shape `security.celery_signing._Identity.encode` produces), wrap it in a
+(the exact shape `security.codec.Identity.encode` produces), wrap it in a
 kombu message as the virtual transport does (base64 body, headers, properties) and
 publish the bytes with paho-mqtt over mutual TLS straight to an MQTT topic
 (docs/INTERFACES.md, kombu_mqtt/topics.py). Everything here is what such an attacker
@@ -227,7 +227,7 @@ class Attacker:
 
     # -- signing ----------------------------------------------------------------
     def sign(self, kind: str, meta: dict | None, body: Any, sent_at: float | None = None) -> bytes:
-        """The envelope `_Identity.encode` would make for this identity."""
+        """The envelope `Identity.encode` would make for this identity."""
         payload = kjson.dumps({"kind": kind, "sent_at": time.time() if sent_at is None else sent_at,
                                "nonce": uuid.uuid4().hex, "meta": meta, "body": body})
         key = load_private_key(self.bundle.key)

@@ -12,10 +12,13 @@ from typing import Any
 from celery import Celery
 from kombu import Connection, Exchange, Producer, Queue
 
-from security.celery_signing import CONTENT_TYPE, META_KEY, SigningConfig, _Identity, setup_signing
+from security.app_signing import ensure_bound
+from security.codec import CONTENT_TYPE, META_KEY
+from security.codec import Identity as SigningIdentity
 from security.envelope import certificate_pem
 from security.pki import load_certificate, load_private_key
-from security.signing import ensure_bound
+from security.signing_config import SigningConfig
+from security.signing_setup import setup_signing
 
 from .conftest import Identity, SigningPKI
 
@@ -116,7 +119,7 @@ def craft(ident: Identity, task: str, args: list, *, task_id: str | None = None,
     full_embed: dict = {"callbacks": None, "errbacks": None, "chain": None, "chord": None, **(embed or {})}
     if not drop_meta:
         full_embed[META_KEY] = signed_meta
-    identity = _Identity(load_private_key(ident.key), certificate_pem(load_certificate(ident.cert)))
+    identity = SigningIdentity(load_private_key(ident.key), certificate_pem(load_certificate(ident.cert)))
     body = identity.encode([args, dict(kwargs or {}), full_embed], sent_at=sent_at)
     return headers, body
 

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from kombu.exceptions import DecodeError
 from kombu.serialization import loads
 
-from security.celery_signing import CONTENT_TYPE, admit, setup_signing
+from security.app_signing import admit
+from security.codec import CONTENT_TYPE
+from security.signing_setup import setup_signing
 
 from .apps import craft, signing_config
 

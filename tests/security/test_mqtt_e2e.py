@@ -12,8 +12,8 @@ from celery.contrib.testing.worker import start_worker
 from kombu.exceptions import OperationalError
 
 import kombu_mqtt
-from security.celery_signing import get_verifier, setup_signing
-from security.signing import ensure_bound
+from security.app_signing import ensure_bound, get_verifier
+from security.signing_setup import setup_signing
 
 from .apps import executed, record_run, signing_config
 from .broker import fleet_broker
@@ -128,11 +128,11 @@ def test_forged_and_replayed_tasks_over_mqtts_are_quarantined(broker, signing_pk
     agent = signing_pki.identity("agent-a")
     ssl = {"ca_certs": str(signing_pki.ca_path), "certfile": str(agent.cert), "keyfile": str(agent.key)}
 
-    from security.celery_signing import META_KEY, _Identity
+    from security.codec import META_KEY, Identity
     from security.envelope import certificate_pem
     from security.pki import load_certificate, load_private_key
 
-    identity = _Identity(load_private_key(agent.key), certificate_pem(load_certificate(agent.cert)))
+    identity = Identity(load_private_key(agent.key), certificate_pem(load_certificate(agent.cert)))
 
     def signed(value: float, task_id: str) -> tuple[dict, bytes]:
         headers, _ = craft(agent, "t.ingest", [], task_id=task_id)

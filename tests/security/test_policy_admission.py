@@ -12,9 +12,12 @@ import pytest
 from celery import Celery
 
 from security import contract, metrics
-from security.celery_signing import CONTENT_TYPE, Delivery, admit, get_verifier, setup_signing, signing_context
+from security.admission import Delivery
+from security.app_signing import admit, get_verifier, signing_context
+from security.codec import CONTENT_TYPE
 from security.policy import agent_policy, coordinator_policy
 from security.signing import SignatureRefused, SigningError
+from security.signing_setup import setup_signing
 
 from .apps import craft, signing_config
 

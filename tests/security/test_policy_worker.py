@@ -18,9 +18,10 @@ from celery.contrib.testing.worker import start_worker
 from kombu import Connection, Exchange, Producer, Queue
 
 from security import contract
-from security.celery_signing import get_verifier, replay_key, setup_signing, signing_context
+from security.admission import replay_key
+from security.app_signing import ensure_bound, get_verifier, signing_context
 from security.policy import coordinator_policy
-from security.signing import ensure_bound
+from security.signing_setup import setup_signing
 
 from .apps import craft, executed, publish_raw, record_run, signing_config
 from .test_worker_roundtrip import wait_until

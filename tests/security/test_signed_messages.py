@@ -15,10 +15,13 @@ from celery import Celery
 from kombu.serialization import dumps, loads
 
 from security import metrics
-from security.celery_signing import CONTENT_TYPE, SigningConfig, admit, get_verifier, setup_signing
+from security.app_signing import admit, ensure_bound, get_verifier
+from security.codec import CONTENT_TYPE
 from security.envelope import parse_envelope, verify_envelope_signature
 from security.pki import CertificateAuthority, utcnow
-from security.signing import IdentityMismatch, SignatureRefused, ensure_bound
+from security.signing import IdentityMismatch, SignatureRefused
+from security.signing_config import SigningConfig
+from security.signing_setup import setup_signing
 
 from .apps import craft, signing_config
 

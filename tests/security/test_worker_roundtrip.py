@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from security.celery_signing import get_verifier
+from security.app_signing import get_verifier
 from security.pki import fingerprint, load_certificate
 
 from .apps import craft, executed, make_sender_app, make_worker_app, publish_raw
