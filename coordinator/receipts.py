@@ -38,8 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ledger.journal import JournalReader, open_reader
 from ledger.sqlite_files import read_only
-from ledger.tlog.merkle import MerkleLog, SQLiteNodeStore
 from ledger.tlog.note import b64encode
 from security.contract import RECEIPT_TASK, agent_queue
 
@@ -82,38 +82,30 @@ def journaled_ranges(journal_path: Path, agent_id: str) -> list[list[int]]:
         return reading_seq_ranges(conn, agent_id)
 
 
-def witness_part(conn: sqlite3.Connection, agent_id: str, seqs: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
+def witness_part(journal: JournalReader, agent_id: str, seqs: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
     """The receipt's `checkpoint` object for `agent_id` and the seqs it proves (None when the
     journal has no log key or no checkpoint yet)."""
-    key = conn.execute("SELECT value FROM ledger_config WHERE key = 'log_vkey'").fetchone()
-    top = conn.execute("SELECT size, note FROM tlog_checkpoint ORDER BY size DESC LIMIT 1").fetchone()
+    key = journal.config_value("log_vkey")
+    top = journal.checkpoint_note()
     if key is None or top is None:
         return None, []
-    size, note = int(top[0]), str(top[1])
-    tree = MerkleLog(SQLiteNodeStore(conn, "tlog_node"))
-    last = conn.execute("SELECT MAX(size) FROM tlog_cosignature WHERE agent_id = ? AND size <= ?",
-                        (agent_id, size)).fetchone()[0]
+    size, note = top
+    tree = journal.merkle()
+    last = journal.largest_cosigned_size(agent_id, size)
     consistency = None
     if last is not None:
-        proof = tree.consistency_proof(int(last), size) if int(last) < size else []
-        consistency = {"from": int(last), "proof": [b64encode(h) for h in proof]}
+        proof = tree.consistency_proof(last, size) if last < size else []
+        consistency = {"from": last, "proof": [b64encode(h) for h in proof]}
     proofs: list[dict[str, Any]] = []
     for seq in seqs:
         if len(proofs) >= MAX_PROOFS:
             break
-        row = conn.execute(
-            "SELECT e.log_index, e.signer_fingerprint, e.result_digest, e.received_at, e.started_at, e.finished_at, "
-            "e.envelope_digest, s.salt FROM readings r JOIN executions e ON e.task_id = r.task_id "
-            "LEFT JOIN record_salt s ON s.task_id = e.task_id WHERE r.agent_id = ? AND r.seq = ?",
-            (agent_id, seq)).fetchone()
-        if row is None or row[0] is None or int(row[0]) >= size or row[7] is None:
+        leaf = journal.reading_leaf_inputs(agent_id, seq)
+        if leaf is None or leaf["index"] >= size:
             continue  # not yet under the newest checkpoint (or erased): a later receipt proves it
-        index = int(row[0])
-        proofs.append({"seq": seq, "index": index, "signer_fingerprint": row[1], "result_digest": row[2],
-                       "received_at": row[3], "started_at": row[4], "finished_at": row[5], "envelope_digest": row[6],
-                       "salt": b64encode(bytes(row[7])),
-                       "path": [b64encode(h) for h in tree.inclusion_proof(index, size)]})
-    return {"note": note, "log_key": str(key[0]), "consistency": consistency, "proofs": proofs}, [p["seq"] for p in proofs]
+        proofs.append({"seq": seq, **leaf, "salt": b64encode(leaf["salt"]),
+                       "path": [b64encode(h) for h in tree.inclusion_proof(leaf["index"], size)]})
+    return {"note": note, "log_key": key, "consistency": consistency, "proofs": proofs}, [p["seq"] for p in proofs]
 
 
 def make_receipt(agent_id: str, ranges: list[list[int]], now: float | None = None) -> dict[str, Any]:
@@ -177,8 +169,8 @@ class ReceiptBook:
         if not self.journal_path.exists():
             return 0
         try:
-            with read_only(self.journal_path, timeout=5) as conn:
-                return int(conn.execute("SELECT COALESCE(MAX(size), 0) FROM tlog_checkpoint").fetchone()[0])
+            with open_reader(self.journal_path) as journal:
+                return journal.newest_checkpoint_size()
         except sqlite3.Error:
             return 0
 
@@ -188,8 +180,8 @@ class ReceiptBook:
         if not self.journal_path.exists():
             return
         try:
-            with read_only(self.journal_path, timeout=5) as conn:
-                part, proven = witness_part(conn, agent, wanted)
+            with open_reader(self.journal_path) as journal:
+                part, proven = witness_part(journal, agent, wanted)
         except sqlite3.Error as exc:  # the receipt still confirms; the proofs come next round
             log.warning("no checkpoint in %s's receipt (%s): proving next round", agent, exc)
             part, proven = None, []

@@ -607,6 +607,35 @@ class JournalReader:
             "SELECT agent_id, task_name, COUNT(*), SUM(anchor_state = ?) FROM executions GROUP BY 1, 2 ORDER BY 1, 2",
             (CONFIRMED,))]
 
+    def config_value(self, key: str) -> str | None:
+        """A `ledger_config` value (for example the log's `log_vkey`), or None."""
+        row = self.conn.execute("SELECT value FROM ledger_config WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def newest_checkpoint_size(self) -> int:
+        """Leaves under the newest signed checkpoint (0 before the first)."""
+        return int(self.conn.execute("SELECT COALESCE(MAX(size), 0) FROM tlog_checkpoint").fetchone()[0])
+
+    def largest_cosigned_size(self, agent_id: str, upto: int) -> int | None:
+        """The largest checkpoint size <= `upto` that `agent_id` cosigned as a witness, or None."""
+        row = self.conn.execute("SELECT MAX(size) FROM tlog_cosignature WHERE agent_id = ? AND size <= ?",
+                                (agent_id, int(upto))).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def reading_leaf_inputs(self, agent_id: str, seq: int) -> dict[str, Any] | None:
+        """What an agent needs, besides its own copy of reading `seq`, to rebuild that
+        reading's leaf: the record fields only the coordinator knows and the per-record salt.
+        None when the reading is not journaled, has no log index yet, or was erased (no salt)."""
+        row = self.conn.execute(
+            "SELECT e.log_index, e.signer_fingerprint, e.result_digest, e.received_at, e.started_at, e.finished_at, "
+            "e.envelope_digest, s.salt FROM readings r JOIN executions e ON e.task_id = r.task_id "
+            "LEFT JOIN record_salt s ON s.task_id = e.task_id WHERE r.agent_id = ? AND r.seq = ?",
+            (agent_id, int(seq))).fetchone()
+        if row is None or row[0] is None or row[7] is None:
+            return None
+        return {"index": int(row[0]), "signer_fingerprint": row[1], "result_digest": row[2], "received_at": row[3],
+                "started_at": row[4], "finished_at": row[5], "envelope_digest": row[6], "salt": bytes(row[7])}
+
     def readings_per_agent(self) -> dict[str, int]:
         """Readings stored per agent (the coordinator's `readings` table)."""
         return {a: int(n) for a, n in self.conn.execute("SELECT agent_id, COUNT(*) FROM readings GROUP BY 1")}
