@@ -42,6 +42,7 @@ class VictimAgent:
     home: Path
     log: Path
     proc: Proc | None = None
+    started_with: float = VICTIM_INTERVAL  # `run --interval`: a flag, never written to the stored state
 
     def enroll(self, bundle: Path) -> VictimAgent:
         out = subprocess.run([sys.executable, "-m", "agent.cli", "--data-dir", str(self.home), "enroll", "--bundle",
@@ -51,6 +52,7 @@ class VictimAgent:
 
     def start(self, interval: float = VICTIM_INTERVAL) -> VictimAgent:
         cmd = [sys.executable, "-m", "agent.cli", "--data-dir", str(self.home), "run", "--interval", str(interval)]
+        self.started_with = interval
         self.proc = Proc(cmd, self.log, env=AGENT_ENV).start()
         self.proc.wait_for_output("ready in", timeout=120)
         return self
@@ -78,9 +80,10 @@ class VictimAgent:
         return int(rows[0][0]) if rows else 1
 
     def stored_interval(self) -> float | None:
-        """The sampling interval the victim keeps (set_interval writes it)."""
+        """The sampling interval the victim keeps: the one a set_interval command stored, else
+        the one it was started with (a flag beats the stored state and is not written there)."""
         rows = self._outbox("SELECT value FROM meta WHERE key = 'interval'")
-        return float(rows[0][0]) if rows else None
+        return float(rows[0][0]) if rows else self.started_with
 
 
 @dataclass

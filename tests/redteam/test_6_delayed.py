@@ -14,6 +14,7 @@ import pytest
 from celery import Celery
 
 from coordinator.config import load_config
+from security.contract import RECEIPT_TASK
 from security.quarantine import Quarantine
 from security.signing import SigningError
 from tests.support.celery_apps import close_app
@@ -38,7 +39,10 @@ def operator(fleet: Fleet) -> Iterator[Celery]:
 
 
 def commands_on_b(observer) -> list[dict]:
-    return [json.loads(p) for t, p in observer.received() if t in B_TOPICS]
+    """Commands queued for B. Receipts are left out: the coordinator sends those to B for B's
+    own readings (and again as newer checkpoints prove them), not because anyone asked."""
+    messages = [json.loads(p) for t, p in observer.received() if t in B_TOPICS]
+    return [m for m in messages if m["headers"]["task"] != RECEIPT_TASK]
 
 
 def test_countdown_beyond_the_allowed_delay_is_refused_at_send_time(fleet: Fleet, operator: Celery) -> None:
