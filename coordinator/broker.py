@@ -1,9 +1,9 @@
 """The managed Mosquitto: config rendering (security's renderer) and its process.
 
 Why: when no external broker is configured, `run` starts one on loopback with mutual
-TLS, the fleet CRL and the queue limits DESIGN.md says matter (Mosquitto drops
+TLS, the fleet CRL and the queue limits that keep tasks from being lost (Mosquitto drops
 messages above `max_queued_messages`; persistence keeps queued tasks across a
-broker restart). SIGHUP makes Mosquitto re-read its config and CRL after `revoke`.
+broker restart; docs/ARCHITECTURE.md, "The managed broker"). SIGHUP makes Mosquitto re-read its config and CRL after `revoke`.
 """
 
 from __future__ import annotations
