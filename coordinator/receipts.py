@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ledger.sqlite_files import read_only
 from security.contract import RECEIPT_TASK, agent_queue
 
 log = logging.getLogger("edgeledger.coordinator.receipts")
@@ -61,18 +62,16 @@ def journaled_ranges(journal_path: Path, agent_id: str) -> list[list[int]]:
     """The agent's stored seqs as ranges, straight from the journal (gaps and islands)."""
     if not Path(journal_path).exists():
         return []
-    conn = sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True, timeout=30)
     try:
-        rows = conn.execute(
-            "SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS g "
-            "FROM readings WHERE agent_id = ?) GROUP BY g ORDER BY 1", (agent_id,)
-        ).fetchall()
+        with read_only(journal_path, timeout=30) as conn:
+            rows = conn.execute(
+                "SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS g "
+                "FROM readings WHERE agent_id = ?) GROUP BY g ORDER BY 1", (agent_id,)
+            ).fetchall()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return []
         raise
-    finally:
-        conn.close()
     return [[int(a), int(b)] for a, b in rows]
 
 
