@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kombu_mqtt.backoff import Backoff
+
 from .node_tools import find_node_tool
 from .processes import ChildProcess, ProcessStartError, free_port
 
@@ -241,12 +243,13 @@ class ManagedAnvil:
         if self.state_dir is None:
             raise AnvilError("snapshot needs a state_dir: construct ManagedAnvil(state_dir=...)")
         with self._snap_lock:
-            for attempt in range(attempts):
+            retry = Backoff(0.02, 0.4, jitter=False)  # until the chain is between two transactions
+            for _ in range(attempts):
                 dumped = rpc_call(self.rpc_url, "anvil_dumpState", timeout=120)
                 data = gzip.decompress(binascii.unhexlify(dumped[2:] if dumped.startswith("0x") else dumped))
                 if dump_is_consistent(json.loads(data)):  # never replace a good snapshot with garbage
                     break
-                time.sleep(0.02 * (attempt + 1))
+                time.sleep(retry.next())
             else:
                 raise AnvilError(f"anvil_dumpState gave {attempts} inconsistent dumps (chain busy): previous "
                                  "snapshot kept, try again")

@@ -39,7 +39,7 @@ def enable_wal(db: sqlite3.Connection, path: Path | str, timeout: float = 30.0) 
             raise sqlite3.OperationalError(
                 f"{path} stays locked by another process: stop it, or wait for it to finish"
             )
-        time.sleep(delay)
+        time.sleep(delay)  # a lock wait, not a retry schedule; not kombu_mqtt.backoff: this module stays stdlib-only
         delay = min(delay * 2, 0.05)
 
 
