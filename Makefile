@@ -38,10 +38,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# Static checks (configured in pyproject.toml): ruff on the whole tree, mypy on the packages it lists.
+# Static checks (configured in pyproject.toml): ruff on the whole tree, mypy on the packages it lists,
+# and the package layering ([tool.importlinter] contracts) with import-linter.
 lint: python-env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) bench/transport.py

@@ -20,36 +20,19 @@ backoff; new samples keep accumulating meanwhile.
 from __future__ import annotations
 
 import logging
-import random
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from kombu_mqtt.backoff import Backoff
 from security.contract import INGEST_TASK
 
 from .outbox import Outbox
 from .sensors import Sensor
 
 log = logging.getLogger("edge.agent.forwarder")
-
-
-class Backoff:
-    """Exponential backoff with equal jitter: delay in [d/2, d], d doubling up to max."""
-
-    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None) -> None:
-        self.minimum, self.maximum = minimum, maximum
-        self.attempt = 0
-        self.rng = rng or random.Random()
-
-    def next(self) -> float:
-        d = min(self.maximum, self.minimum * (2 ** self.attempt))
-        self.attempt += 1
-        return d / 2 + self.rng.uniform(0, d / 2)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class Forwarder:

@@ -27,12 +27,13 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _harness import ROOT, IngestSink, start_redis  # first: puts the repository root on sys.path
 
-from tests.agent.support import Receiver, enrolled_agent  # noqa: E402
-from tests.support.mosquitto import FleetPKI, MosquittoBroker  # noqa: E402
-from tests.support.net import free_port, wait_for_port  # noqa: E402
+from agent.cli import main as agent_main
+from coordinator.broker import LoopbackBroker
+from ledger.processes import ChildProcess
+from security import pki
+from security.pki import LoopbackPKI
 
 MiB = 1024 * 1024
 TARGETS = {"rss_mib": 40.0, "binary_mb": 20.0, "ready_s": 0.4, "wakeups_30s": 5.0}
@@ -170,48 +171,34 @@ def _read(path: Path) -> str:
         return ""
 
 
-class Child:
+class Child(ChildProcess):
+    """A measured worker: started in its cgroup (if any), start-to-ready timed from its log."""
+
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], ready_text: str, log: Path,
                  cgroup: MemCgroup | None = None) -> None:
-        self.name, self.cmd, self.env, self.ready_text, self.log = name, cmd, env, ready_text, log
-        self.cgroup = cgroup
-        self.proc: subprocess.Popen | None = None
+        super().__init__(name, cmd, log, env={**os.environ, **env}, cwd=ROOT,
+                         preexec=cgroup.join if cgroup else None)
+        self.ready_text, self.cgroup = ready_text, cgroup
         self.ready_s = float("nan")
         self.readies: list[float] = []
 
     def start(self, timeout: float = 60.0) -> Child:
-        out = open(self.log, "wb")
         started = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, env={**os.environ, **self.env}, cwd=ROOT, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=self.cgroup.join if self.cgroup else None)
-        out.close()
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.ready_text in self.log.read_text(errors="replace"):
-                self.ready_s = time.monotonic() - started
-                self.readies.append(self.ready_s)
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.002)
-        raise RuntimeError(f"{self.name} did not get ready:\n{self.log.read_text(errors='replace')[-2000:]}")
+        super().start()
+        self.wait_for_log(self.ready_text, timeout, poll=0.002)  # fine-grained: start-to-ready is measured
+        self.ready_s = time.monotonic() - started
+        self.readies.append(self.ready_s)
+        return self
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+    def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
+        super().stop(timeout, sig)
 
     def memory(self) -> dict[str, float]:
         """Worker RSS/anon/file, tree RSS and PSS (split), cgroup charges; MiB."""
-        assert self.proc is not None
-        main_rss, tree_rss, anon, filed = rss_kib(self.proc.pid)
+        assert self.pid is not None
+        main_rss, tree_rss, anon, filed = rss_kib(self.pid)
         pss: dict[str, int] = {}
-        for p in tree(self.proc.pid):
+        for p in tree(self.pid):
             for k, v in smaps_rollup_kib(p).items():
                 pss[k] = pss.get(k, 0) + v
         out = {"rss": main_rss / 1024, "tree": tree_rss / 1024, "rss_anon": anon / 1024, "rss_file": filed / 1024,
@@ -257,6 +244,17 @@ def layer_rss(env: dict[str, str]) -> list[tuple[str, float]]:
                                   env={**os.environ, **env})
         out.append((label, int(proc.stdout.strip()) / 1024))
     return out
+
+
+def enrol(fleet: LoopbackPKI, data_dir: Path, agent_id: str) -> Path:
+    """`edge-agent keygen`, the CA signs the CSR, `edge-agent enroll`: as an operator would."""
+    if agent_main(["--data-dir", str(data_dir), "keygen", "--id", agent_id]) != 0:
+        raise SystemExit(f"edge-agent keygen failed for {agent_id}")
+    cert = data_dir.parent / f"{agent_id}-issued.pem"
+    pki.write_pem(fleet.ca.issue(pki.load_csr(data_dir / "agent.csr")), cert)
+    if agent_main(["--data-dir", str(data_dir), "enroll", "--cert", str(cert), "--ca", str(fleet.ca_path)]) != 0:
+        raise SystemExit(f"edge-agent enroll failed for {agent_id}")
+    return data_dir
 
 
 def mount_tmpfs(path: Path) -> bool:
@@ -311,15 +309,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         say("starting mosquitto (mutual TLS), redis-server, the signed receiver ...")
-        fleet = FleetPKI.create(work / "pki")
-        broker = MosquittoBroker(workdir=work / "mosquitto", pki=fleet).start()
-        rport = free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        wait_for_port(rport)
-        rcv = Receiver(work / "receiver", broker.tls_url, fleet).start()
-        children.append(rcv)
+        fleet = LoopbackPKI.create(work / "pki")
+        broker = LoopbackBroker(workdir=work / "mosquitto", pki=fleet).start()
+        redis, redis_url = start_redis()
+        sink = IngestSink(broker.tls_url, fleet.ssl_options("bench-sink")).start()
+        children.append(sink)
 
         # Plain-python runs use cached bytecode as an installed package would (pip compiles
         # .pyc files): a private cache dir, written by the first start. With
@@ -329,10 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         env = {"EDGE_AGENT_BROKER_HEARTBEAT": str(args.keepalive), "PYTHONUNBUFFERED": "1"}
         runtime = work / "state" / "runtime"  # on disk, as /var/lib/edge-agent/runtime on a device
         frozen_env = {**env, "EDGE_AGENT_RUNTIME_DIR": str(runtime)}
-        plain_dir = enrolled_agent(fleet, work / "plain", "bench-plain")
-        frozen_dir = enrolled_agent(fleet, work / "frozen", "bench-frozen")
+        plain_dir = enrol(fleet, work / "plain", "bench-plain")
+        frozen_dir = enrol(fleet, work / "frozen", "bench-frozen")
         (work / "peer").mkdir()
-        (work / "peer" / "peerapp.py").write_text(textwrap.dedent(PEER_APP.format(url=f"redis://127.0.0.1:{rport}/0")))
+        (work / "peer" / "peerapp.py").write_text(textwrap.dedent(PEER_APP.format(url=redis_url)))
 
         def agent_cmd(head: list[str], data: Path) -> list[str]:
             return head + ["--data-dir", str(data), "run", "--broker-url", broker.tls_url, "--interval", "3600"]
@@ -356,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_onefile:
             mounted = mount_tmpfs(tmpfs)
             if mounted:
-                onefile_dir = enrolled_agent(fleet, work / "onefile", "bench-onefile")
+                onefile_dir = enrol(fleet, work / "onefile", "bench-onefile")
                 runs.append(Child("one-file, TMPDIR tmpfs", agent_cmd([str(args.compare_onefile)], onefile_dir),
                                   {**env, "TMPDIR": str(tmpfs)}, "ready in", work / "onefile.log", cgroup("onefile")))
         runs.append(Child("celery solo on redis", [sys.executable, "-m", "celery", "-A", "peerapp", "worker", "-P",
@@ -376,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                 child.start()
         time.sleep(3.0)  # let the initial sample flush and caches settle
         say(f"idle window {args.idle:.0f}s: counting context switches of all at once ...")
-        before = {c.name: switches(c.proc.pid) for c in runs}
+        before = {c.name: switches(c.pid or 0) for c in runs}
         time.sleep(args.idle)
-        after = {c.name: switches(c.proc.pid) for c in runs}
+        after = {c.name: switches(c.pid or 0) for c in runs}
         for c in runs:
             wake = (after[c.name] - before[c.name]) * 30.0 / args.idle
             rows.append((c.name, c.readies, c.memory(), wake))
@@ -389,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in reversed(children):
             c.stop()
         if redis is not None:
-            redis.terminate()
-            redis.wait(10)
+            redis.stop()
         if broker is not None:
             broker.stop()
         if mounted:

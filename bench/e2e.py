@@ -23,24 +23,20 @@ by the coordinator's receipt batching (worker.receipt_interval, default 6 s).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-PY = sys.executable
+from _harness import ROOT, start_coordinator, start_redis  # first: puts the repository root on sys.path
 
-from tests.support.net import free_port  # noqa: E402
+from ledger.processes import ChildProcess
+
+PY = sys.executable
 
 
 def pct(values: list[float], q: float) -> float:
@@ -83,35 +79,16 @@ def query(db: Path, sql: str) -> list[tuple]:
 # -- edgeledger ----------------------------------------------------------------------
 def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.0) -> dict:
     data = base / f"coord-{interval:g}"
-    http = free_port()
-    cli = [PY, "-m", "coordinator.cli"]
-    subprocess.run([*cli, "init", "--data-dir", str(data), "--broker-port", str(free_port()), "--chain-port",
-                    str(free_port()), "--http-port", str(http)], check=True, capture_output=True, cwd=ROOT)
     names = [f"bench-{i}" for i in range(agents)]
-    for n in names:
-        subprocess.run([*cli, "enroll", "--data-dir", str(data), "--bundle", n], check=True, capture_output=True, cwd=ROOT)
-    log = open(base / "coordinator.log", "ab")
-    daemon = subprocess.Popen([*cli, "run", "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT,
-                              cwd=ROOT, start_new_session=True)
-    pubs: list[subprocess.Popen] = []
+    daemon, _ = start_coordinator(data, base / "coordinator.log", names)
+    pubs: list[ChildProcess] = []
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as r:
-                    if json.loads(r.read())["ok"]:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit("bench: coordinator did not start; see " + str(base / "coordinator.log"))
-            time.sleep(0.2)
         total = agents * per_agent
         journal = data / "journal.db"
         started = time.monotonic()
-        pubs = [subprocess.Popen([PY, "-m", "coordinator.simagent", "--bundle", str(data / "bundles" / n),
-                                  "--count", str(per_agent), "--interval", str(interval)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL) for n in names]
+        pubs = [ChildProcess(f"simagent {n}", [PY, "-m", "coordinator.simagent", "--bundle", str(data / "bundles" / n),
+                                               "--count", str(per_agent), "--interval", str(interval)], cwd=ROOT).start()
+                for n in names]
 
         def confirmed() -> int:
             rows = query(journal, "SELECT COUNT(*) FROM executions WHERE anchor_state = 'confirmed'")
@@ -120,7 +97,7 @@ def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.
         wait_for(lambda: confirmed() >= total, 170, "on-chain confirmation", "edgeledger confirmed", total, started, confirmed)
         elapsed = time.monotonic() - started
         for p in pubs:
-            p.wait(timeout=30)
+            p.wait_until(lambda p=p: not p.alive(), 30, "exit")
         rows = query(journal, "SELECT r.sampled_at, e.appended_at, e.anchored_at FROM readings r "
                               "JOIN executions e ON e.task_id = r.task_id")
         gas = query(journal, "SELECT COUNT(DISTINCT tx_hash) FROM executions")
@@ -132,54 +109,22 @@ def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.
         }
     finally:
         for p in pubs:
-            if p.poll() is None:
-                p.kill()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-        log.close()
+            p.kill()
+        daemon.stop(timeout=60)
 
 
 # -- receipts: sample -> receipt verified on a real agent ------------------------------------
-def start_coordinator(data: Path, base: Path, agents: list[str]) -> tuple[subprocess.Popen, int]:
-    cli = [PY, "-m", "coordinator.cli"]
-    http = free_port()
-    subprocess.run([*cli, "init", "--data-dir", str(data), "--broker-port", str(free_port()), "--chain-port",
-                    str(free_port()), "--http-port", str(http)], check=True, capture_output=True, cwd=ROOT)
-    for n in agents:
-        subprocess.run([*cli, "enroll", "--data-dir", str(data), "--bundle", n], check=True, capture_output=True, cwd=ROOT)
-    log = open(base / "coordinator-receipts.log", "ab")
-    daemon = subprocess.Popen([*cli, "run", "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT,
-                              cwd=ROOT, start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as r:
-                if json.loads(r.read())["ok"]:
-                    return daemon, http
-        except OSError:
-            pass
-        if time.monotonic() > deadline or daemon.poll() is not None:
-            daemon.kill()
-            raise SystemExit("bench: coordinator did not start; see " + str(base / "coordinator-receipts.log"))
-        time.sleep(0.2)
-
-
 def run_receipts(base: Path, count: int, interval: float) -> dict:
     data, home = base / "coord-receipts", base / "agent-receipts"
-    daemon, _ = start_coordinator(data, base, ["bench-r"])
-    agent = None
+    daemon, _ = start_coordinator(data, base / "coordinator-receipts.log", ["bench-r"])
+    agent: ChildProcess | None = None
     log_path = base / "agent-receipts.log"
     try:
         subprocess.run([PY, "-m", "agent", "--data-dir", str(home), "enroll", "--bundle", str(data / "bundles" / "bench-r")],
                        check=True, capture_output=True, cwd=ROOT)
-        with open(log_path, "ab") as log:
-            agent = subprocess.Popen([PY, "-m", "agent", "--data-dir", str(home), "run", "--interval", str(interval),
-                                      "--log-level", "INFO"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     start_new_session=True, env={**os.environ, "EDGE_AGENT_HEARTBEAT_INTERVAL": "0"})
+        agent = ChildProcess("edge-agent run", [PY, "-m", "agent", "--data-dir", str(home), "run", "--interval", str(interval),
+                                                "--log-level", "INFO"], log_path, cwd=ROOT,
+                             env={**os.environ, "EDGE_AGENT_HEARTBEAT_INTERVAL": "0"}).start()
         started = time.monotonic()
         journal = data / "journal.db"
 
@@ -207,12 +152,8 @@ def run_receipts(base: Path, count: int, interval: float) -> dict:
                 "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "seconds": time.monotonic() - started}
     finally:
         for proc in (agent, daemon):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            if proc is not None:
+                proc.stop(timeout=60)
 
 
 # -- peer: plain Celery over Redis ---------------------------------------------------------
@@ -256,32 +197,19 @@ def redis_publisher(url: str, agent: str, count: int, interval: float) -> None:
 
 
 def run_redis(base: Path, agents: int, per_agent: int, interval: float = 0.0) -> dict:
-    port = free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    redis, url = start_redis()
     db = base / f"peer-{interval:g}.db"
-    worker = None
-    pubs: list[subprocess.Popen] = []
+    worker: ChildProcess | None = None
+    pubs: list[ChildProcess] = []
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("bench: redis-server did not start") from None
-                time.sleep(0.05)
-        worker = subprocess.Popen([PY, __file__, "--redis-worker", url, str(db)], cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        worker = ChildProcess("celery+redis peer worker", [PY, __file__, "--redis-worker", url, str(db)], cwd=ROOT).start()
         while not query(db, "SELECT 1 FROM readings LIMIT 0") and not db.exists():
             time.sleep(0.1)
         time.sleep(2.0)  # let the worker subscribe
         total = agents * per_agent
         started = time.monotonic()
-        pubs = [subprocess.Popen([PY, __file__, "--redis-publisher", url, f"peer-{i}", str(per_agent), str(interval)], cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(agents)]
+        pubs = [ChildProcess(f"redis publisher {i}", [PY, __file__, "--redis-publisher", url, f"peer-{i}", str(per_agent),
+                                                      str(interval)], cwd=ROOT).start() for i in range(agents)]
 
         def stored() -> int:
             rows = query(db, "SELECT COUNT(*) FROM readings")
@@ -294,16 +222,10 @@ def run_redis(base: Path, agents: int, per_agent: int, interval: float = 0.0) ->
                 "p50": pct([b - a for a, b in rows], 0.5), "p99": pct([b - a for a, b in rows], 0.99)}
     finally:
         for p in pubs:
-            if p.poll() is None:
-                p.kill()
+            p.kill()
         if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-        redis.terminate()
-        redis.wait(timeout=10)
+            worker.stop(timeout=20)
+        redis.stop()
 
 
 def main() -> int:

@@ -28,8 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _harness import ROOT, start_redis  # first: puts the repository root on sys.path
 
 VARIANTS = ("plain-json", "stock-rsa", "edge-p256")
 
@@ -131,17 +130,6 @@ def run_child(variant: str, broker: str, pki: dict[str, str], tasks: int) -> dic
 
 
 # ---------------------------------------------------------------- parent
-def start_redis() -> tuple[subprocess.Popen, str]:
-    from tests.support.net import free_port, wait_for_port
-
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for_port(port, timeout=15)
-    return proc, f"redis://127.0.0.1:{port}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=2000)
@@ -176,8 +164,7 @@ def main() -> None:
                       f"worker {res['tasks_per_s']:7.0f} tasks/s   "
                       f"sign+verify {res['sign_verify_us']:7.1f} us/msg", flush=True)
     finally:
-        redis.terminate()
-        redis.wait(timeout=10)
+        redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = {v: {k: statistics.median(r[k] for r in rs) for k in ("tasks_per_s", "publish_per_s", "sign_verify_us")}

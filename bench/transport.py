@@ -11,34 +11,17 @@ Run:  .venv/bin/python bench/transport.py [--tasks 5000] [--idle-seconds 30]
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _harness import context_switches, peer_env, peer_worker, start_redis
+from _peer_app import make_app
 
-import kombu_mqtt  # noqa: E402
-from tests.support.mosquitto import FleetPKI, MosquittoBroker  # noqa: E402
-from tests.support.net import free_port, wait_for_port  # noqa: E402
-from tests.transport.celery_app import make_app  # noqa: E402
-from tests.transport.worker_proc import WorkerProcess, worker_env  # noqa: E402
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server")
-    if not binary:
-        raise SystemExit("redis-server is not installed: apt-get install redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    wait_for_port(port)
-    return proc, f"redis://127.0.0.1:{port}/0"
+import kombu_mqtt
+from coordinator.broker import LoopbackBroker
+from ledger.processes import ChildProcess
+from security.pki import LoopbackPKI
 
 
 def send_retrying(app, name: str, timeout: float = 30.0):
@@ -52,18 +35,18 @@ def send_retrying(app, name: str, timeout: float = 30.0):
             time.sleep(0.1)
 
 
-def run_peer(label: str, url: str, worker_ssl, client_ssl, tasks: int, workdir: Path) -> tuple[float, WorkerProcess]:
+def run_peer(label: str, url: str, worker_ssl, client_ssl, tasks: int, workdir: Path) -> tuple[float, ChildProcess]:
     queue = f"bench.{label.replace(' ', '').replace('+', '')}"
-    env = worker_env(url, worker_ssl, queue, client_id=f"bench-{label.replace(' ', '-').replace('+', '')}")
-    worker = WorkerProcess(env, workdir / f"{queue}.log").start()
-    worker.wait_ready()
+    env = peer_env(url, worker_ssl, queue, client_id=f"bench-{label.replace(' ', '-').replace('+', '')}")
+    worker = peer_worker(env, workdir / f"{queue}.log").start()
+    worker.wait_for_log(" ready.", 60)
     app = make_app(url, client_ssl, queue)
     try:
-        send_retrying(app, "kmq.noop").get(timeout=60)  # warm-up: worker subscribed, result path open
+        send_retrying(app, "peer.noop").get(timeout=60)  # warm-up: worker subscribed, result path open
         started = time.perf_counter()
         results = []
         for index in range(tasks):
-            results.append(app.send_task("kmq.noop"))
+            results.append(app.send_task("peer.noop"))
             if (index + 1) % 1000 == 0:
                 print(f"  {label}: published {index + 1}/{tasks}", flush=True)
         for result in results:
@@ -83,10 +66,10 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-transport-"))
-    pki = FleetPKI.create(workdir / "pki")
-    broker = MosquittoBroker(workdir=workdir / "mosquitto", pki=pki).start()
+    pki = LoopbackPKI.create(workdir / "pki")
+    broker = LoopbackBroker(workdir=workdir / "mosquitto", pki=pki).start()
     redis_proc, redis_url = start_redis(workdir)
-    workers: dict[str, WorkerProcess] = {}
+    workers: dict[str, ChildProcess] = {}
     rates: dict[str, float] = {}
     try:
         peers = [
@@ -100,15 +83,15 @@ def main() -> None:
 
         print(f"[idle] all three workers idle for {args.idle_seconds:g}s, counting voluntary context switches", flush=True)
         time.sleep(2)
-        before = {label: worker.context_switches() for label, worker in workers.items()}
+        before = {label: context_switches(worker.pid or 0) for label, worker in workers.items()}
         time.sleep(args.idle_seconds)
-        idle = {label: (worker.context_switches() - before[label]) * 30.0 / args.idle_seconds for label, worker in workers.items()}
+        idle = {label: (context_switches(worker.pid or 0) - before[label]) * 30.0 / args.idle_seconds
+                for label, worker in workers.items()}
     finally:
         for worker in workers.values():
-            worker.stop()
+            worker.stop(timeout=20)
         broker.stop()
-        redis_proc.terminate()
-        redis_proc.wait(timeout=10)
+        redis_proc.stop()
 
     base = rates["Celery+Redis"]
     print("\nresults (tasks/s, higher is better; idle wakeups per 30 s, lower is better)")

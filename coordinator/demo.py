@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ledger.journal import JournalReader, open_reader
+from ledger.processes import ChildProcess, ProcessStartError, stop_all
 
 from .broker_acl import agent_enrolled
 from .config import load_config, save_config
@@ -48,7 +49,7 @@ class AgentProc:
     bundle: Path
     home: Path
     kind: str = "edge-agent"
-    proc: subprocess.Popen | None = field(default=None, repr=False)
+    proc: ChildProcess | None = field(default=None, repr=False)
 
     @property
     def log_path(self) -> Path:
@@ -62,7 +63,7 @@ class Demo:
         self.duration = duration
         self.interval = interval
         self.data_dir = base / "coordinator"
-        self.coordinator: subprocess.Popen | None = None
+        self.coordinator: ChildProcess | None = None
         self.agents: list[AgentProc] = []
         self.cfg: Any = None
 
@@ -78,29 +79,15 @@ class Demo:
         _say(f"[1/6] fresh PKI and config in {self.data_dir}")
 
     def start_coordinator(self, timeout: float = 90.0) -> None:
-        log = open(self.base / "coordinator.log", "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_COORDINATOR_")}
-        self.coordinator = subprocess.Popen(
-            [PY, "-m", "coordinator.cli", "run", "--data-dir", str(self.data_dir)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.coordinator.poll() is not None:
-                raise CoordinatorError(f"the coordinator exited at start; see {self.base / 'coordinator.log'}: {self._tail('coordinator.log')}")
-            if self._healthy():
-                _say(f"[2/6] coordinator up: mosquitto {self.cfg.broker_url} (mutual TLS), anvil {self.cfg.chain_url}, "
-                     f"metrics http://127.0.0.1:{self.cfg.http.port}/metrics")
-                return
-            time.sleep(0.2)
-        raise CoordinatorError(f"the coordinator did not become healthy in {timeout:g}s; see {self.base / 'coordinator.log'}")
-
-    def _tail(self, name: str) -> str:
+        self.coordinator = ChildProcess("the coordinator", [PY, "-m", "coordinator.cli", "run", "--data-dir", str(self.data_dir)],
+                                        self.base / "coordinator.log", env=env).start()
         try:
-            return " | ".join((self.base / name).read_text(errors="replace").strip().splitlines()[-3:])
-        except OSError:
-            return ""
+            self.coordinator.wait_until(self._healthy, timeout, "a healthy /healthz", poll=0.2)
+        except ProcessStartError as exc:
+            raise CoordinatorError(f"{exc}; see {self.base / 'coordinator.log'}") from None
+        _say(f"[2/6] coordinator up: mosquitto {self.cfg.broker_url} (mutual TLS), anvil {self.cfg.chain_url}, "
+             f"metrics http://127.0.0.1:{self.cfg.http.port}/metrics")
 
     def _healthy(self) -> bool:
         try:
@@ -120,15 +107,13 @@ class Demo:
                 [PY, "-m", "agent.cli", "--data-dir", str(agent.home), "enroll", "--bundle", str(bundle)],
                 capture_output=True, text=True, timeout=60,
             )
-            log = open(agent.log_path, "ab")
             if enroll.returncode == 0:
                 argv = [PY, "-m", "agent.cli", "--data-dir", str(agent.home), "run", "--interval", str(self.interval)]
             else:  # the agent package cannot run here: a signed stand-in keeps the demo honest about it
                 agent.kind = "simagent (edge-agent enroll failed: " + (enroll.stderr.strip().splitlines() or ["?"])[-1][:80] + ")"
                 argv = [PY, "-m", "coordinator.simagent", "--bundle", str(bundle), "--count", "0",
                         "--duration", str(self.duration + 5), "--interval", str(self.interval), "--heartbeat-every", "10"]
-            agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()
+            agent.proc = ChildProcess(name, argv, agent.log_path).start()
             self.agents.append(agent)
         kinds = {a.kind for a in self.agents}
         _say(f"[3/6] enrolled and started {self.n_agents} agents ({', '.join(sorted(kinds))}), sampling every {self.interval:g}s")
@@ -162,7 +147,7 @@ class Demo:
         last_print = 0.0
         while (elapsed := time.monotonic() - start) < self.duration:
             for a in self.agents:
-                if a.proc is not None and a.proc.poll() is not None:
+                if a.proc is not None and not a.proc.alive():
                     raise CoordinatorError(f"agent {a.name} exited early ({a.proc.returncode}); see {a.log_path}")
             if not sent and elapsed >= self.duration / 2:
                 sent = self.dispatch(send_command)
@@ -199,16 +184,7 @@ class Demo:
         return out
 
     def stop_agents(self) -> None:
-        for a in self.agents:
-            if a.proc is not None and a.proc.poll() is None:
-                a.proc.send_signal(signal.SIGTERM)
-        for a in self.agents:
-            if a.proc is not None:
-                try:
-                    a.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(a.proc.pid, signal.SIGKILL)
-                    a.proc.wait()
+        stop_all((a.proc for a in self.agents), timeout=30)
 
     def wait_anchored(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -263,14 +239,9 @@ class Demo:
     # -- teardown -----------------------------------------------------------------------
     def stop_coordinator(self) -> None:
         proc, self.coordinator = self.coordinator, None
-        if proc is None or proc.poll() is not None:
+        if proc is None or not proc.alive():
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.stop(timeout=60)
         # a broker left by a killed daemon must not outlive the demo
         pid_file = self.data_dir / "run" / "mosquitto" / "mosquitto.pid"
         try:

@@ -22,6 +22,7 @@ from typing import Any
 
 from celery import Celery
 
+from kombu_mqtt.backoff import Backoff
 from security.contract import (
     HEARTBEAT_TASK,
     INGEST_QUEUE,
@@ -100,6 +101,7 @@ class SimAgent:
         task_id: the contract's id for this message (the coordinator refuses any other).
         """
         retries = self.retries
+        backoff = Backoff(0.2, 2.0)  # jittered: a thousand simulated agents must not retry in step
         for attempt in range(retries):
             try:
                 self.app.send_task(name, kwargs=kwargs, queue=INGEST_QUEUE, task_id=task_id)
@@ -114,7 +116,7 @@ class SimAgent:
                     raise Refused(reason) from exc
                 if attempt == retries - 1:
                     raise
-                time.sleep(min(0.2 * (attempt + 1), 2.0))
+                time.sleep(backoff.next())
         return task_id
 
     def ingest(self, seq: int) -> str:

@@ -10,34 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ledger.anvil import free_port  # noqa: F401  (re-exported for the demo)
+from ledger.processes import ChildProcess, ProcessStartError, free_port, port_open, wait_for_port
 
 from .errors import CoordinatorError
 
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None, host: str = "127.0.0.1") -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_open(port, host):
-            return True
-        if proc is not None and proc.poll() is not None:
-            return False
-        time.sleep(0.03)
-    return False
+__all__ = ["Child", "free_port", "port_open", "wait_for_port"]  # free_port: re-exported for the demo
 
 
 def _running(pid: int) -> bool:
@@ -54,20 +34,20 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-@dataclass
-class Child:
-    """One supervised process: started in its own session, logged to a file."""
+class Child(ChildProcess):
+    """One supervised process (ledger.processes.ChildProcess) that can adopt a survivor.
 
-    name: str
-    argv: list[str]
-    log_path: Path
-    port: int | None = None
-    start_timeout: float = 20.0
-    env: dict[str, str] | None = None
-    pid_file: Path | None = None
-    process: subprocess.Popen | None = field(default=None, repr=False)
-    adopted_pid: int | None = None
-    restarts: int = 0
+    What the daemon adds to the common mechanism: a pid file, so a child left running by
+    a coordinator that was SIGKILLed is adopted instead of started twice; a port check
+    before starting; restarts counted; failures as CoordinatorError (cause + fix).
+    """
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, port: int | None = None, start_timeout: float = 20.0,
+                 env: dict[str, str] | None = None, pid_file: Path | None = None) -> None:
+        super().__init__(name, argv, log_path, env=env)
+        self.port, self.start_timeout, self.pid_file = port, start_timeout, pid_file
+        self.adopted_pid: int | None = None
+        self.restarts = 0
 
     def _find_survivor(self) -> int | None:
         """A child left running by a coordinator that was killed (SIGKILL skips cleanup).
@@ -94,15 +74,11 @@ class Child:
             raise CoordinatorError(
                 f"{self.name}: port 127.0.0.1:{self.port} is already in use: stop what listens there or change the port in coordinator.toml"
             )
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            try:
-                self.process = subprocess.Popen(
-                    self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    start_new_session=True, env=self.env,
-                )
-            except FileNotFoundError:
-                raise CoordinatorError(f"{self.name}: {self.argv[0]} not found: run `make setup`") from None
+        try:
+            super().start()
+        except ProcessStartError as exc:
+            raise CoordinatorError(str(exc)) from None
+        assert self.process is not None
         if self.pid_file is not None:
             self.pid_file.write_text(str(self.process.pid))
         if self.port is not None and not wait_for_port(self.port, self.start_timeout, self.process):
@@ -114,41 +90,23 @@ class Child:
     def alive(self) -> bool:
         if self.adopted_pid is not None:
             return _running(self.adopted_pid) and self._find_survivor() == self.adopted_pid
-        return self.process is not None and self.process.poll() is None
+        return super().alive()
 
     @property
     def pid(self) -> int | None:
         if self.adopted_pid is not None:
             return self.adopted_pid
-        return self.process.pid if self.process else None
+        return super().pid
 
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            assert self.pid is not None
-            os.kill(self.pid, sig)
-
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
         if self.adopted_pid is not None:
             pid, self.adopted_pid = self.adopted_pid, None
             self._stop_adopted(pid, timeout)
             return
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        super().stop(timeout, sig)
 
     def _stop_adopted(self, pid: int, timeout: float) -> None:
+        """Not our child (no Popen to wait on): signal, poll until gone, then SIGKILL."""
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -163,14 +121,13 @@ class Child:
         except ProcessLookupError:
             pass
 
+    def signal(self, sig: int) -> None:  # defined after stop(): its default reads the signal module
+        """Send `sig` to the child (or the adopted survivor) itself."""
+        if self.alive():
+            assert self.pid is not None
+            os.kill(self.pid, sig)
+
     def restart(self) -> None:
         self.stop()
         self.restarts += 1
         self.start()
-
-    def log_tail(self, lines: int = 3) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except FileNotFoundError:
-            return ""
-        return " | ".join(text[-lines:])

@@ -2,7 +2,7 @@
 
 Why: kombu drives I/O itself (a blocking `drain_events` or the worker's Hub), so
 paho runs without its own thread. This class owns connect/reconnect with
-jittered exponential backoff, blocking waits for CONNACK/SUBACK/UNSUBACK/PUBACK
+jittered exponential backoff (`kombu_mqtt.backoff`), blocking waits for CONNACK/SUBACK/UNSUBACK/PUBACK
 (the PUBACK reason code is the only way to learn that nobody will get a task),
 manual acks, and reading everything the socket (and the TLS buffer) holds.
 Every public method takes a re-entrant lock: kombu may use one connection from
@@ -13,13 +13,12 @@ socket when it takes over an ephemeral queue.
 from __future__ import annotations
 
 import logging
-import random
 import select
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from .backoff import Backoff
 from .errors import MqttConnectionError, PublishRejectedError, SubscribeRejectedError
 from .takeover import TakeoverWatch, watch_for
 
@@ -74,14 +74,6 @@ def tls_buffered(sock: Any) -> bool:
     """
     pending = getattr(sock, "pending", None)
     return bool(pending()) if pending is not None else False
-
-
-def backoff_delays(min_delay: float, max_delay: float) -> Iterator[float]:
-    """Jittered exponential backoff: uniform in [d/2, d], d doubling up to max_delay."""
-    delay = min_delay
-    while True:
-        yield random.uniform(delay / 2, delay)
-        delay = min(max_delay, delay * 2)
 
 
 
@@ -214,7 +206,9 @@ class MqttSession:
     def _connect_with_retry(self) -> None:
         deadline = time.monotonic() + self.reconnect_timeout
         last: Exception | None = None
-        for delay in backoff_delays(self.reconnect_min_delay, self.reconnect_max_delay):
+        backoff = Backoff(self.reconnect_min_delay, self.reconnect_max_delay)
+        while True:
+            delay = backoff.next()
             try:
                 self._connect_once()
                 return

@@ -45,6 +45,7 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from . import topics
+from .backoff import Backoff
 from .client import NO_MATCHING_SUBSCRIBERS, Endpoint, MqttSession, build_tls_context, tls_buffered
 from .deadletter import NOT_KOMBU_MESSAGE, STALE_SUBSCRIPTION, DeadLetterBox, resolve_handler
 from .errors import MqttConnectionError, NoSubscribersError, PublishRejectedError, SubscribeRejectedError
@@ -760,7 +761,7 @@ class Transport(virtual.Transport):
             # ref stays in _inflight, so a DUP redelivery after a reconnect is not
             # handled twice); at prefetch 1 (Receive Maximum 1) the queue waits meanwhile.
             refusal.attempts += 1
-            delay = min(self.options.dead_letter_retry_max, self.options.dead_letter_retry * 2 ** (refusal.attempts - 1))
+            delay = Backoff(self.options.dead_letter_retry, self.options.dead_letter_retry_max, jitter=False).ceiling(refusal.attempts - 1)
             refusal.due = now + delay
             self._refusal_retries.append(refusal)
 

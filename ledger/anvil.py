@@ -5,22 +5,19 @@ can leave a truncated file anvil refuses to load. Here snapshots are taken with
 `anvil_dumpState`, written to a temp file, fsynced and renamed, keeping the previous
 copy; a restart loads the latest and falls back to the previous one.
 
-The child gets PDEATHSIG=SIGKILL (Linux), so it dies with the thread that started it:
-start it from a long-lived thread (normally the main thread).
+The child is a `ledger.processes.ChildProcess` (own session, stopped as a group) with
+PDEATHSIG=SIGKILL (Linux), so it dies with the thread that started it: start it from a
+long-lived thread (normally the main thread).
 """
 
 from __future__ import annotations
 
 import binascii
-import ctypes
 import gzip
 import json
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -28,7 +25,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kombu_mqtt.backoff import Backoff
+
 from .node_tools import find_node_tool
+from .processes import ChildProcess, ProcessStartError, free_port
+
+__all__ = ["AnvilError", "ManagedAnvil", "dump_is_consistent", "find_anvil", "free_port", "rpc_call"]
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +45,6 @@ class AnvilError(RuntimeError):
 def find_anvil() -> str:
     """EDGE_ANVIL_BIN, else node_modules/.bin/anvil of this repo, else anvil on PATH."""
     return find_node_tool("anvil", "EDGE_ANVIL_BIN", AnvilError, "or set EDGE_ANVIL_BIN")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,7 +112,7 @@ class ManagedAnvil:
         self.snapshot_interval = snapshot_interval
         self.extra_args = extra_args
         self.startup_timeout = startup_timeout
-        self.process: subprocess.Popen | None = None
+        self.process: ChildProcess | None = None
         self.private_keys: list[str] = []
         self.addresses: list[str] = []
         self.loaded_from: Path | None = None
@@ -186,27 +176,21 @@ class ManagedAnvil:
         if state is not None:
             args += ["--load-state", str(state)]
         log_path = self._workdir / f".anvil-{self.port}.log"
-        with open(log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent, close_fds=True,
-            )
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-400:].strip().replace("\n", " | ")
-                self.process = None
-                raise AnvilError(f"anvil exited with {tail or 'no output'}")
+        child = ChildProcess("anvil", args, log_path, die_with_parent=True, fix="run `make setup` or set EDGE_ANVIL_BIN")
+
+        def answers() -> bool:
             try:
                 rpc_call(self.rpc_url, "eth_chainId", timeout=2)
-                if config_out.exists():
-                    break
             except (OSError, urllib.error.URLError, AnvilError):
-                pass
-            time.sleep(0.05)
-        else:
-            self._terminate(signal.SIGKILL)
-            raise AnvilError(f"anvil did not answer on {self.rpc_url} within {self.startup_timeout}s")
+                return False
+            return config_out.exists()
+
+        try:
+            child.start().wait_until(answers, self.startup_timeout, f"JSON-RPC answer on {self.rpc_url}")
+        except ProcessStartError as exc:
+            child.kill()
+            raise AnvilError(str(exc)) from None
+        self.process = child
         config = json.loads(config_out.read_text())
         config_out.unlink(missing_ok=True)
         self.private_keys = list(config["private_keys"])
@@ -214,7 +198,7 @@ class ManagedAnvil:
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.process is not None and self.process.alive()
 
     def stop(self, snapshot: bool = True) -> None:
         """Snapshot (if state_dir) and stop anvil gracefully."""
@@ -244,16 +228,9 @@ class ManagedAnvil:
         return self.start()
 
     def _terminate(self, sig: int) -> None:
-        proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        child, self.process = self.process, None
+        if child is not None:
+            child.stop(timeout=10, sig=sig)
 
     # -- snapshots ------------------------------------------------------------------
     def snapshot(self, attempts: int = 20) -> Path:
@@ -266,12 +243,13 @@ class ManagedAnvil:
         if self.state_dir is None:
             raise AnvilError("snapshot needs a state_dir: construct ManagedAnvil(state_dir=...)")
         with self._snap_lock:
-            for attempt in range(attempts):
+            retry = Backoff(0.02, 0.4, jitter=False)  # until the chain is between two transactions
+            for _ in range(attempts):
                 dumped = rpc_call(self.rpc_url, "anvil_dumpState", timeout=120)
                 data = gzip.decompress(binascii.unhexlify(dumped[2:] if dumped.startswith("0x") else dumped))
                 if dump_is_consistent(json.loads(data)):  # never replace a good snapshot with garbage
                     break
-                time.sleep(0.02 * (attempt + 1))
+                time.sleep(retry.next())
             else:
                 raise AnvilError(f"anvil_dumpState gave {attempts} inconsistent dumps (chain busy): previous "
                                  "snapshot kept, try again")

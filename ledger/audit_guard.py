@@ -22,6 +22,7 @@ import sqlite_utils
 
 from ledger.audit_config import AuditConfig, ConfigError
 from ledger.journal import Journal, JournalReader
+from ledger.sqlite_files import connect_read_only
 from security import exit_codes
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -50,8 +51,7 @@ class ReadOnlyJournal(Journal):
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60, isolation_level=None,
-                                   check_same_thread=False)
+            conn = connect_read_only(self.path, timeout=60, isolation_level=None, check_same_thread=False)
             self._local.conn = conn
             self._local.db = sqlite_utils.Database(conn)
             with self._lock:

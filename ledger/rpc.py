@@ -15,6 +15,7 @@ from typing import Any
 from web3 import HTTPProvider, Web3
 from web3.exceptions import TransactionNotFound
 
+from kombu_mqtt.backoff import Backoff
 from ledger import contract
 
 
@@ -56,15 +57,14 @@ def send_raw(w3: Web3, raw: bytes) -> bytes:
 def wait_receipt(w3: Web3, tx_hash: str, timeout: float, poll: float = 0.002) -> Any:
     """Poll for the receipt until it exists; TimeoutError after `timeout` s."""
     deadline = time.monotonic() + timeout
-    delay = poll
+    polls = Backoff(poll, 0.1, factor=1.5, jitter=False)  # a poll, not a retry: no jitter
     while True:
         receipt = get_receipt(w3, tx_hash)
         if receipt is not None:
             return receipt
         if time.monotonic() >= deadline:
             raise TimeoutError(f"no receipt for {tx_hash} after {timeout}s")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.1)
+        time.sleep(polls.next())
 
 
 def get_logs(w3: Web3, params: dict[str, Any]) -> list[Any]:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def enable_wal(db: sqlite3.Connection, path: Path | str, timeout: float = 30.0) -> None:
@@ -38,14 +39,20 @@ def enable_wal(db: sqlite3.Connection, path: Path | str, timeout: float = 30.0) 
             raise sqlite3.OperationalError(
                 f"{path} stays locked by another process: stop it, or wait for it to finish"
             )
-        time.sleep(delay)
+        time.sleep(delay)  # a lock wait, not a retry schedule; not kombu_mqtt.backoff: this module stays stdlib-only
         delay = min(delay * 2, 0.05)
+
+
+def connect_read_only(path: Path | str, timeout: float = 10.0, **kwargs: Any) -> sqlite3.Connection:
+    """A read-only connection (mode=ro: never creates the file, never writes) that the caller keeps
+    (e.g. one per thread); `kwargs` go to sqlite3.connect (isolation_level, check_same_thread)."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, **kwargs)
 
 
 @contextmanager
 def read_only(path: Path | str, timeout: float = 10.0) -> Iterator[sqlite3.Connection]:
-    """A read-only connection (mode=ro: never creates the file, never writes), closed after use."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
+    """A read-only connection (`connect_read_only`), closed after use."""
+    conn = connect_read_only(path, timeout)
     try:
         yield conn
     finally:

@@ -37,6 +37,7 @@ from eth_utils import to_checksum_address as to_checksum
 from web3 import Web3
 from web3.types import Wei
 
+from kombu_mqtt.backoff import Backoff
 from ledger import contract
 from ledger.deploy import LedgerConfig, chain_identity, connect, ensure_deployed, fee_params, has_ledger_code
 from ledger.journal import CONFIRMED, PENDING, SENT, Journal
@@ -387,19 +388,18 @@ class ChainWriter:
     # -- loop -------------------------------------------------------------------------
     def run(self, stop_event: threading.Event, interval: float = 1.0, progress_every: float = 30.0) -> None:
         """Anchor until stop_event is set; back off on errors (chain down), log progress."""
-        first_backoff = max(interval, 0.1)
-        backoff = first_backoff
+        backoff = Backoff(max(interval, 0.1), 30.0)  # chain outages: doubling up to 30 s, jittered
         last_progress = time.monotonic()
         while not stop_event.is_set():
             try:
                 # bounded per call so a flood of checkpoints cannot delay stop or progress logs
                 self.anchor_pending(limit=self.max_batch * self.in_flight * 10)
                 pending = self.journal.checkpoint_counts()[PENDING]
-                backoff = first_backoff
+                backoff.reset()
             except Exception as exc:  # noqa: BLE001 - the loop must survive chain outages
-                log.warning("chain writer: %s (retrying in %.1fs)", self.stats.last_error or exc, backoff)
-                stop_event.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                delay = backoff.next()
+                log.warning("chain writer: %s (retrying in %.1fs)", self.stats.last_error or exc, delay)
+                stop_event.wait(delay)
                 continue
             if time.monotonic() - last_progress >= progress_every:
                 last_progress = time.monotonic()

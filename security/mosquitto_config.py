@@ -45,7 +45,7 @@ def escape_level(name: str) -> str:
 
 @dataclass
 class MosquittoSettings:
-    """Everything the broker needs; defaults follow DESIGN.md's measured facts."""
+    """Everything the broker needs; the defaults are why tasks are not lost (docs/ARCHITECTURE.md, "The managed broker")."""
 
     cafile: Path
     certfile: Path

@@ -266,3 +266,43 @@ def issue_identity(
     write_private_key(key, key_path)
     write_pem(ca.issue(make_csr(key, name), client=client, server=server, hosts=hosts, days=days), cert_path)
     return cert_path, key_path
+
+
+@dataclass
+class LoopbackPKI:
+    """A throwaway CA in one directory, a broker certificate for 127.0.0.1 and client
+    certificates on demand: the fleet of a single machine (tests, benchmarks).
+
+    Why here and not with the coordinator's FleetStore: nothing is recorded (no issued
+    list, no CRL); it is `issue_identity` with a fixed layout, for code that needs a
+    working mutual-TLS fleet and nothing else.
+    """
+
+    directory: Path
+    ca: CertificateAuthority
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def create(cls, directory: Path, ca_name: str = "edgeledger test CA") -> LoopbackPKI:
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = CertificateAuthority.create(ca_name)
+        ca.save(directory)
+        cert, key = issue_identity(ca, directory, "broker", client=False, server=True, hosts=("127.0.0.1", "localhost"))
+        return cls(directory=directory, ca=ca, server_cert=cert, server_key=key)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    def client(self, name: str) -> tuple[Path, Path]:
+        """(cert, key) for a client identity, issued once and reused."""
+        cert, key = self.directory / f"{name}.pem", self.directory / f"{name}.key"
+        if not cert.exists():
+            cert, key = issue_identity(self.ca, self.directory, name)
+        return cert, key
+
+    def ssl_options(self, name: str) -> dict[str, str]:
+        """kombu `broker_use_ssl` / transport options for a client identity."""
+        cert, key = self.client(name)
+        return {"ca_certs": str(self.ca_path), "certfile": str(cert), "keyfile": str(key)}

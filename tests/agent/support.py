@@ -15,10 +15,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.cli import main as agent_main
+from ledger.processes import ChildProcess, stop_group
 from security import pki
 from tests.support.mosquitto import FleetPKI, MosquittoBroker
 
@@ -46,48 +47,37 @@ def enrolled_agent(test_pki: FleetPKI, data_dir: Path, agent_id: str) -> Path:
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    """Signal the process group of a child started in its own session; SIGKILL after `timeout`."""
+    stop_group(proc, sig, timeout)
 
 
-@dataclass
-class Proc:
-    """A child process in its own group, its combined output in `log`."""
+class Proc(ChildProcess):
+    """A child process in its own group (ledger.processes), its combined output in `log`."""
 
-    cmd: list[str]
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(cmd[0], cmd, log, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=ROOT)
+        self.cmd, self.log_file = cmd, log
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.process
 
     def start(self) -> Proc:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        out.close()
+        super().start()
         return self
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def wait_for_output(self, text: str, timeout: float = 60.0) -> None:
         def seen() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.cmd[0]} exited {self.proc.returncode} before {text!r}:\n{self.output()[-3000:]}")
             return text in self.output()
-        wait_until(seen, timeout, what=f"{text!r} in {self.log}")
+        wait_until(seen, timeout, what=f"{text!r} in {self.log_file}")
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None:
-            kill_group(self.proc, sig)
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:  # type: ignore[override]
+        super().stop(timeout, sig)
 
 
 def agent_command(data_dir: Path, broker_url: str, interval: float, binary: Path | None = None) -> list[str]:

@@ -1,4 +1,4 @@
-"""The device settings the agent's Celery app runs with (what the brief promises a device)."""
+"""The device settings the agent's Celery app runs with (what agent/README.md, "Settings" and "Behaviour", promises a device)."""
 
 from __future__ import annotations
 

@@ -102,10 +102,12 @@ def test_threads_opening_a_fresh_outbox_at_once_never_see_locked(tmp_path: Path)
 
 
 def test_backoff_is_jittered_and_bounded() -> None:
+    """Full jitter (kombu_mqtt.backoff): delay n is uniform in [0, min(8, 0.5 * 2**n)]."""
     b = Backoff(0.5, 8.0, rng=random.Random(1))
     delays = [b.next() for _ in range(10)]
-    assert 0.25 <= delays[0] <= 0.5
-    assert all(d <= 8.0 for d in delays) and delays[-1] >= 4.0
+    ceilings = [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0]
+    assert all(0.0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    assert max(delays[4:]) > 4.0  # the cap is reached, not just the first ceilings
     b.reset()
     assert b.next() <= 0.5
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import ssl
-import subprocess
 import threading
 import time
 import uuid
@@ -14,8 +13,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from ledger.processes import ChildProcess
 from security.mosquitto_config import MosquittoSettings, write_mosquitto_files
-from tests.support.mosquitto import broker_log, launch_mosquitto, stop_process
+from tests.support.mosquitto import broker_log, launch_mosquitto
 from tests.support.net import free_port
 
 
@@ -23,7 +23,7 @@ from tests.support.net import free_port
 class FleetBroker:
     workdir: Path
     settings: MosquittoSettings
-    process: subprocess.Popen | None = None
+    process: ChildProcess | None = None
 
     @property
     def port(self) -> int:
@@ -42,7 +42,7 @@ class FleetBroker:
         return broker_log(self.workdir)
 
     def is_running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.process is not None and self.process.alive()
 
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads its config (and TLS files) without dropping sessions."""
@@ -50,7 +50,8 @@ class FleetBroker:
         self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        stop_process(self.process)
+        if self.process is not None:
+            self.process.stop()
         self.process = None
 
 

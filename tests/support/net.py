@@ -1,27 +1,18 @@
-"""Loopback helpers for tests: every server a test starts listens on 127.0.0.1."""
+"""Loopback helpers for tests: every server a test starts listens on 127.0.0.1.
+
+The mechanism is the product's (ledger.processes); this adapter only raises instead of
+returning False, which is what a test wants.
+"""
 
 from __future__ import annotations
 
-import socket
-import time
+from ledger import processes
+from ledger.processes import free_port
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["free_port", "wait_for_port"]
 
 
 def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
-    """Block until something accepts TCP connections on host:port, or raise."""
-    deadline = time.monotonic() + timeout
-    last: OSError | None = None
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError as exc:
-            last = exc
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s: {last}")
+    """Block until something accepts TCP connections on host:port, or raise TimeoutError."""
+    if not processes.wait_for_port(port, timeout, host=host):
+        raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")

@@ -220,12 +220,19 @@ def test_bad_client_certificate_fails_with_actionable_message(mosquitto, test_pk
 
 
 def test_backoff_is_jittered_exponential_and_capped() -> None:
-    from kombu_mqtt.client import backoff_delays
+    """Full jitter: each delay is uniform in [0, d], d doubling from the first delay up to the cap."""
+    import random
 
-    delays = backoff_delays(0.1, 1.0)
-    samples = [next(delays) for _ in range(8)]
+    from kombu_mqtt.backoff import Backoff
+
+    backoff = Backoff(0.1, 1.0, rng=random.Random(7))
+    samples = [backoff.next() for _ in range(8)]
     bounds = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]
-    assert all(bound / 2 <= got <= bound for got, bound in zip(samples, bounds, strict=False))
+    assert [backoff.ceiling(n) for n in range(8)] == pytest.approx(bounds)
+    assert all(0.0 <= got <= bound for got, bound in zip(samples, bounds, strict=True))
+    assert len(set(samples)) == len(samples)  # jittered, not a fixed schedule
+    polls = Backoff(0.002, 0.1, factor=1.5, jitter=False)
+    assert [polls.next() for _ in range(3)] == pytest.approx([0.002, 0.003, 0.0045])
 
 
 def test_connect_retries_until_the_broker_comes_up(fresh_mosquitto) -> None:

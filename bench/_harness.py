@@ -1,0 +1,154 @@
+"""What several benchmarks start around the code they measure: redis, a Celery peer
+worker over kombu_mqtt, a sink for the agents' readings, a coordinator with enrolled agents.
+
+Why here and not in tests/: a benchmark depends on the product packages only (the
+processes, the broker and the fleet CA are theirs: ledger.processes,
+coordinator.broker.LoopbackBroker, security.pki.LoopbackPKI); what remains is glue
+that only benchmarks need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+# `python bench/x.py` puts bench/ first on sys.path, where bench/ledger.py would shadow the
+# ledger package: the repository root goes first (import _harness before any product package).
+sys.path.insert(0, str(ROOT))
+
+from ledger.processes import ChildProcess, ProcessStartError, free_port  # noqa: E402
+
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def start_redis(workdir: Path | None = None, timeout: float = 15.0) -> tuple[ChildProcess, str]:
+    """A throwaway redis-server on a free loopback port (no persistence): (process, redis:// url)."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if workdir is not None:
+        argv += ["--dir", str(workdir)]
+    child = ChildProcess("redis-server", argv, fix="apt-get install redis-server (make setup does it)")
+    child.start().wait_for_port(port, timeout)
+    return child, f"redis://127.0.0.1:{port}/0"
+
+
+def peer_env(broker_url: str, ssl_options: dict[str, str] | None, queue: str, client_id: str | None = None) -> dict[str, str]:
+    """Environment for a `celery -A _peer_app worker` (see bench/_peer_app.py)."""
+    env = dict(os.environ, PEER_BROKER_URL=broker_url, PEER_QUEUE=queue, PYTHONPATH=str(BENCH))
+    for key in ("PEER_CA", "PEER_CERT", "PEER_KEY", "PEER_CLIENT_ID"):
+        env.pop(key, None)
+    if ssl_options:
+        env.update(PEER_CA=ssl_options["ca_certs"], PEER_CERT=ssl_options["certfile"], PEER_KEY=ssl_options["keyfile"])
+    if client_id:
+        env["PEER_CLIENT_ID"] = client_id
+    return env
+
+
+def peer_worker(env: dict[str, str], log_path: Path) -> ChildProcess:
+    """`celery -A _peer_app worker -P solo -c 1` (not started): the stock worker a device would run."""
+    argv = [CELERY, "-A", "_peer_app", "worker", "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "-l", "info",
+            "--without-heartbeat", "--without-gossip", "--without-mingle"]
+    return ChildProcess("celery peer worker", argv, log_path, env=env, cwd=BENCH)
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary context switches summed over the process's threads (how often it slept and woke)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return total
+
+
+class IngestSink:
+    """Consumes and acks every message on the ingest queue, without decoding it.
+
+    Why: agents need a consumer on `edge.ingest` (a publish nobody subscribes to is
+    refused with PUBACK 0x10 and retried), but an agent benchmark measures the agent, not
+    the coordinator. A thread in the benchmark's own process keeps the broker's queue empty.
+    """
+
+    def __init__(self, broker_url: str, ssl_options: dict[str, str]) -> None:
+        self.broker_url, self.ssl_options = broker_url, ssl_options
+        self.received = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ingest-sink", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> IngestSink:
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._error is not None:
+            raise RuntimeError(f"ingest sink did not subscribe within {timeout:g}s: {self._error or 'no answer'}")
+        return self
+
+    def _run(self) -> None:
+        from kombu import Connection, Consumer, Exchange, Queue
+
+        import kombu_mqtt  # noqa: F401  (registers mqtts://)
+        from security.contract import INGEST_QUEUE
+
+        queue = Queue(INGEST_QUEUE, Exchange(INGEST_QUEUE, "direct"), routing_key=INGEST_QUEUE)
+
+        def on_message(message: Any) -> None:  # a kombu Message, not decoded (signed payloads)
+            self.received += 1
+            message.ack()
+
+        try:
+            with Connection(self.broker_url, ssl=self.ssl_options, transport_options={"identity": self.ssl_options["certfile"]}) as conn:
+                with Consumer(conn, queues=[queue], on_message=on_message, accept=[]):
+                    self._ready.set()
+                    while not self._stop.is_set():
+                        try:
+                            conn.drain_events(timeout=0.5)
+                        except TimeoutError:
+                            pass
+        except Exception as exc:  # noqa: BLE001 - reported by start() or stop()
+            self._error = exc
+            self._ready.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def start_coordinator(data: Path, log_path: Path, agents: list[str], timeout: float = 90.0) -> tuple[ChildProcess, int]:
+    """`edge-coordinator init` + `enroll --bundle` per agent + `run`, on free loopback ports, once /healthz is ok.
+
+    Returns the running daemon and its HTTP port; bundles are in data/bundles/<agent>.
+    """
+    cli = [sys.executable, "-m", "coordinator.cli"]
+    http = free_port()
+    subprocess.run([*cli, "init", "--data-dir", str(data), "--broker-port", str(free_port()), "--chain-port",
+                    str(free_port()), "--http-port", str(http)], check=True, capture_output=True, cwd=ROOT)
+    for name in agents:
+        subprocess.run([*cli, "enroll", "--data-dir", str(data), "--bundle", name], check=True, capture_output=True, cwd=ROOT)
+    daemon = ChildProcess("edge-coordinator run", [*cli, "run", "--data-dir", str(data)], log_path, cwd=ROOT).start()
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as reply:
+                return bool(json.loads(reply.read())["ok"])
+        except OSError:
+            return False
+
+    try:
+        daemon.wait_until(healthy, timeout, "a healthy /healthz", poll=0.2)
+    except ProcessStartError as exc:
+        daemon.kill()
+        raise SystemExit(f"bench: coordinator did not start ({exc}); see {log_path}") from None
+    return daemon, http
