@@ -196,6 +196,18 @@ def _version() -> str:
         return "unknown"
 
 
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked: the package-metadata scan behind it is not
+    paid on every `run` (argparse's own version action needs the string up front)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
+
+
 def _data_dir(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
     """--data-dir, accepted before and after the subcommand (the later one wins)."""
     parser.add_argument("--data-dir", type=Path, default=default,
@@ -208,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-agent",
         description="Edge device agent: samples sensors and sends signed Celery tasks over MQTT (mutual TLS).",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     _data_dir(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
