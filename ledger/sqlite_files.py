@@ -112,14 +112,29 @@ def _wal_empty(path: Path) -> bool:
         return True
 
 
-def mark_clean_stop(path: Path | str) -> bool:
-    """Record that the writer of `path` stopped cleanly; call after its connections closed.
+def _checkpoint(path: Path, timeout: float) -> None:
+    """Move the write-ahead log into the file and empty it, if no reader holds it back."""
+    try:
+        conn = sqlite3.connect(path, timeout=timeout)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        pass  # the log stays; no record is written
 
-    Returns False (and records nothing, so the next start runs the full check) when the
-    file is absent or a write-ahead log with frames is still next to it (another
-    connection is open, or this one was not closed)."""
+
+def mark_clean_stop(path: Path | str, timeout: float = 1.0) -> bool:
+    """Record that the writer of `path` stopped cleanly; call once its work has stopped.
+
+    Checkpoints the write-ahead log first (a connection left open but idle, such as a
+    per-thread one, keeps its committed frames there). Returns False and records nothing,
+    so the next start runs the full check, when the file is absent or the log cannot
+    be emptied (another process is reading or writing it)."""
     p = Path(path)
     marker = clean_stop_marker(p)
+    if p.exists() and not _wal_empty(p):
+        _checkpoint(p, timeout)
     if not p.exists() or not _wal_empty(p):
         marker.unlink(missing_ok=True)
         return False

@@ -96,15 +96,31 @@ def test_damage_after_a_clean_stop_is_found_by_the_cheap_check(tmp_path: Path, d
     assert header_reason(db) is not None
 
 
-def test_no_record_while_a_write_ahead_log_has_frames(tmp_path: Path) -> None:
+def test_an_idle_open_connection_is_checkpointed_and_recorded(tmp_path: Path) -> None:
     db = make_db(tmp_path / "a.sqlite")
-    open_conn = sqlite3.connect(db)
-    open_conn.execute("INSERT INTO filler VALUES ('z')")
-    open_conn.commit()  # frames in -wal, connection still open
+    idle = sqlite3.connect(db)
+    idle.execute("INSERT INTO filler VALUES ('z')")
+    idle.commit()  # frames in -wal, connection still open (a per-thread one nobody closed)
     try:
-        assert mark_clean_stop(db) is False and not clean_stop_marker(db).exists()
+        assert Path(f"{db}-wal").stat().st_size > 0
+        assert mark_clean_stop(db) and Path(f"{db}-wal").stat().st_size == 0
+        assert unreadable_at_start(db) is None
     finally:
-        open_conn.close()
+        idle.close()
+
+
+def test_no_record_while_a_reader_holds_the_write_ahead_log(tmp_path: Path) -> None:
+    db = make_db(tmp_path / "a.sqlite")
+    writer, reader = sqlite3.connect(db), sqlite3.connect(db, isolation_level=None)
+    try:
+        writer.execute("INSERT INTO filler VALUES ('z')")
+        writer.commit()
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM filler").fetchone()  # a snapshot that includes the log
+        assert mark_clean_stop(db, timeout=0.1) is False and not clean_stop_marker(db).exists()
+    finally:
+        reader.close()
+        writer.close()
 
 
 def test_a_damaged_record_means_a_full_scan(tmp_path: Path) -> None:
