@@ -9,8 +9,11 @@ shmem (tmpfs) and peak. Targets: RSS <= 40 MiB, binary <= 20 MB, frozen ready <=
 <= 5 wakeups per 30 s idle. Everything runs on 127.0.0.1 and is cleaned up.
 
 Run: .venv/bin/python bench/agent.py [--idle 30] [--starts 3] [--compare-onefile PATH]
+[--compare-binary PATH]
 (--compare-onefile: also run a PyInstaller one-file build with TMPDIR on a tmpfs, the
-layout before the launcher, to show what its unpacking costs.)
+layout before the launcher, to show what its unpacking costs. --compare-binary: also run
+another build of dist/edge-agent, e.g. one made in a checkout of main, interleaved with
+this one, so a change's effect on start-up is measured under the same load.)
 """
 
 from __future__ import annotations
@@ -298,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, default=3, help="starts per variant (best and median reported)")
     parser.add_argument("--compare-onefile", type=Path, default=None,
                         help="a PyInstaller one-file build of the agent to run with TMPDIR on a tmpfs")
+    parser.add_argument("--compare-binary", type=Path, default=None,
+                        help="another build of dist/edge-agent (e.g. from main) to start interleaved with this one")
     parser.add_argument("--no-layers", action="store_true", help="skip the import layer table")
     args = parser.parse_args(argv)
 
@@ -372,6 +377,18 @@ def main(argv: list[str] | None = None) -> int:
             Child("agent (frozen)", agent_cmd([str(binary)], frozen_dir), frozen_env, "ready in",
                   work / "frozen.log", cgroup("frozen")),
         ]
+        if args.compare_binary:
+            other = Child("frozen, --compare-binary", agent_cmd([str(args.compare_binary.resolve())],
+                                                               enrolled_agent(fleet, work / "other", "bench-other")),
+                          {**env, "EDGE_AGENT_RUNTIME_DIR": str(work / "state-other" / "runtime")}, "ready in",
+                          work / "other.log", cgroup("other"))
+            children.append(other)  # stopped in `finally` even if its first start times out
+            say("first start of --compare-binary (unpacks; not counted) ...")
+            other.start()
+            other.stop()
+            other.readies.clear()
+            other.cpus.clear()
+            runs.append(other)
         if args.compare_onefile:
             mounted = mount_tmpfs(tmpfs)
             if mounted:
