@@ -25,14 +25,32 @@ def _config(args: argparse.Namespace, **overrides: Any) -> AgentConfig:
     return load_config(args.data_dir, overrides=overrides)
 
 
-def check_local_files(cfg: AgentConfig) -> None:
-    """The outbox (and quarantine) must be readable SQLite before anything opens them."""
-    from ledger.sqlite_files import unreadable_reason
+def local_databases(cfg: AgentConfig) -> tuple[Path, Path]:
+    """The SQLite files the agent writes: outbox and quarantine."""
+    return cfg.outbox_file, cfg.data_dir / "quarantine.sqlite"
 
-    for path in (cfg.outbox_file, cfg.data_dir / "quarantine.sqlite"):
-        reason = unreadable_reason(path)
+
+def check_local_files(cfg: AgentConfig, at_start: bool = False) -> None:
+    """The outbox (and quarantine) must be readable SQLite before anything opens them.
+
+    `status` runs the full integrity check; `run` (at_start) the start-up check of
+    ledger.sqlite_files, which scans the whole file only after an unclean stop (a full
+    scan at every start grows with the outbox and delays every restart)."""
+    from ledger.sqlite_files import unreadable_at_start, unreadable_reason
+
+    check = unreadable_at_start if at_start else unreadable_reason
+    for path in local_databases(cfg):
+        reason = check(path)
         if reason is not None:
             raise corrupt_file(path, reason)
+
+
+def mark_clean_stop(cfg: AgentConfig) -> None:
+    """After the worker stopped in order: the next start may skip the full scan."""
+    from ledger.sqlite_files import mark_clean_stop as mark
+
+    for path in local_databases(cfg):
+        mark(path)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -71,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .identity import require_certificate_identity
 
     require_certificate_identity(cfg)
-    check_local_files(cfg)
+    check_local_files(cfg, at_start=True)
     from .revocation import EXIT_REVOKED, FIX, AgentRevoked, refuse_if_revoked
 
     try:
@@ -89,6 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     code = start_worker(app, cfg, on_ready=ready)
+    if code == 0 or app.edge_runtime.revoked is not None:
+        mark_clean_stop(cfg)
     if app.edge_runtime.revoked is not None:
         print(f"edge-agent: this device is revoked ({app.edge_runtime.revoked['detail']}): {FIX}", file=sys.stderr, flush=True)
         return EXIT_REVOKED
@@ -223,6 +243,18 @@ def _version() -> str:
         return "unknown"
 
 
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked: the package-metadata scan behind it is not
+    paid on every `run` (argparse's own version action needs the string up front)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
+
+
 def _data_dir(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
     """--data-dir, accepted before and after the subcommand (the later one wins)."""
     parser.add_argument("--data-dir", type=Path, default=default,
@@ -235,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-agent",
         description="Edge device agent: samples sensors and sends signed Celery tasks over MQTT (mutual TLS).",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     _data_dir(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -141,6 +141,9 @@ class AgentRuntime:
         if self.forwarder is not None:
             self.forwarder.stop()
             self.forwarder = None
+        box, self._local.outbox = getattr(self._local, "outbox", None), None
+        if box is not None:  # the worker thread's connection (commands, receipts): closed, so
+            box.close()      # the outbox's log is checkpointed and a clean stop can be recorded
 
     # -- publishing (forwarder thread only) ----------------------------
     def publish(self, item: OutboxItem) -> None:

@@ -363,9 +363,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import run_daemon
 
     try:
-        return run_daemon(cfg)
+        code = run_daemon(cfg)
     except sqlite3.DatabaseError as exc:
         raise corrupt_database(cfg.journal_path, exc) from None
+    if code == 0:  # stopped in order: the next `run` may skip the journal's full scan
+        from ledger.sqlite_files import mark_clean_stop
+
+        mark_clean_stop(cfg.journal_path)
+    return code
 
 
 def cmd_send(args: argparse.Namespace) -> int:

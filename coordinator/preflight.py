@@ -24,11 +24,14 @@ def corrupt_database(path: Path, exc: BaseException) -> CoordinatorError:
         "or restore a backup (docs/OPERATIONS.md)", exit_codes.DATA_CORRUPT)
 
 
-def check_database(path: Path) -> None:
-    """Raise DATA_CORRUPT unless `path` is absent (created later) or a readable SQLite file."""
-    from ledger.sqlite_files import unreadable_reason
+def check_database(path: Path, at_start: bool = False) -> None:
+    """Raise DATA_CORRUPT unless `path` is absent (created later) or a readable SQLite file.
 
-    reason = unreadable_reason(path)
+    at_start (`run`): the start-up check of ledger.sqlite_files, a full scan only after an
+    unclean stop (the journal only grows; a scan at every start delays every restart)."""
+    from ledger.sqlite_files import unreadable_at_start, unreadable_reason
+
+    reason = unreadable_at_start(path) if at_start else unreadable_reason(path)
     if reason is not None:
         raise corrupt_database(path, RuntimeError(reason))
 
@@ -54,4 +57,4 @@ def check_run(cfg: CoordinatorConfig) -> None:
             raise CoordinatorError(
                 f"{path} is missing: restore {cfg.pki_dir} from a backup, or re-issue the coordinator and broker "
                 f"certificates from the fleet CA with `edge-coordinator init --repair --data-dir {cfg.data_dir}`")
-    check_database(cfg.journal_path)
+    check_database(cfg.journal_path, at_start=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "packaging" / "edge-agent.spec"
-SOURCES = ("agent", "security", "kombu_mqtt", "packaging")
+SOURCES = ("agent", "security", "kombu_mqtt", "ledger", "packaging")  # ledger: the bundled ledger.sqlite_files
 LAUNCHER = ROOT / "packaging" / "launcher.sh"
 HEADER_BYTES = 8192  # the launcher header is padded to this size; the payload starts right after
 

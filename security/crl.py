@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from .pki import PKIError, load_certificate, utcnow
-from .revocation import write_crl_file
 
 #: Key types a CA may sign a CRL with (what cryptography verifies CRL signatures with).
 CRL_SIGNER_KEYS = (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
@@ -116,6 +115,8 @@ def install_crl(crl_pem: bytes | str, ca_path: Path | str, crl_path: Path | str,
                 )
             if current.fingerprint(hashes.SHA256()) == crl.fingerprint(hashes.SHA256()):
                 return crl, False
+    from .revocation import write_crl_file  # the coordinator's revocation store: not on the agent's start path
+
     write_crl_file(crl, crl_path)
     return crl, True
 

@@ -59,6 +59,26 @@ def test_corrupt_outbox_exits_65_once_with_the_recovery(enrolled: Path, damage: 
         assert out.stdout == ""
 
 
+def test_a_clean_stop_is_recorded_and_damage_after_it_still_exits_65(enrolled: Path, mosquitto) -> None:
+    """`run` scans the outbox fully only after an unclean stop (ledger.sqlite_files); a
+    file damaged after a clean stop is still refused with the one-line recovery."""
+    from ledger.sqlite_files import clean_stop_marker
+    from tests.agent.support import start_agent
+
+    proc = start_agent(enrolled, mosquitto.tls_url, interval=3600)
+    proc.stop()  # SIGTERM: the orderly stop a service manager does
+    outbox, quarantine = enrolled / "outbox.sqlite3", enrolled / "quarantine.sqlite"
+    assert proc.proc is not None and proc.proc.returncode == 0, proc.output()[-2000:]
+    assert clean_stop_marker(outbox).exists() and clean_stop_marker(quarantine).exists()
+    data = outbox.read_bytes()
+    outbox.write_bytes(data[: len(data) // 2])
+    out = agent("run", "--data-dir", str(enrolled), "--broker-url", mosquitto.tls_url)
+    assert out.returncode == exit_codes.DATA_CORRUPT, out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert str(outbox) in out.stderr and f"sqlite3 {outbox} .recover" in out.stderr
+    assert not clean_stop_marker(outbox).exists()  # consumed: the next start scans in full
+
+
 def test_systemd_does_not_restart_on_a_corrupt_outbox_or_a_revocation() -> None:
     lines = [line.strip() for line in UNIT.read_text().splitlines()]
     assert f"RestartPreventExitStatus={exit_codes.REVOKED} {exit_codes.DATA_CORRUPT}" in lines

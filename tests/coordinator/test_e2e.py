@@ -98,6 +98,10 @@ def test_full_flow_ingest_journal_chain_audit_revoke_and_clean_stop(coordinator:
     mosquitto = coordinator.mosquitto_pid()
     assert coordinator.stop(signal.SIGTERM) == 0
     assert "edge-coordinator: stopped" in coordinator.log()
+    # an orderly stop is recorded: the next `run` skips the journal's full scan (ledger.sqlite_files)
+    from ledger.sqlite_files import clean_stop_marker
+
+    assert clean_stop_marker(coordinator.data_dir / "journal.db").exists()
     assert mosquitto and not Path(f"/proc/{mosquitto}").exists()
     assert (coordinator.data_dir / "chain" / "anvil-state.json").exists()
 
