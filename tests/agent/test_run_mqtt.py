@@ -55,7 +55,8 @@ def test_run_sends_signed_readings(tmp_path: Path, test_pki: FleetPKI, mosquitto
     assert reading["sensor"] == "sim_temp" and reading["unit"] == "C"
     beats = wait_until(lambda: [r for r in rcv.records() if r["task"] == "edge.heartbeat"], 60, what="a heartbeat")
     status = beats[0]["kwargs"]["status"]
-    assert set(status) == {"agent_id", "outbox_backlog", "unconfirmed", "dropped", "interval", "version", "sent_at"}
+    assert set(status) == {"agent_id", "outbox_backlog", "unconfirmed", "dropped", "witness_alarms", "interval", "version",
+                           "sent_at"}
     assert status["agent_id"] == "run-1" and status["interval"] == 0.2 and beats[0]["signer"] == "run-1"
     assert "as edge-agent-run-1 " in mosquitto.log(), "the consuming session uses the stable client id"
 
