@@ -27,7 +27,7 @@ keeps what it accepted; it never deletes anything itself.
   seqs first, at most RECEIPT_MAX_PROOFS each; one with fewer proofs and a checkpoint LARGER
   than the one that came with the first confirmation (so taken after the reading was
   journaled) should have proven it: that is a miss. After UNPROVEN_MISSES misses AND
-  `witness_proof_timeout` seconds since the first confirmation, one `reading_unproven` alarm
+  `witness_proof_timeout` seconds since the first miss, one `reading_unproven` alarm
   is raised for the reading (once); the receipt itself is not refused (its proven readings
   leave), and the unproven reading stays in the outbox and keeps being re-sent.
 
@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS witness_unproven (
     first_upto INTEGER NOT NULL,
     first_held TEXT NOT NULL,
     misses INTEGER NOT NULL DEFAULT 0,
+    first_miss_at REAL,
     seen TEXT NOT NULL DEFAULT '[]',
     alarmed_at REAL
 );
@@ -327,13 +328,13 @@ class Witness:
             for seq in confirmed:
                 if seq in verdict.proven:
                     continue
-                row = self.db.execute("SELECT first_at, first_size, first_upto, first_held, misses, seen, alarmed_at "
-                                      "FROM witness_unproven WHERE seq = ?", (seq,)).fetchone()
+                row = self.db.execute("SELECT first_at, first_size, first_upto, first_held, misses, first_miss_at, seen, "
+                                      "alarmed_at FROM witness_unproven WHERE seq = ?", (seq,)).fetchone()
                 if row is None:
                     self.db.execute("INSERT INTO witness_unproven (seq, first_at, first_size, first_upto, first_held) "
                                     "VALUES (?, ?, ?, ?, ?)", (seq, now, size, upto, json.dumps(receipt["held"])))
                     continue
-                first_at, first_size, first_upto, first_held, misses, seen_json, alarmed_at = row
+                first_at, first_size, first_upto, first_held, misses, first_miss_at, seen_json, alarmed_at = row
                 if full or size <= first_size:
                     continue  # this checkpoint may predate the reading's record, or proofs were cut off
                 seen = json.loads(seen_json)
@@ -341,12 +342,17 @@ class Witness:
                 if len(seen) > SEEN_KEPT:
                     del seen[SEEN_KEPT // 2]  # keep the first receipts and the newest ones
                 misses += 1
-                overdue = alarmed_at is None and misses >= UNPROVEN_MISSES and now - first_at >= self.proof_timeout
-                self.db.execute("UPDATE witness_unproven SET misses = ?, seen = ?, alarmed_at = ? WHERE seq = ?",
-                                (misses, json.dumps(seen), now if overdue else alarmed_at, seq))
+                first_miss_at = now if first_miss_at is None else first_miss_at
+                # timed from the first miss, not the first confirmation: a backlog's wait does not count,
+                # and after a coordinator restart the reading is re-sent (and proven) within the bound
+                overdue = alarmed_at is None and misses >= UNPROVEN_MISSES and now - first_miss_at >= self.proof_timeout
+                self.db.execute("UPDATE witness_unproven SET misses = ?, first_miss_at = ?, seen = ?, alarmed_at = ? "
+                                "WHERE seq = ?", (misses, first_miss_at, json.dumps(seen), now if overdue else alarmed_at,
+                                                  seq))
                 if overdue:
                     due.append({"seq": seq, "first_confirmed_at": first_at, "first_checkpoint_size": first_size,
                                 "first_upto": first_upto, "first_held": json.loads(first_held), "misses": misses,
+                                "first_miss_at": first_miss_at,
                                 "receipts_since": seen})
         if due:
             seqs = [d["seq"] for d in due]

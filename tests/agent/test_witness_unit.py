@@ -346,11 +346,11 @@ def test_a_reading_confirmed_but_never_proven_raises_one_alarm_after_the_bound_a
     assert first["upto"] == 3  # the coordinator confirms reading 2 ...
     assert apply_and_cosign(coord, dev, signer, first).proven == {1, 3}  # ... but never proves it
     first_size = dev.witness.accepted() and int(dev.witness.accepted().split("\n")[1])
-    for round_ in range(1, 8):  # one receipt a minute, each with a newer checkpoint that must cover seq 2
+    for round_ in range(1, 9):  # one receipt a minute, each with a newer checkpoint that must cover seq 2
         clock.now += 60.0
         coord.ingest(signer, dev.sample(1))
         apply_and_cosign(coord, dev, signer, withheld(coord.receipt(), 2))
-        expected = 1 if round_ >= 5 else 0  # 300 s after the first confirmation (and >= UNPROVEN_MISSES receipts)
+        expected = 1 if round_ >= 6 else 0  # 300 s after the first miss (round 1), and >= UNPROVEN_MISSES misses
         assert round_ < UNPROVEN_MISSES or len(alarms(dev)) == expected, round_
         assert set(dev.box.readings([2])) == {2}  # never deleted
     ((kind, _, presented),) = alarms(dev)  # raised once for the reading, not on every receipt after
@@ -358,7 +358,8 @@ def test_a_reading_confirmed_but_never_proven_raises_one_alarm_after_the_bound_a
     evidence = json.loads(dev.box.db.execute("SELECT evidence FROM witness_alarm").fetchone()[0])
     (reading,) = evidence["readings"]
     assert reading["seq"] == 2 and reading["first_confirmed_at"] == 1000.0 and reading["first_upto"] == 3
-    assert reading["first_checkpoint_size"] == first_size and reading["misses"] == 5
+    assert reading["first_checkpoint_size"] == first_size and reading["misses"] == 6
+    assert reading["first_miss_at"] == 1060.0
     assert [r["size"] for r in reading["receipts_since"]] == sorted(r["size"] for r in reading["receipts_since"])
     assert all(r["size"] > first_size and r["upto"] >= 3 for r in reading["receipts_since"])
     status = read_status(dev.box.db, dev.home)
