@@ -408,3 +408,24 @@ def test_a_receipt_whose_checkpoint_is_not_newer_does_not_count_against_a_readin
         assert 3 not in verdict.proven and alarms(dev) == []
         coord.book.renotify("w-a")
     assert set(dev.box.readings([3])) == {3}
+
+
+def test_a_coordinator_restart_mid_backlog_raises_no_alarm_once_the_readings_are_re_sent(
+        tmp_path: Path, log_key: Ed25519Signer, signer: SignerInfo) -> None:
+    """The restarted coordinator forgot which readings it still had to prove: its receipts miss
+    them until the agent re-sends them (within resend_after), well inside the bound."""
+    coord, dev = Coordinator(tmp_path / "journal.db", log_key), Device(tmp_path / "w-a", "w-a")
+    clock = dev.witness.clock = Clock(1000.0)
+    dev.witness.proof_timeout = 300.0
+    coord.ingest(signer, dev.sample(2 * MAX_PROOFS + 5))
+    apply_and_cosign(coord, dev, signer, coord.receipt())
+    clock.now += 5000.0  # confirmed long ago, waiting behind the backlog: that wait does not count
+    coord = Coordinator(tmp_path / "journal.db", log_key)  # restart: its receipt book starts empty
+    for round_ in range(1, 5):  # (64 proofs per receipt: the re-sent ones take rounds 3 and 4)
+        coord.ingest(signer, dev.sample(1))
+        clock.now += 60.0
+        apply_and_cosign(coord, dev, signer, coord.receipt())  # proves only the new reading: a miss for the rest
+        if round_ == 2:  # resend_after later the agent re-sends what is still unproven
+            coord.ingest(signer, dev.box.readings(list(range(MAX_PROOFS + 1, 2 * MAX_PROOFS + 6))).values())
+    assert dev.left() == 0 and alarms(dev) == []
+    assert dev.box.db.execute("SELECT COUNT(*) FROM witness_unproven").fetchone()[0] == 0
