@@ -62,6 +62,13 @@ class AgentConfig:
     # one still unconfirmed this many seconds after its publish is sent again (deduped there).
     resend_after: float = setting(60.0, min=0, above=True, unit="s",
                                   help="an unconfirmed reading is sent again this long after its publish")
+    # Witness (agent/witness.py): a confirmed reading still without an inclusion proof this long
+    # after the first receipt whose newer checkpoint must cover it (and over several such
+    # receipts) raises a `reading_unproven` alarm. The bound used is at least 2 x resend_after: a restarted
+    # coordinator proves a reading again only once the agent re-sent it.
+    witness_proof_timeout: float = setting(300.0, min=0, above=True, unit="s",
+                                           help="a confirmed reading left unproven this long by receipts whose "
+                                                "checkpoint covers it raises a witness alarm; at least 2 x resend_after")
     backoff_min: float = setting(0.5, min=0, above=True, unit="s", help="first retry delay after a failed flush (jittered)")
     backoff_max: float = setting(30.0, min=0, above=True, unit="s", help="longest retry delay (>= backoff_min)")
     publish_timeout: float = setting(10.0, min=0, above=True, unit="s",

@@ -291,7 +291,9 @@ class AgentRuntime:
     def witness(self, box: Outbox) -> Any:
         from .witness import Witness  # lazily: the ledger.tlog imports are not on the start path
 
-        return Witness(self.cfg.data_dir, self.cfg.agent_id, box.db)
+        # a restarted coordinator proves a reading again only once it is re-sent: never alarm before
+        return Witness(self.cfg.data_dir, self.cfg.agent_id, box.db,
+                       proof_timeout=max(self.cfg.witness_proof_timeout, 2 * self.cfg.resend_after))
 
     def witness_check(self, box: Outbox, part: Any, upto: int, ranges: list[tuple[int, int]]) -> Any:
         """Check the receipt's log checkpoint and proofs (agent/witness.py); queue the cosignature.
@@ -299,10 +301,13 @@ class AgentRuntime:
         from .witness import WitnessAlarm
 
         witness = self.witness(box)
+        confirmed = box.stored_seqs(upto, ranges)
         try:
-            verdict = witness.check(part, box.readings(box.stored_seqs(upto, ranges)))
+            verdict = witness.check(part, box.readings(confirmed))
         except WitnessAlarm as exc:
             raise AgentError(f"receipt refused by the witness check: {exc}") from None
+        if verdict is not None:  # confirmed for long, never proven: an alarm (the readings stay)
+            witness.track_unproven(confirmed, part, verdict, upto, ranges)
         if verdict is not None and verdict.cosignature is not None:
             box.add_task(WITNESS_COSIGN_TASK, cosign_task_id(self.cfg.agent_id, verdict.cosignature["size"]),
                          {"cosignature": verdict.cosignature})

@@ -21,6 +21,16 @@ keeps what it accepted; it never deletes anything itself.
   `edge.witness.cosign` task carrying it is signed under the agent's fleet certificate,
   which ties the witness key to the enrolled agent.
 
+- Unproven readings: a reading the receipts keep confirming but never prove (a coordinator
+  that says "stored" but never logged it, or withholds its proof) is tracked in the
+  `witness_unproven` table from its first confirmation. Receipts prove the lowest confirmed
+  seqs first, at most RECEIPT_MAX_PROOFS each; one with fewer proofs and a checkpoint LARGER
+  than the one that came with the first confirmation (so taken after the reading was
+  journaled) should have proven it: that is a miss. After UNPROVEN_MISSES misses AND
+  `witness_proof_timeout` seconds since the first miss, one `reading_unproven` alarm
+  is raised for the reading (once); the receipt itself is not refused (its proven readings
+  leave), and the unproven reading stays in the outbox and keeps being re-sent.
+
 Alarms: an ERROR log line (what happened, what to do), a row in the outbox's
 `witness_alarm` table with the evidence (both checkpoints, the proof), a JSON copy under
 `<data dir>/witness-evidence/`, and a count in the heartbeat and `edge-agent status`.
@@ -47,7 +57,7 @@ from ledger.tlog.cosignature import CosignatureV1Signer
 from ledger.tlog.errors import TlogError
 from ledger.tlog.merkle import leaf_hash, verify_consistency, verify_inclusion
 from ledger.tlog.note import Ed25519Verifier, split_note
-from security.contract import INGEST_TASK, reading_task_id, witness_key_name
+from security.contract import INGEST_TASK, RECEIPT_MAX_PROOFS, reading_task_id, witness_key_name
 
 log = logging.getLogger("edge.agent.witness")
 
@@ -56,6 +66,8 @@ WITNESS_KEY = "witness.key"
 EVIDENCE_DIR = "witness-evidence"
 ACCEPTED_META = "witness_checkpoint"  # outbox meta: the signed note this agent accepted last
 ALARMS_META = "witness_alarms"  # outbox meta: how many alarms, ever
+UNPROVEN_MISSES = 3  # receipts that should have proven a reading but did not, before its alarm
+SEEN_KEPT = 16  # receipts kept as evidence per unproven reading (the first ones and the newest)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS witness_alarm (
@@ -66,6 +78,17 @@ CREATE TABLE IF NOT EXISTS witness_alarm (
     accepted TEXT,
     presented TEXT,
     evidence TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS witness_unproven (
+    seq INTEGER PRIMARY KEY,
+    first_at REAL NOT NULL,
+    first_size INTEGER NOT NULL,
+    first_upto INTEGER NOT NULL,
+    first_held TEXT NOT NULL,
+    misses INTEGER NOT NULL DEFAULT 0,
+    first_miss_at REAL,
+    seen TEXT NOT NULL DEFAULT '[]',
+    alarmed_at REAL
 );
 """
 
@@ -134,11 +157,12 @@ class Witness:
     """Checks receipts' checkpoints for one agent; state lives in its outbox database."""
 
     def __init__(self, data_dir: Path, agent_id: str, db: sqlite3.Connection,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, proof_timeout: float = 300.0) -> None:
         self.data_dir = Path(data_dir)
         self.agent_id = agent_id
         self.db = db
         self.clock = clock
+        self.proof_timeout = proof_timeout
         db.executescript(SCHEMA)
 
     # -- state ------------------------------------------------------------------------
@@ -284,12 +308,71 @@ class Witness:
             proven.add(seq)
         return proven
 
+    def track_unproven(self, confirmed: list[int], part: Any, verdict: Verdict, upto: int,
+                       held: list[tuple[int, int]]) -> list[int]:
+        """After a checked receipt: remember confirmed-but-unproven readings, count the receipts
+        that should have proven them, and raise one `reading_unproven` alarm (not raised: the
+        receipt's proven readings still leave) for those overdue. Returns the newly alarmed seqs."""
+        if verdict.accepted_size is None or not isinstance(part, dict):
+            return []  # nothing accepted from this receipt: it cannot tell whether a proof is missing
+        size, now = verdict.accepted_size, self.clock()
+        proofs = part.get("proofs")
+        full = isinstance(proofs, list) and len(proofs) >= RECEIPT_MAX_PROOFS  # a backlog: the rest come next
+        receipt = {"at": now, "size": size, "upto": upto, "held": [list(r) for r in held],
+                   "proofs": len(proofs) if isinstance(proofs, list) else 0}
+        due: list[dict[str, Any]] = []
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for seq in verdict.proven:
+                self.db.execute("DELETE FROM witness_unproven WHERE seq = ?", (seq,))
+            for seq in confirmed:
+                if seq in verdict.proven:
+                    continue
+                row = self.db.execute("SELECT first_at, first_size, first_upto, first_held, misses, first_miss_at, seen, "
+                                      "alarmed_at FROM witness_unproven WHERE seq = ?", (seq,)).fetchone()
+                if row is None:
+                    self.db.execute("INSERT INTO witness_unproven (seq, first_at, first_size, first_upto, first_held) "
+                                    "VALUES (?, ?, ?, ?, ?)", (seq, now, size, upto, json.dumps(receipt["held"])))
+                    continue
+                first_at, first_size, first_upto, first_held, misses, first_miss_at, seen_json, alarmed_at = row
+                if full or size <= first_size:
+                    continue  # this checkpoint may predate the reading's record, or proofs were cut off
+                seen = json.loads(seen_json)
+                seen.append(receipt)
+                if len(seen) > SEEN_KEPT:
+                    del seen[SEEN_KEPT // 2]  # keep the first receipts and the newest ones
+                misses += 1
+                first_miss_at = now if first_miss_at is None else first_miss_at
+                # timed from the first miss, not the first confirmation: a backlog's wait does not count,
+                # and after a coordinator restart the reading is re-sent (and proven) within the bound
+                overdue = alarmed_at is None and misses >= UNPROVEN_MISSES and now - first_miss_at >= self.proof_timeout
+                self.db.execute("UPDATE witness_unproven SET misses = ?, first_miss_at = ?, seen = ?, alarmed_at = ? "
+                                "WHERE seq = ?", (misses, first_miss_at, json.dumps(seen), now if overdue else alarmed_at,
+                                                  seq))
+                if overdue:
+                    due.append({"seq": seq, "first_confirmed_at": first_at, "first_checkpoint_size": first_size,
+                                "first_upto": first_upto, "first_held": json.loads(first_held), "misses": misses,
+                                "first_miss_at": first_miss_at,
+                                "receipts_since": seen})
+        if due:
+            seqs = [d["seq"] for d in due]
+            oldest = min(d["first_confirmed_at"] for d in due)
+            self._alarm("reading_unproven",
+                        f"reading seq {', '.join(map(str, seqs))} confirmed by the coordinator since "
+                        f"{now - oldest:.0f} s but never proven in its log, over {min(d['misses'] for d in due)}+ "
+                        f"receipts whose checkpoint (now size {size}) must cover it: it was not logged, or its "
+                        f"proof is withheld", self.accepted(), part.get("note"),
+                        {"readings": due, "receipt": receipt}, refused=False)
+        return [d["seq"] for d in due]
+
     def _alarm(self, kind: str, detail: str, accepted: str | None, presented: str | None,
-               evidence: dict[str, Any]) -> WitnessAlarm:
-        """Record the evidence (table + file), count it, log an ERROR; the caller raises."""
+               evidence: dict[str, Any], refused: bool = True) -> WitnessAlarm:
+        """Record the evidence (table + file), count it, log an ERROR; the caller raises (when
+        `refused`; a `reading_unproven` alarm is raised once per reading by its caller instead)."""
         now = self.clock()
         body = json.dumps(evidence, default=str, sort_keys=True)
-        seen = self.db.execute("SELECT 1 FROM witness_alarm WHERE kind = ? AND presented IS ?", (kind, presented)).fetchone()
+        seen = self.db.execute("SELECT 1 FROM witness_alarm WHERE kind = ? AND presented IS ?",
+                               (kind, presented)).fetchone() if refused else None
         if seen is not None:  # the same bad checkpoint again: refused again, counted and kept once
             log.error("WITNESS ALARM %s (again, evidence kept already): %s", kind, detail)
             return WitnessAlarm(kind, detail)
@@ -305,8 +388,9 @@ class Witness:
                                         "presented": presented, "evidence": evidence}, default=str, indent=2))
         except OSError as exc:  # the table row is the evidence of record; the file is a convenience
             log.warning("witness evidence file not written (%s); it is in the outbox's witness_alarm table", exc)
-        log.error("WITNESS ALARM %s: %s. The receipt is refused and the affected readings stay in the outbox "
-                  "(re-sent). What to do: %s", kind, detail, FIX.format(dir=folder))
+        log.error("WITNESS ALARM %s: %s. %s and the affected readings stay in the outbox (re-sent). What to do: %s",
+                  kind, detail, "The receipt is refused" if refused else "They are never deleted without a proof",
+                  FIX.format(dir=folder))
         return WitnessAlarm(kind, detail)
 
 

@@ -41,7 +41,7 @@ from typing import Any
 from ledger.journal import JournalReader, open_reader
 from ledger.sqlite_files import read_only
 from ledger.tlog.note import b64encode
-from security.contract import RECEIPT_TASK, agent_queue
+from security.contract import RECEIPT_MAX_PROOFS, RECEIPT_TASK, agent_queue
 
 from .ingest import reading_seq_ranges
 
@@ -49,7 +49,7 @@ log = logging.getLogger("edgeledger.coordinator.receipts")
 
 RECEIPT_VERSION = 1
 MAX_RANGES = 256
-MAX_PROOFS = 64  # inclusion proofs per receipt: ~1 KB each (<= 20 hashes at 10^6 records)
+MAX_PROOFS = RECEIPT_MAX_PROOFS  # inclusion proofs per receipt: ~1 KB each (<= 20 hashes at 10^6 records)
 
 
 def add_seq(ranges: list[list[int]], seq: int) -> None:

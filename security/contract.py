@@ -39,6 +39,9 @@ AGENT_COMMANDS = (SAMPLE_NOW_TASK, SET_INTERVAL_TASK, STATUS_TASK)
 RECEIPT_TASK = "edge.agent.receipt"
 UPDATE_CRL_TASK = "edge.agent.update_crl"
 AGENT_PUSHES = (RECEIPT_TASK, UPDATE_CRL_TASK)
+# At most this many inclusion proofs per receipt, lowest seq first: a receipt with fewer
+# proved every confirmed reading its checkpoint covers (agent/witness.py counts on that).
+RECEIPT_MAX_PROOFS = 64
 
 # Agent -> coordinator tasks that are journaled under their unique contract id: a re-send
 # (a NEW signed envelope under the same id, after no receipt came) is a duplicate the

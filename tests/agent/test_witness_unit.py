@@ -86,6 +86,7 @@ class Device:
         confirmed = self.box.stored_seqs(receipt["upto"], ranges)
         verdict = self.witness.check(receipt["checkpoint"], self.box.readings(confirmed))
         assert verdict is not None
+        self.witness.track_unproven(confirmed, receipt["checkpoint"], verdict, receipt["upto"], ranges)
         self.box.confirm_seqs(sorted(set(confirmed) & verdict.proven), receipt["upto"])
         return verdict
 
@@ -309,3 +310,122 @@ def test_audit_counts_each_witness_up_to_the_largest_checkpoint_it_cosigned(
     # a cosignature line moved to another checkpoint does not count there
     moved = [{"size": second["size"], "line": first["cosignature"]}]
     assert wit.reach(keys, moved, notes) == {}
+
+
+def withheld(receipt: dict, seq: int) -> dict:
+    """The receipt with `seq`'s inclusion proof left out (a coordinator that never logged it or hides it)."""
+    part = receipt["checkpoint"]
+    return dict(receipt, checkpoint=dict(part, proofs=[p for p in part["proofs"] if p["seq"] != seq]))
+
+
+def apply_and_cosign(coord: Coordinator, dev: Device, signer: SignerInfo, receipt: dict):
+    """What the running agent does: apply the receipt, send the cosignature it queued."""
+    verdict = dev.apply(receipt)
+    if verdict.cosignature is not None:
+        assert coord.cosign(signer, verdict.cosignature)["status"] == "SUCCESS"
+    return verdict
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_reading_confirmed_but_never_proven_raises_one_alarm_after_the_bound_and_is_kept(
+        tmp_path: Path, log_key: Ed25519Signer, signer: SignerInfo) -> None:
+    from agent.witness import UNPROVEN_MISSES
+
+    coord, dev = Coordinator(tmp_path / "journal.db", log_key), Device(tmp_path / "w-a", "w-a")
+    clock = dev.witness.clock = Clock(1000.0)
+    dev.witness.proof_timeout = 300.0
+    coord.ingest(signer, dev.sample(3))
+    first = withheld(coord.receipt(), 2)
+    assert first["upto"] == 3  # the coordinator confirms reading 2 ...
+    assert apply_and_cosign(coord, dev, signer, first).proven == {1, 3}  # ... but never proves it
+    first_size = dev.witness.accepted() and int(dev.witness.accepted().split("\n")[1])
+    for round_ in range(1, 9):  # one receipt a minute, each with a newer checkpoint that must cover seq 2
+        clock.now += 60.0
+        coord.ingest(signer, dev.sample(1))
+        apply_and_cosign(coord, dev, signer, withheld(coord.receipt(), 2))
+        expected = 1 if round_ >= 6 else 0  # 300 s after the first miss (round 1), and >= UNPROVEN_MISSES misses
+        assert round_ < UNPROVEN_MISSES or len(alarms(dev)) == expected, round_
+        assert set(dev.box.readings([2])) == {2}  # never deleted
+    ((kind, _, presented),) = alarms(dev)  # raised once for the reading, not on every receipt after
+    assert kind == "reading_unproven" and presented is not None
+    evidence = json.loads(dev.box.db.execute("SELECT evidence FROM witness_alarm").fetchone()[0])
+    (reading,) = evidence["readings"]
+    assert reading["seq"] == 2 and reading["first_confirmed_at"] == 1000.0 and reading["first_upto"] == 3
+    assert reading["first_checkpoint_size"] == first_size and reading["misses"] == 6
+    assert reading["first_miss_at"] == 1060.0
+    assert [r["size"] for r in reading["receipts_since"]] == sorted(r["size"] for r in reading["receipts_since"])
+    assert all(r["size"] > first_size and r["upto"] >= 3 for r in reading["receipts_since"])
+    status = read_status(dev.box.db, dev.home)
+    assert status["alarms"] == 1 and status["last_alarm"]["kind"] == "reading_unproven"
+    assert dev.left() == 1  # only reading 2: every other reading was proven and deleted
+    # should the proof come after all, the reading leaves normally
+    coord.ingest(signer, dev.box.readings([2]).values())  # the agent re-sends it: noted and proven again
+    assert 2 in apply_and_cosign(coord, dev, signer, coord.receipt()).proven and dev.left() == 0
+    assert dev.box.db.execute("SELECT COUNT(*) FROM witness_unproven").fetchone()[0] == 0
+
+
+def test_a_healthy_backlog_proven_over_several_receipts_raises_no_alarm(
+        tmp_path: Path, log_key: Ed25519Signer, signer: SignerInfo) -> None:
+    coord, dev = Coordinator(tmp_path / "journal.db", log_key), Device(tmp_path / "w-a", "w-a")
+    clock = dev.witness.clock = Clock(1000.0)
+    dev.witness.proof_timeout = 1.0  # time alone never fires: only receipts that should have proven it count
+    coord.ingest(signer, dev.sample(3 * MAX_PROOFS + 5))
+    unproven_after_first = None
+    for round_ in range(5):  # a new reading arrives between receipts: each has a newer checkpoint
+        receipt = coord.receipt()
+        clock.now += 1000.0
+        proven = apply_and_cosign(coord, dev, signer, receipt).proven
+        assert round_ >= 3 or len(proven) == MAX_PROOFS  # full receipts: the rest wait, and that is no miss
+        if unproven_after_first is None:
+            unproven_after_first = dev.left()
+        if round_ < 4:
+            coord.ingest(signer, dev.sample(1))
+    assert unproven_after_first == 2 * MAX_PROOFS + 5  # confirmed, waiting for later receipts' proofs
+    assert dev.left() == 0 and alarms(dev) == []
+    assert read_status(dev.box.db, dev.home)["alarms"] == 0
+
+
+def test_a_receipt_whose_checkpoint_is_not_newer_does_not_count_against_a_reading(
+        tmp_path: Path, log_key: Ed25519Signer, signer: SignerInfo) -> None:
+    """A reading journaled after the newest checkpoint is confirmed but cannot be proven yet."""
+    coord, dev = Coordinator(tmp_path / "journal.db", log_key), Device(tmp_path / "w-a", "w-a")
+    clock = dev.witness.clock = Clock(1000.0)
+    dev.witness.proof_timeout = 1.0
+    coord.ingest(signer, dev.sample(2))
+    apply_and_cosign(coord, dev, signer, coord.receipt())
+    coord.ingest(signer, dev.sample(1))  # seq 3, not under any checkpoint yet
+    for _ in range(5):
+        (receipt,) = coord.book.take()  # the same checkpoint: no checkpoint was taken since
+        clock.now += 1000.0
+        verdict = apply_and_cosign(coord, dev, signer, receipt)
+        assert 3 not in verdict.proven and alarms(dev) == []
+        coord.book.renotify("w-a")
+    assert set(dev.box.readings([3])) == {3}
+
+
+def test_a_coordinator_restart_mid_backlog_raises_no_alarm_once_the_readings_are_re_sent(
+        tmp_path: Path, log_key: Ed25519Signer, signer: SignerInfo) -> None:
+    """The restarted coordinator forgot which readings it still had to prove: its receipts miss
+    them until the agent re-sends them (within resend_after), well inside the bound."""
+    coord, dev = Coordinator(tmp_path / "journal.db", log_key), Device(tmp_path / "w-a", "w-a")
+    clock = dev.witness.clock = Clock(1000.0)
+    dev.witness.proof_timeout = 300.0
+    coord.ingest(signer, dev.sample(2 * MAX_PROOFS + 5))
+    apply_and_cosign(coord, dev, signer, coord.receipt())
+    clock.now += 5000.0  # confirmed long ago, waiting behind the backlog: that wait does not count
+    coord = Coordinator(tmp_path / "journal.db", log_key)  # restart: its receipt book starts empty
+    for round_ in range(1, 5):  # (64 proofs per receipt: the re-sent ones take rounds 3 and 4)
+        coord.ingest(signer, dev.sample(1))
+        clock.now += 60.0
+        apply_and_cosign(coord, dev, signer, coord.receipt())  # proves only the new reading: a miss for the rest
+        if round_ == 2:  # resend_after later the agent re-sends what is still unproven
+            coord.ingest(signer, dev.box.readings(list(range(MAX_PROOFS + 1, 2 * MAX_PROOFS + 6))).values())
+    assert dev.left() == 0 and alarms(dev) == []
+    assert dev.box.db.execute("SELECT COUNT(*) FROM witness_unproven").fetchone()[0] == 0
