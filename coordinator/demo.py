@@ -218,9 +218,10 @@ class Demo:
             per[agent]["confirmed"] = per[agent].get("confirmed", 0) + int(confirmed or 0)
         _say("[6/6] audit (edge-audit verify: record in the signed log, checkpoint anchored on chain, "
              "agent signature vs certificate)")
-        _say(f"  {'AGENT':<12} {'INGEST':>7} {'HEARTBEAT':>9} {'CMD RESULT':>10} {'ON CHAIN':>9}")
+        _say(f"  {'AGENT':<12} {'INGEST':>7} {'HEARTBEAT':>9} {'CMD RESULT':>10} {'COSIGNED':>8} {'ON CHAIN':>9}")
         for agent, c in sorted(per.items()):
-            _say(f"  {agent:<12} {c.get('ingest', 0):>7} {c.get('heartbeat', 0):>9} {c.get('command_result', 0):>10} {c.get('confirmed', 0):>9}")
+            _say(f"  {agent:<12} {c.get('ingest', 0):>7} {c.get('heartbeat', 0):>9} {c.get('command_result', 0):>10} "
+                 f"{c.get('cosign', 0):>8} {c.get('confirmed', 0):>9}")
         findings = report.get("findings") or []
         ok = bool(report.get("ok")) and not findings
         all_agents_sent = all(per.get(a.name, {}).get("ingest", 0) > 0 for a in self.agents)
