@@ -81,8 +81,11 @@ class SimAgent:
         self.readings: dict[int, dict[str, Any]] = {}  # unconfirmed: seq -> reading
         self.acked: dict[int, float] = {}  # seq -> monotonic time of the PUBACK
         self.inflight: dict[int, int] = {}  # mid -> seq
+        self.published: set[int] = set()  # seqs published at least once (a repeat is a re-send)
         self.upto = 0
         self.held: list[list[int]] = []
+        self.max_confirmed = 0  # highest seq any receipt confirmed
+        self.last_receipt_at = 0.0  # monotonic
         self.receipts = 0
         self.resent = 0
         self.sock: Any = None  # the socket registered with the selector
@@ -201,8 +204,8 @@ class Worker:
         a.backoff.reset()
         for f in self.filters[a.agent_id]:
             client.subscribe(f, qos=1)
-        for seq in sorted(s for s in a.readings if s not in a.acked):  # never PUBACKed: send again
-            self._publish(a, seq, resend=True)
+        for seq in sorted(s for s in a.readings if s not in a.acked):  # never PUBACKed: send (again)
+            self._publish(a, seq)
 
     def _on_publish(self, client: Any, a: SimAgent, mid: int, reason_code: Any, properties: Any) -> None:
         seq = a.inflight.pop(mid, None)
@@ -223,20 +226,34 @@ class Worker:
         self.counts["receipts"] += 1
         a.upto = max(a.upto, int(receipt.get("upto", 0)))
         a.held = [list(r) for r in receipt.get("held") or []]
+        a.max_confirmed = max([a.max_confirmed, a.upto, *(int(hi) for _, hi in a.held)])
+        a.last_receipt_at = time.monotonic()
         for seq in [s for s in a.readings if a.confirmed(s)]:
             a.readings.pop(seq, None)
             a.acked.pop(seq, None)
+            a.published.discard(seq)
 
-    def _publish(self, a: SimAgent, seq: int, resend: bool = False) -> None:
+    def _publish(self, a: SimAgent, seq: int) -> None:
         reading = a.readings[seq]
         topic, payload = self.encoder.reading(a.agent_id, seq, reading)
         info = a.client.publish(topic, payload, qos=1)
         a.inflight[info.mid] = seq
         a.acked.pop(seq, None)
         self.counts["published"] += 1
-        if resend:
+        if seq in a.published:
             a.resent += 1
             self.counts["resent"] += 1
+        a.published.add(seq)
+
+    def resend_due(self, a: SimAgent, now: float) -> None:
+        """agent.outbox.Outbox.pending's rule: a reading PUBACKed `resend_after` ago without
+        a receipt goes again only if receipts went quiet for `resend_after`, or it lies below
+        the highest confirmed seq (lost on the way); re-sending all of a busy coordinator's
+        backlog would only deepen it."""
+        quiet = now - a.last_receipt_at >= self.resend_after
+        for seq, at in list(a.acked.items()):
+            if now - at >= self.resend_after and (quiet or seq < a.max_confirmed):
+                self._publish(a, seq)
 
     # -- loop --
     def new_reading(self, a: SimAgent) -> None:
@@ -305,10 +322,8 @@ class Worker:
                     if a.client.loop_misc() != 0 or (not a.ready and now - a.retry_at > 30):
                         self._drop(a, now)  # keepalive lost, or no CONNACK for 30 s
                         continue
-                    if a.ready:  # receipts never came: send again (deduped by the coordinator)
-                        for seq, at in list(a.acked.items()):
-                            if now - at >= self.resend_after:
-                                self._publish(a, seq, resend=True)
+                    if a.ready:
+                        self.resend_due(a, now)
             if now - last_report >= 1.0:
                 last_report = now
                 self.report()
@@ -562,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
             offered, rate = (sent - last[1]) / dt, (stored - last[2]) / dt
             last[:] = [now, sent, stored]
             print(f"  [{label} {now - t0:5.0f}s] connected {total(handles, 'connected')}/{args.agents}, "
-                  f"sent {sent} ({offered:.0f}/s), journaled {stored} ({rate:.0f}/s), backlog {sent - stored}, "
+                  f"sent {sent} ({offered:.0f}/s), journaled {stored} ({rate:.0f}/s), backlog {max(0, sent - stored)}, "
                   f"receipts {total(handles, 'receipts')}, resent {total(handles, 'resent')}; "
                   f"{fmt_usage(meter.sample())}; load {loadavg()}", flush=True)
 
