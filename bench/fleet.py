@@ -437,6 +437,25 @@ def fmt_usage(usage: dict[str, tuple[float, int]]) -> str:
     return ", ".join(f"{role} {cpu:.0f}% {rss / 2**20:.0f}MiB" for role, (cpu, rss) in sorted(usage.items()))
 
 
+class MachineMeter:
+    """Whole-machine CPU split since the last sample (/proc/stat): busy, iowait, idle."""
+
+    def __init__(self) -> None:
+        self.last = self._read()
+
+    @staticmethod
+    def _read() -> list[int]:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+    def sample(self) -> str:
+        now = self._read()
+        d = [b - a for a, b in zip(self.last, now, strict=True)]
+        self.last = now
+        total = max(1, sum(d))
+        idle, iowait = d[3], d[4]
+        return f"machine busy {100 * (total - idle - iowait) / total:.0f}% iowait {100 * iowait / total:.0f}%"
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -569,6 +588,7 @@ def run(args: argparse.Namespace) -> int:
             handles.append(WorkerHandle(proc))
         meter = ProcessMeter(daemon.pid, [os.getpid()] + [h.proc.pid for h in handles])
         meter.sample()
+        machine = MachineMeter()
 
         def progress(t0: float, label: str, last: list[float]) -> None:
             now = time.monotonic()
@@ -579,7 +599,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  [{label} {now - t0:5.0f}s] connected {total(handles, 'connected')}/{args.agents}, "
                   f"sent {sent} ({offered:.0f}/s), journaled {stored} ({rate:.0f}/s), backlog {max(0, sent - stored)}, "
                   f"receipts {total(handles, 'receipts')}, resent {total(handles, 'resent')}; "
-                  f"{fmt_usage(meter.sample())}; load {loadavg()}", flush=True)
+                  f"{fmt_usage(meter.sample())}; {machine.sample()}, load {loadavg()}", flush=True)
 
         # -- steady phase --
         t0 = time.monotonic()
@@ -591,6 +611,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  all {args.agents} connected after {time.monotonic() - t0:.1f}s", flush=True)
         meter.sample()
         meter.cpu_total.clear()
+        steady_machine = MachineMeter()
         t0 = time.monotonic()
         last = [t0, total(handles, "sent"), journaled(journal)]
         steady_start = (t0, last[1], last[2])
@@ -599,7 +620,7 @@ def run(args: argparse.Namespace) -> int:
             progress(t0, "steady", last)
         steady: dict[str, Any] = {"seconds": time.monotonic() - steady_start[0], "sent": total(handles, "sent") - steady_start[1],
                   "journaled": journaled(journal) - steady_start[2], "backlog": total(handles, "sent") - journaled(journal),
-                  "usage": meter.sample(), "load": loadavg()}
+                  "usage": meter.sample(), "load": loadavg(), "machine": steady_machine.sample()}
         steady_cpu = dict(meter.cpu_total)
         # -- reconnect storm --
         storm: dict[str, Any] = {}
@@ -684,7 +705,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"fleet result: {args.agents} agents, rate {args.rate:g}/s each ({args.agents * args.rate:g}/s offered), "
               f"{args.workers} worker processes")
         print(f"  steady {steady['seconds']:.0f}s: offered {steady['sent'] / steady['seconds']:.0f}/s, journaled "
-              f"{steady['journaled'] / steady['seconds']:.0f}/s, backlog at end {steady['backlog']}, load {steady['load']}")
+              f"{steady['journaled'] / steady['seconds']:.0f}/s, backlog at end {max(0, steady['backlog'])}, "
+              f"{steady['machine']}, load {steady['load']}")
         print("  CPU over the steady phase (core-seconds per second): " + ", ".join(
             f"{r} {c / steady['seconds']:.2f}" for r, c in sorted(steady_cpu.items())))
         print("  peak RSS: " + ", ".join(f"{r} {v / 2**20:.0f}MiB" for r, v in sorted(meter.peak_rss.items())))
