@@ -51,6 +51,8 @@ PY = sys.executable
 from tests.support.net import free_port  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+#: CPU seconds per second one harness process may spend on re-sends (the rest wait a pass)
+RESEND_BUDGET = 0.3
 
 
 # -- the agent's policies (read from the product, so the harness follows it) -----------------
@@ -245,15 +247,19 @@ class Worker:
             self.counts["resent"] += 1
         a.published.add(seq)
 
-    def resend_due(self, a: SimAgent, now: float) -> None:
+    def resend_due(self, a: SimAgent, now: float, deadline: float) -> bool:
         """agent.outbox.Outbox.pending's rule: a reading PUBACKed `resend_after` ago without
         a receipt goes again only if receipts went quiet for `resend_after`, or it lies below
         the highest confirmed seq (lost on the way); re-sending all of a busy coordinator's
-        backlog would only deepen it."""
+        backlog would only deepen it. Stops at `deadline` (False): the rest is due next
+        pass, so one process's re-sends never starve its other connections' I/O."""
         quiet = now - a.last_receipt_at >= self.resend_after
         for seq, at in list(a.acked.items()):
             if now - at >= self.resend_after and (quiet or seq < a.max_confirmed):
                 self._publish(a, seq)
+                if time.monotonic() > deadline:
+                    return False
+        return True
 
     # -- loop --
     def new_reading(self, a: SimAgent) -> None:
@@ -273,6 +279,7 @@ class Worker:
         for a in self.agents:
             heapq.heappush(self.due, (now + random.uniform(0, period), a.index))
         last_report = last_misc = now
+        resend_from = 0
         while not self.exit:
             now = time.monotonic()
             # connection attempts due / finished
@@ -321,9 +328,13 @@ class Worker:
                         continue
                     if a.client.loop_misc() != 0 or (not a.ready and now - a.retry_at > 30):
                         self._drop(a, now)  # keepalive lost, or no CONNACK for 30 s
-                        continue
-                    if a.ready:
-                        self.resend_due(a, now)
+                deadline = now + RESEND_BUDGET
+                n = len(self.agents)
+                for k in range(n):  # rotate the start: every agent gets its turn
+                    a = self.agents[(resend_from + k) % n]
+                    if a.ready and not self.resend_due(a, now, deadline):
+                        resend_from = (resend_from + k) % n
+                        break
             if now - last_report >= 1.0:
                 last_report = now
                 self.report()
@@ -431,6 +442,25 @@ class ProcessMeter:
         for role, (_, rss) in result.items():
             self.peak_rss[role] = max(self.peak_rss.get(role, 0), rss)
         return result
+
+
+def thread_waits(pid: int) -> str:
+    """What the threads of `pid` wait on in the kernel (/proc wchan), e.g. "poll 3, futex 2":
+    tells a process that waits on its sockets from one blocked on a lock."""
+    counts: dict[str, int] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return "gone"
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text().strip() or "-"
+        except OSError:
+            continue
+        key = "running" if state == "R" else wchan.replace("do_", "").replace("_wait_queue", "")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def fmt_usage(usage: dict[str, tuple[float, int]]) -> str:
@@ -599,7 +629,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  [{label} {now - t0:5.0f}s] connected {total(handles, 'connected')}/{args.agents}, "
                   f"sent {sent} ({offered:.0f}/s), journaled {stored} ({rate:.0f}/s), backlog {max(0, sent - stored)}, "
                   f"receipts {total(handles, 'receipts')}, resent {total(handles, 'resent')}; "
-                  f"{fmt_usage(meter.sample())}; {machine.sample()}, load {loadavg()}", flush=True)
+                  f"{fmt_usage(meter.sample())}; {machine.sample()}, load {loadavg()}; "
+                  f"coordinator threads: {thread_waits(daemon.pid)}", flush=True)
 
         # -- steady phase --
         t0 = time.monotonic()
