@@ -53,6 +53,7 @@ from tests.support.net import free_port  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 #: CPU seconds per second one harness process may spend on re-sends (the rest wait a pass)
 RESEND_BUDGET = 0.3
+NO_MATCHING_SUBSCRIBERS = 0x10  # PUBACK reason: the broker kept the message for nobody
 
 
 # -- the agent's policies (read from the product, so the harness follows it) -----------------
@@ -83,6 +84,7 @@ class SimAgent:
         self.readings: dict[int, dict[str, Any]] = {}  # unconfirmed: seq -> reading
         self.acked: dict[int, float] = {}  # seq -> monotonic time of the PUBACK
         self.inflight: dict[int, int] = {}  # mid -> seq
+        self.retry_at_seq: dict[int, float] = {}  # seq -> monotonic time to publish again (PUBACK said nobody has it)
         self.published: set[int] = set()  # seqs published at least once (a repeat is a re-send)
         self.upto = 0
         self.held: list[list[int]] = []
@@ -130,6 +132,7 @@ class Worker:
         self.exit = False
         self.mark = math.inf  # wall time of the broker kill (from the orchestrator)
         self.counts = {"sent": 0, "published": 0, "resent": 0, "receipts": 0, "bad_receipts": 0,
+                       "puback_no_subscribers": 0, "puback_refused": 0,
                        "connect_fail": 0, "disconnects": 0, "last_seq_sum": 0}
         self.connect_times: list[float] = []
         self.lock = threading.Lock()
@@ -206,13 +209,22 @@ class Worker:
         a.backoff.reset()
         for f in self.filters[a.agent_id]:
             client.subscribe(f, qos=1)
+        a.retry_at_seq.clear()
         for seq in sorted(s for s in a.readings if s not in a.acked):  # never PUBACKed: send (again)
             self._publish(a, seq)
 
     def _on_publish(self, client: Any, a: SimAgent, mid: int, reason_code: Any, properties: Any) -> None:
         seq = a.inflight.pop(mid, None)
-        if seq is not None and seq in a.readings:
-            a.acked[seq] = time.monotonic()
+        if seq is None or seq not in a.readings:
+            return
+        code = int(getattr(reason_code, "value", 0) or 0)
+        if code == NO_MATCHING_SUBSCRIBERS or code >= 0x80:
+            # kombu_mqtt raises NoSubscribersError / PublishRejectedError for a task here, and
+            # the agent's flusher retries after its backoff: nobody has this reading
+            self.counts["puback_no_subscribers" if code == NO_MATCHING_SUBSCRIBERS else "puback_refused"] += 1
+            a.retry_at_seq[seq] = time.monotonic() + a.backoff.next()
+            return
+        a.acked[seq] = time.monotonic()
 
     def _on_message(self, client: Any, a: SimAgent, message: Any) -> None:
         from security.signing import SignatureRefused
@@ -233,6 +245,7 @@ class Worker:
         for seq in [s for s in a.readings if a.confirmed(s)]:
             a.readings.pop(seq, None)
             a.acked.pop(seq, None)
+            a.retry_at_seq.pop(seq, None)
             a.published.discard(seq)
 
     def _publish(self, a: SimAgent, seq: int) -> None:
@@ -253,6 +266,13 @@ class Worker:
         the highest confirmed seq (lost on the way); re-sending all of a busy coordinator's
         backlog would only deepen it. Stops at `deadline` (False): the rest is due next
         pass, so one process's re-sends never starve its other connections' I/O."""
+        for seq, at in list(a.retry_at_seq.items()):
+            if now >= at:
+                del a.retry_at_seq[seq]
+                if seq in a.readings:
+                    self._publish(a, seq)
+        if not a.retry_at_seq:
+            a.backoff.reset()
         quiet = now - a.last_receipt_at >= self.resend_after
         for seq, at in list(a.acked.items()):
             if now - at >= self.resend_after and (quiet or seq < a.max_confirmed):
@@ -628,7 +648,8 @@ def run(args: argparse.Namespace) -> int:
             last[:] = [now, sent, stored]
             print(f"  [{label} {now - t0:5.0f}s] connected {total(handles, 'connected')}/{args.agents}, "
                   f"sent {sent} ({offered:.0f}/s), journaled {stored} ({rate:.0f}/s), backlog {max(0, sent - stored)}, "
-                  f"receipts {total(handles, 'receipts')}, resent {total(handles, 'resent')}; "
+                  f"receipts {total(handles, 'receipts')}, resent {total(handles, 'resent')}, "
+                  f"PUBACK no subscribers {total(handles, 'puback_no_subscribers')}; "
                   f"{fmt_usage(meter.sample())}; {machine.sample()}, load {loadavg()}; "
                   f"coordinator threads: {thread_waits(daemon.pid)}", flush=True)
 
@@ -755,6 +776,9 @@ def run(args: argparse.Namespace) -> int:
         ok = not missing and not dupes and fully == len(final)
         print("  EVERY READING STORED ONCE AND RECEIPTED" if ok else "  NOT all readings stored once and receipted")
         return 0 if ok else 1
+    except SystemExit:
+        args.keep = True  # the message names a file in it
+        raise
     finally:
         for h in handles:
             if h.proc.poll() is None:
