@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ from tests.support.net import free_port  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 #: CPU seconds per second one harness process may spend on re-sends (the rest wait a pass)
 RESEND_BUDGET = 0.3
+#: seconds per loop pass one harness process may spend re-publishing after reconnects
+FLUSH_SLICE = 0.02
 NO_MATCHING_SUBSCRIBERS = 0x10  # PUBACK reason: the broker kept the message for nobody
 
 
@@ -84,6 +87,7 @@ class SimAgent:
         self.readings: dict[int, dict[str, Any]] = {}  # unconfirmed: seq -> reading
         self.acked: dict[int, float] = {}  # seq -> monotonic time of the PUBACK
         self.inflight: dict[int, int] = {}  # mid -> seq
+        self.flush: deque[int] = deque()  # seqs to publish again after a reconnect
         self.retry_at_seq: dict[int, float] = {}  # seq -> monotonic time to publish again (PUBACK said nobody has it)
         self.published: set[int] = set()  # seqs published at least once (a repeat is a re-send)
         self.upto = 0
@@ -137,6 +141,7 @@ class Worker:
         self.connect_times: list[float] = []
         self.lock = threading.Lock()
         self.due: list[tuple[float, int]] = []
+        self.to_flush: deque[SimAgent] = deque()  # reconnected agents with readings to send again
         start = time.monotonic()
         for a in self.agents:
             a.retry_at = start + random.uniform(0, conf["connect_spread"])
@@ -210,8 +215,10 @@ class Worker:
         for f in self.filters[a.agent_id]:
             client.subscribe(f, qos=1)
         a.retry_at_seq.clear()
-        for seq in sorted(s for s in a.readings if s not in a.acked):  # never PUBACKed: send (again)
-            self._publish(a, seq)
+        # never PUBACKed: send (again), from the loop in time slices (there may be thousands)
+        a.flush = deque(sorted(s for s in a.readings if s not in a.acked))
+        if a.flush:
+            self.to_flush.append(a)
 
     def _on_publish(self, client: Any, a: SimAgent, mid: int, reason_code: Any, properties: Any) -> None:
         seq = a.inflight.pop(mid, None)
@@ -281,6 +288,18 @@ class Worker:
                     return False
         return True
 
+    def flush_some(self, deadline: float) -> None:
+        """Publish the readings reconnected agents still owe, until `deadline`."""
+        while self.to_flush and time.monotonic() < deadline:
+            a = self.to_flush[0]
+            if not a.ready or not a.flush:
+                a.flush.clear()
+                self.to_flush.popleft()
+                continue
+            seq = a.flush.popleft()
+            if seq in a.readings and seq not in a.acked:
+                self._publish(a, seq)
+
     # -- loop --
     def new_reading(self, a: SimAgent) -> None:
         a.seq += 1
@@ -323,7 +342,8 @@ class Worker:
                 t, i = heapq.heappop(self.due)
                 self.new_reading(self.agents[i])
                 heapq.heappush(self.due, (t + period, i))
-            timeout = 0.05
+            self.flush_some(now + FLUSH_SLICE)
+            timeout = 0.05 if not self.to_flush else 0.0
             if self.sending and self.due:
                 timeout = max(0.0, min(timeout, self.due[0][0] - time.monotonic()))
             for key, _ in self.sel.select(timeout):
