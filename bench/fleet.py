@@ -594,6 +594,7 @@ def start_coordinator(data: Path, base: Path, agents: int) -> tuple[subprocess.P
     t0 = time.monotonic()
     for i in range(agents):  # the library behind `edge-coordinator enroll --bundle NAME`
         store.make_bundle(f"fleet-{i:05d}", None, cfg.broker_url)
+    store.make_bundle(PROBE, None, cfg.broker_url)  # sends no readings: only times CONNACKs
     print(f"  enrolled {agents} agents (own EC P-256 key + certificate each) in {time.monotonic() - t0:.1f}s", flush=True)
     log = open(base / "coordinator.log", "ab")
     daemon = subprocess.Popen([*cli, "run", "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT,
@@ -611,6 +612,68 @@ def start_coordinator(data: Path, base: Path, agents: int) -> tuple[subprocess.P
             daemon.kill()
             raise SystemExit("fleet: coordinator did not start; see " + str(base / "coordinator.log"))
         time.sleep(0.3)
+
+
+PROBE = "probe-0"
+
+
+class BrokerProbe:
+    """A fresh TLS connection every 0.5 s, timed to its CONNACK: is the broker responsive
+    to a newcomer while the fleet reconnects?"""
+
+    def __init__(self, bundle: Path, host: str, port: int) -> None:
+        import ssl
+
+        from bench.fleet_wire import Bundle
+
+        b = Bundle(bundle)
+        self.ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(b.ca))
+        self.ctx.load_cert_chain(str(b.cert), str(b.key))
+        self.host, self.port = host, port
+        self.samples: list[tuple[float, float | None]] = []  # (wall time, seconds to CONNACK or None)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def once(self, timeout: float = 5.0) -> float | None:
+        import paho.mqtt.client as paho
+
+        got = threading.Event()
+        client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id=f"{PROBE}-{time.time_ns()}",
+                             protocol=paho.MQTTv5)
+        client.tls_set_context(self.ctx)
+        client.on_connect = lambda c, u, f, rc, p: got.set() if not rc.is_failure else None
+        start = time.monotonic()
+        try:
+            client.connect(self.host, self.port, keepalive=10)
+            while not got.is_set() and time.monotonic() - start < timeout:
+                if client.loop(0.02) != 0:
+                    break
+        except (OSError, ValueError):
+            return None
+        finally:
+            try:
+                client.disconnect()
+            except (OSError, ValueError):
+                pass
+        return time.monotonic() - start if got.is_set() else None
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append((time.time(), self.once()))
+            self.stop.wait(0.5)
+
+    def summary(self, killed: float, until: float) -> str:
+        before = sorted(v for t, v in self.samples if t < killed and v is not None)
+        during = [(t, v) for t, v in self.samples if killed <= t <= until]
+        ok = sorted(v for _, v in during if v is not None)
+        first = min((t - killed for t, v in during if v is not None), default=float("nan"))
+
+        def pct(xs: list[float], q: float) -> float:
+            return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3 if xs else float("nan")
+
+        return (f"probe CONNACK before the kill p50 {pct(before, 0.5):.0f} ms; during the storm "
+                f"first success {first:.1f}s after the kill, then p50 {pct(ok, 0.5):.0f} ms, max {pct(ok, 1.0):.0f} ms "
+                f"({len(ok)}/{len(during)} probes answered)")
 
 
 def broker_pid(coordinator_pid: int) -> int | None:
@@ -700,6 +763,9 @@ def run(args: argparse.Namespace) -> int:
             pid = broker_pid(daemon.pid)
             if pid is None:
                 raise SystemExit("fleet: cannot find the coordinator's managed mosquitto")
+            probe = BrokerProbe(data / "bundles" / PROBE, cfg.broker.host, cfg.broker.port)
+            probe.thread.start()
+            time.sleep(3)  # a baseline before the kill
             for h in handles:
                 h.connect_times.clear()
             killed = time.time()
@@ -723,15 +789,20 @@ def run(args: argparse.Namespace) -> int:
             per_second: dict[int, int] = {}
             for t in times:
                 per_second[int(t - killed)] = per_second.get(int(t - killed), 0) + 1
+            time.sleep(2)
+            probe.stop.set()
+            probe.thread.join(timeout=10)
             new_pid = broker_pid(daemon.pid)
             storm = {"all_back_s": back_at - killed, "back": total(handles, "back"), "reconnects": len(times),
                      "first_s": (times[0] - killed) if times else float("nan"),
                      "peak_per_s": max(per_second.values(), default=0),
                      "peak_at_s": max(per_second, key=lambda k: per_second[k]) if per_second else 0,
-                     "connect_fail": total(handles, "connect_fail"), "new_broker_pid": new_pid}
+                     "connect_fail": total(handles, "connect_fail"), "new_broker_pid": new_pid,
+                     "probe": probe.summary(killed, time.time())}
             print(f"  storm: {storm['back']}/{args.agents} back {storm['all_back_s']:.1f}s after the kill "
                   f"(first reconnect at {storm['first_s']:.1f}s), peak {storm['peak_per_s']} connects/s "
                   f"(second {storm['peak_at_s']}), failed attempts {storm['connect_fail']}", flush=True)
+            print(f"  storm: {storm['probe']}", flush=True)
             t2 = time.monotonic()
             last = [t2, total(handles, "sent"), journaled(journal)]
             while time.monotonic() - t2 < args.storm_tail:
@@ -785,6 +856,7 @@ def run(args: argparse.Namespace) -> int:
         if storm:
             print(f"  reconnect storm: all {storm['back']}/{args.agents} back in {storm['all_back_s']:.1f}s, "
                   f"peak {storm['peak_per_s']} connects/s, failed attempts {storm['connect_fail']}")
+            print(f"  broker {storm['probe']}")
         print(f"  drain {drain_s:.0f}s; sent {len(expected)} (agent, seq), journaled {len(got)} "
               f"(missing {len(missing)}, duplicated {dupes}, unexpected {len(extra)}); executions "
               f"{execs[0][0] if execs else 0} rows / {execs[0][1] if execs else 0} task ids")
