@@ -9,12 +9,15 @@ serializer, so the bytes are what a real agent sends) at --rate readings/s with 
 jittered start, subscribes to its own queue and verifies the coordinator's signed
 `edge.agent.receipt` messages. Like the agent's outbox, a reading is kept until a
 receipt covers it: re-published after a reconnect if it never got its PUBACK, and
-again --resend-after seconds after a publish that no receipt confirmed.
+again --resend-after seconds after a publish that no receipt confirmed (only while
+receipts are quiet, or below the highest confirmed seq), and after the agent backoff when
+the PUBACK says nobody subscribes (a restarted broker before the coordinator is back).
 
 Phases: steady (--duration s, a progress line every 10 s: offered and journaled rate,
 backlog, CPU%/RSS of broker, coordinator, anvil and harness), then the reconnect storm
 (SIGKILL the managed Mosquitto; the coordinator's supervisor restarts it; agents
-reconnect with the agent's backoff policy: time until all N are back, peak connects/s),
+reconnect with the agent's backoff policy: time until all N are back, peak connects/s;
+a probe times a fresh connection's CONNACK every 0.5 s to show the broker's responsiveness),
 then --storm-tail s more readings, then a bounded drain. Finally the journal is read
 (read-only): every (agent, seq) sent must be journaled exactly once.
 
