@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
-from tests.support.net import free_port  # noqa: E402
+from ledger.processes import free_port  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 #: CPU seconds per second one harness process may spend on re-sends (the rest wait a pass)
@@ -113,8 +113,8 @@ class Worker:
     def __init__(self, conf: dict[str, Any]) -> None:
         import ssl
 
-        from agent.forwarder import Backoff
         from bench.fleet_wire import Bundle, WireEncoder
+        from kombu_mqtt.backoff import Backoff
         from security.contract import agent_queue
 
         self.conf = conf
@@ -699,8 +699,8 @@ def run(args: argparse.Namespace) -> int:
     handles: list[WorkerHandle] = []
     print(f"fleet: {args.agents} agents x {args.rate:g} reading/s over mutual TLS, {args.workers} worker processes, "
           f"load average {loadavg()}", flush=True)
-    print(f"  agent policy (agent.config defaults, agent.forwarder.Backoff): reconnect backoff equal jitter "
-          f"[d/2, d], d = {policy['backoff_min']:g}s doubling to a {policy['backoff_max']:g}s cap; "
+    print(f"  agent policy (agent.config defaults, kombu_mqtt.backoff.Backoff): reconnect backoff full jitter "
+          f"[0, d], d = {policy['backoff_min']:g}s doubling to a {policy['backoff_max']:g}s cap; "
           f"unconfirmed reading re-sent after {policy['resend_after']:g}s", flush=True)
     try:
         daemon, cfg = start_coordinator(data, base, args.agents)

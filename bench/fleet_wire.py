@@ -24,8 +24,10 @@ from kombu.transport import memory
 from kombu.utils.json import dumps
 
 from kombu_mqtt.topics import publish_topic
-from security.celery_signing import SigningConfig, Verifier, setup_signing
 from security.contract import INGEST_QUEUE, INGEST_TASK, RECEIPT_TASK, reading_task_id
+from security.signing_config import SigningConfig
+from security.signing_setup import setup_signing
+from security.verifier import Verifier
 
 _CAPTURED: list[tuple[str, str, str, dict[str, Any]]] = []
 
