@@ -36,7 +36,7 @@ demo: setup
 	$(VENV)/bin/edge-coordinator demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Static checks (configured in pyproject.toml): ruff on the whole tree, mypy on the packages it lists,
 # and the package layering ([tool.importlinter] contracts) with import-linter.
