@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from ledger.processes import ChildProcess, ProcessStartError, free_port  # noqa: E402
+from ledger.sqlite_files import read_only  # noqa: E402
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 
@@ -152,3 +154,15 @@ def start_coordinator(data: Path, log_path: Path, agents: list[str], timeout: fl
         daemon.kill()
         raise SystemExit(f"bench: coordinator did not start ({exc}); see {log_path}") from None
     return daemon, http
+
+
+def journal_query(db: Path, sql: str, timeout: float = 30.0) -> list[tuple]:
+    """Counts a bench reads from a journal another process writes: read-only, never creates
+    the file, and [] while the file or its tables do not exist yet."""
+    if not db.exists():
+        return []
+    try:
+        with read_only(db, timeout=timeout) as conn:
+            return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError:
+        return []

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import ROOT, start_coordinator, start_redis  # first: puts the repository root on sys.path
+from _harness import ROOT, journal_query, start_coordinator, start_redis  # first: puts the repository root on sys.path
 
 from ledger.processes import ChildProcess
 
@@ -64,16 +64,7 @@ def wait_for(pred, timeout: float, what: str, label: str, total: int, started: f
     raise SystemExit(f"bench: timed out waiting for {what}")
 
 
-def query(db: Path, sql: str) -> list[tuple]:
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return conn.execute(sql).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
+query = journal_query
 
 
 # -- edgeledger ----------------------------------------------------------------------

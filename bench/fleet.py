@@ -36,7 +36,6 @@ import random
 import selectors
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
+from bench._harness import journal_query  # noqa: E402
 from ledger.processes import free_port  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -533,16 +533,7 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def query(db: Path, sql: str) -> list[tuple]:
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return conn.execute(sql).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
+query = journal_query
 
 
 def journaled(db: Path) -> int:

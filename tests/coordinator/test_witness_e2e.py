@@ -76,14 +76,6 @@ def verify(data_dir: Path, *extra: str) -> tuple[int, dict]:
     return proc.returncode, json.loads(proc.stdout)
 
 
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        kill_group(proc.proc)
-
-
 def test_agents_cosign_and_the_audit_counts_two_witnesses(coordinator: CoordinatorProcess, tmp_path: Path,
                                                           procs: list[Proc]) -> None:
     coordinator.init("wa-1", "wa-2").start()

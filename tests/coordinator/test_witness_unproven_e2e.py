@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from security.contract import reading_task_id
-from tests.agent.support import Proc, kill_group
+from tests.agent.support import Proc
 from tests.support.prom import sample
 
 from .support import CoordinatorProcess, wait_until
@@ -29,14 +29,6 @@ pytestmark = pytest.mark.slow
 PY = sys.executable
 AGENT = "wu-1"
 LOST = 5  # the reading whose proof the coordinator can never give
-
-
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        kill_group(proc.proc)
 
 
 def test_a_reading_confirmed_but_never_proven_raises_one_alarm_and_stays(
