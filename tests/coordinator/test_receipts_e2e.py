@@ -37,14 +37,24 @@ def run_agent(home: Path, interval: str, log: str, **env: str) -> Proc:
 
 
 def outbox(home: Path) -> tuple[int, int]:
-    """(rows still in the outbox, last seq stored)."""
-    db = sqlite3.connect(f"file:{home / 'outbox.sqlite3'}?mode=ro", uri=True, timeout=30)
+    """(rows still in the outbox, last seq stored), read from one snapshot: two separate
+    reads race the agent, which may store readings between them."""
+    db = sqlite3.connect(f"file:{home / 'outbox.sqlite3'}?mode=ro", uri=True, timeout=30, isolation_level=None)
     try:
+        db.execute("BEGIN")
         rows = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         nxt = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+        db.execute("COMMIT")
         return rows, int(nxt[0]) - 1 if nxt else 0
     finally:
         db.close()
+
+
+def some_confirmed(home: Path) -> bool:
+    """A receipt deleted confirmed readings: fewer rows left than readings stored (one
+    snapshot: `outbox(home)[0] < outbox(home)[1]` would read twice and race the agent)."""
+    rows, last = outbox(home)
+    return rows < last
 
 
 def seqs(coordinator: CoordinatorProcess, agent: str) -> list[int]:
@@ -96,7 +106,7 @@ def test_broker_and_agent_sigkill_lose_and_duplicate_nothing(coordinator: Coordi
     home = enroll(coordinator, "rc-a", tmp_path / "rc-a")
     procs.append(run_agent(home, "0.1", "run1.log"))
     wait_until(lambda: len(seqs(coordinator, "rc-a")) >= 20, 120, "streaming")
-    wait_until(lambda: outbox(home)[0] < outbox(home)[1], 60, "a first receipt deleted confirmed readings")
+    wait_until(lambda: some_confirmed(home), 60, "a first receipt deleted confirmed readings")
 
     # 1. the broker dies mid-stream (it persists only about once a second); the daemon restarts it
     first = coordinator.mosquitto_pid()

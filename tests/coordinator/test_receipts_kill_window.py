@@ -25,7 +25,7 @@ from tests.agent.support import Proc, kill_group
 from tests.support.prom import sample
 
 from .support import CoordinatorProcess, audit, wait_until
-from .test_receipts_e2e import drain_and_check, enroll, outbox, run_agent, seqs
+from .test_receipts_e2e import drain_and_check, enroll, run_agent, seqs, some_confirmed
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,15 @@ def hold_outbox_lock(path: Path) -> sqlite3.Connection:
     return wait_until(locked, 60, "published readings awaiting a receipt", interval=0.1)
 
 
+def last_receipt_at(home: Path) -> float | None:
+    db = sqlite3.connect(f"file:{home / 'outbox.sqlite3'}?mode=ro", uri=True, timeout=30)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'last_receipt_at'").fetchone()
+        return float(row[0]) if row else None
+    finally:
+        db.close()
+
+
 def duplicates(coordinator: CoordinatorProcess) -> float:
     return sample(coordinator.metrics(), "edgeledger_tasks_duplicate_total", task="edge.ingest") or 0
 
@@ -58,7 +67,8 @@ def test_agent_killed_between_receipt_and_delete_duplicates_nothing(
     procs.append(run_agent(home, "0.1", "run1.log", EDGE_AGENT_LOG_LEVEL="INFO"))
     log = home.parent / "run1.log"
     wait_until(lambda: len(seqs(coordinator, "rk-a")) >= 20, 120, "streaming")
-    wait_until(lambda: outbox(home)[0] < outbox(home)[1], 60, "a first receipt deleted confirmed readings")
+    wait_until(lambda: some_confirmed(home) and last_receipt_at(home) is not None, 60,
+               "a first receipt deleted confirmed readings")
 
     lock = hold_outbox_lock(home / "outbox.sqlite3")
     try:
