@@ -85,9 +85,10 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
         worker_hijack_root_logger=False,
         # Celery's tooling (coordinator.tooling, Flower): the broker gives the pidbox and
         # event topics to coordinator certificates only, and control messages must be
-        # signed (accept_content), see security/README.md "Remote control".
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # signed (accept_content), see security/README.md "Remote control". Task events
+        # are opt-in (worker.task_events): Flower enables them in the running worker.
+        worker_send_task_events=cfg.worker.task_events,
+        task_send_sent_event=cfg.worker.task_events,
         worker_enable_remote_control=True,
         task_default_queue=cfg.worker.queue,
         result_expires=300,

@@ -99,6 +99,11 @@ class WorkerConfig:
     queue: str = setting("edge.ingest", non_empty=True, help="the queue agents send readings to")
     prefetch: int = setting(1, min=1, help="tasks held unacked by the solo worker; each is committed on its own")
     send_timeout: float = setting(30.0, min=0, above=True, unit="s", help="`send` waits this long for a result by default")
+    # Celery task events cost ~20% of flood throughput (docs/BENCHMARKS.md, issue #10's
+    # section): off unless asked for; Flower and `celery control enable_events` turn them
+    # on in the running worker. Worker heartbeats are sent either way.
+    task_events: bool = setting(False, help="send Celery task events from start (Flower and `celery control "
+                                            "enable_events` turn them on at runtime; they cost throughput)")
     # End-to-end receipts (coordinator/receipts.py): one per agent with news at most every
     # receipt_interval seconds, sooner after receipt_batch new readings.
     receipt_interval: float = setting(6.0, min=0, above=True, unit="s",

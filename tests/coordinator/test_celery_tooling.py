@@ -10,11 +10,13 @@ enrolled agent, so what the tools show is real ingestion.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import queue
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from security.contract import reading_task_id
 from tests.support.net import free_port
 
 from .support import ROOT, CoordinatorProcess, simagent, wait_until
@@ -80,15 +83,17 @@ def test_inspect_ping_active_stats_registered_and_status_show_the_coordinator(co
     ping = replies(celery(coordinator, "inspect", "ping", "--json", "-t", "10"))
     node = coordinator_node(ping)
     assert ping[node] == {"ok": "pong"}
+    # with a destination Celery returns on the node's reply instead of waiting out -t
+    to_node = ("--json", "-t", "10", "-d", node)
 
-    assert replies(celery(coordinator, "inspect", "active", "--json", "-t", "10")) == {node: []}
+    assert replies(celery(coordinator, "inspect", "active", *to_node)) == {node: []}
 
-    stats = replies(celery(coordinator, "inspect", "stats", "--json", "-t", "10"))[node]
+    stats = replies(celery(coordinator, "inspect", "stats", *to_node))[node]
     assert stats["broker"]["transport"] == "mqtts"
     assert stats["pool"]["implementation"].endswith(":TaskPool")  # the solo pool
     assert stats["pid"] > 0
 
-    registered = replies(celery(coordinator, "inspect", "registered", "--json", "-t", "10"))[node]
+    registered = replies(celery(coordinator, "inspect", "registered", *to_node))[node]
     assert {"edge.ingest", "edge.command_result", "edge.heartbeat"} <= set(registered)
 
     status = celery(coordinator, "status", "--json", "-t", "10")
@@ -97,7 +102,8 @@ def test_inspect_ping_active_stats_registered_and_status_show_the_coordinator(co
 
 
 def test_active_queues_name_the_ingest_queue(coordinator) -> None:
-    queues = replies(celery(coordinator, "inspect", "active_queues", "--json", "-t", "10"))
+    node = f"coordinator@{socket.gethostname()}"  # the daemon's node name on this host
+    queues = replies(celery(coordinator, "inspect", "active_queues", "--json", "-t", "10", "-d", node))
     (node,) = queues
     assert [q["name"] for q in queues[node]] == ["edge.ingest"]
 
@@ -140,14 +146,26 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def test_events_dump_shows_worker_heartbeats_and_task_events(coordinator) -> None:
+def test_task_events_are_off_by_default_and_enable_events_turns_them_on(coordinator) -> None:
+    """worker.task_events defaults to off (they cost throughput); heartbeats flow anyway,
+    and the documented `celery control enable_events` (signed by the coordinator identity)
+    turns task events on in the running worker."""
     proc = subprocess.Popen([*CELERY, "events", "--dump"], cwd=ROOT, env=tool_env(coordinator), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         reader = LineReader(proc)
-        reader.wait_for("coordinator@", "heartbeat:", timeout=60)  # the worker sends one every 2 s
-        send_readings(coordinator, 2, start_seq=100)
-        reader.wait_for("coordinator@", "task succeeded", timeout=60)
+        beat = reader.wait_for("coordinator@", "heartbeat:", timeout=60)  # the worker sends one every 2 s
+        node = beat.split()[0]
+        send_readings(coordinator, 2, start_seq=100)  # journaled with task events off
+        enabled = celery(coordinator, "control", "enable_events", "-d", node, "-t", "10")
+        # "enabled", not "already enabled": they were off
+        assert enabled.returncode == 0 and "task events enabled" in enabled.stdout, enabled.stdout + enabled.stderr
+        send_readings(coordinator, 2, start_seq=102)
+        reader.wait_for("coordinator@", "task succeeded", reading_task_id(AGENT, 103), timeout=60)
+        # the worker runs tasks in order: had events been on, 100's and 101's would have come first
+        dumped = "".join(reader.seen)
+        assert reading_task_id(AGENT, 102) in dumped
+        assert reading_task_id(AGENT, 100) not in dumped and reading_task_id(AGENT, 101) not in dumped
     finally:
         stop(proc)
 
@@ -161,6 +179,11 @@ def flower_get(port: int, path: str, auth: str) -> Any:
 
 def test_flower_lists_the_coordinator_worker_and_its_task_history(coordinator) -> None:
     pytest.importorskip("flower", reason="Flower is the optional extra `.[flower]` (also in `.[test]`)")
+    node = f"coordinator@{socket.gethostname()}"
+    # task events off (the default; another test here may have enabled them): Flower must enable them
+    disabled = celery(coordinator, "control", "disable_events", "-d", node, "-t", "10")
+    assert disabled.returncode == 0 and ("task events disabled" in disabled.stdout
+                                         or "task events already disabled" in disabled.stdout), disabled.stdout
     port = free_port()
     auth = f"operator:{secrets.token_hex(8)}"
     # the command documented in docs/OPERATIONS.md, on a free port
@@ -185,13 +208,20 @@ def test_flower_lists_the_coordinator_worker_and_its_task_history(coordinator) -
             flower_get(port, "/api/workers", "operator:wrong")
         assert refused.value.code == 401
 
-        send_readings(coordinator, 3, start_seq=200)
-
         def ingested() -> list[dict[str, Any]]:
             tasks = flower_get(port, "/api/tasks?taskname=edge.ingest&state=SUCCESS", auth)
             return [t for t in tasks.values() if t.get("worker") == node]
 
-        done = wait_until(lambda: len(ingested()) >= 3 and ingested(), 60, "3 edge.ingest tasks in Flower's history")
+        # Flower turns task events on itself (every few seconds): readings sent before that
+        # are journaled but not in its history, so keep sending until three are
+        seqs = itertools.count(200)
+
+        def three_seen() -> list[dict[str, Any]] | None:
+            send_readings(coordinator, 1, start_seq=next(seqs))
+            got = ingested()
+            return got if len(got) >= 3 else None
+
+        done = wait_until(three_seen, 120, "3 edge.ingest tasks in Flower's history")
         assert all(t["name"] == "edge.ingest" and t["state"] == "SUCCESS" for t in done)
     finally:
         stop(proc)
