@@ -107,6 +107,7 @@ class ManagedAnvil:
         self.binary = binary or find_anvil()
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.port = port or free_port()
+        self._port_chosen = port is None  # ours to change if another process takes it first
         self.chain_id = chain_id
         self.accounts = accounts
         self.snapshot_interval = snapshot_interval
@@ -150,7 +151,7 @@ class ManagedAnvil:
         last_error = ""
         for state in candidates:
             try:
-                self._spawn(state)
+                self._spawn_on_a_free_port(state)
                 self.loaded_from = state
                 if state is not None:
                     log.info("anvil on %s loaded state from %s", self.rpc_url, state)
@@ -159,12 +160,27 @@ class ManagedAnvil:
                 last_error = str(exc)
                 log.warning("anvil did not start%s: %s", f" from {state}" if state else "", exc)
         else:
-            raise AnvilError(f"anvil failed to start on port {self.port}: {last_error}")
+            fix = (f"; another process listens on 127.0.0.1:{self.port}: stop it or choose another port"
+                   if "Address already in use" in last_error else "")
+            raise AnvilError(f"anvil failed to start on port {self.port}: {last_error}{fix}")
         if self.snapshot_interval and self.state_dir is not None:
             self._stop_snapshots.clear()
             self._snap_thread = threading.Thread(target=self._snapshot_loop, name="anvil-snapshots", daemon=True)
             self._snap_thread.start()
         return self
+
+    def _spawn_on_a_free_port(self, state: Path | None, attempts: int = 3) -> None:
+        """`_spawn`; when the port was picked here (free_port) and another process bound it
+        between the pick and anvil's bind, pick again: a race, not the caller's error."""
+        for attempt in range(attempts):
+            try:
+                self._spawn(state)
+                return
+            except AnvilError as exc:
+                if not (self._port_chosen and "Address already in use" in str(exc) and attempt < attempts - 1):
+                    raise
+                log.info("port %d was taken before anvil bound it; picking another", self.port)
+                self.port = free_port()
 
     def _spawn(self, state: Path | None) -> None:
         config_out = self._workdir / f".anvil-{self.port}-config.json"

@@ -121,3 +121,39 @@ def test_dump_consistency_check():
     ahead = dict(accounts, **{eoa: {"nonce": 3, "code": "0x"}})  # a tx in state, not in blocks
     assert not dump_is_consistent({"transactions": txs, "accounts": ahead})
     assert not dump_is_consistent({"transactions": txs[:1], "accounts": accounts})
+
+
+def test_a_picked_port_taken_before_anvil_binds_it_is_picked_again(tmp_path, monkeypatch) -> None:
+    """free_port() races other processes: when the port it gave is bound before anvil
+    binds it, ManagedAnvil picks another instead of failing."""
+    import socket
+
+    import ledger.anvil as anvil_module
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    picks = iter([taken])
+    real_free_port = anvil_module.free_port
+    monkeypatch.setattr(anvil_module, "free_port", lambda: next(picks, None) or real_free_port())
+    try:
+        with ManagedAnvil(tmp_path) as chain:
+            assert chain.port != taken
+            assert int(rpc_call(chain.rpc_url, "eth_chainId"), 16) == 31337
+    finally:
+        squatter.close()
+
+
+def test_a_configured_port_in_use_is_an_error_naming_it(tmp_path) -> None:
+    import socket
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    try:
+        with pytest.raises(AnvilError, match=f"port {port}.*Address already in use.*choose another port"):
+            ManagedAnvil(tmp_path, port=port).start()
+    finally:
+        squatter.close()
