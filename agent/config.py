@@ -61,7 +61,8 @@ class AgentConfig:
     # A reading leaves the outbox only on the coordinator's signed receipt (it journaled it);
     # one still unconfirmed this many seconds after its publish is sent again (deduped there).
     resend_after: float = setting(60.0, min=0, above=True, unit="s",
-                                  help="an unconfirmed reading is sent again this long after its publish")
+                                  help="an unconfirmed reading is sent again this long after its publish; "
+                                       "each further re-send of it waits twice as long, up to 16x")
     # Witness (agent/witness.py): a confirmed reading still without an inclusion proof this long
     # after the first receipt whose newer checkpoint must cover it (and over several such
     # receipts) raises a `reading_unproven` alarm. The bound used is at least 2 x resend_after: a restarted

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
+from agent.outbox import RESEND_BACKOFF_MAX  # noqa: E402
 from bench._harness import journal_query  # noqa: E402
 from ledger.processes import free_port  # noqa: E402
 
@@ -93,6 +94,7 @@ class SimAgent:
         self.flush: deque[int] = deque()  # seqs to publish again after a reconnect
         self.retry_at_seq: dict[int, float] = {}  # seq -> monotonic time to publish again (PUBACK said nobody has it)
         self.published: set[int] = set()  # seqs published at least once (a repeat is a re-send)
+        self.publishes: dict[int, int] = {}  # seq -> times published (the re-send wait doubles per re-send)
         self.upto = 0
         self.held: list[list[int]] = []
         self.max_confirmed = 0  # highest seq any receipt confirmed
@@ -257,6 +259,7 @@ class Worker:
             a.acked.pop(seq, None)
             a.retry_at_seq.pop(seq, None)
             a.published.discard(seq)
+            a.publishes.pop(seq, None)
 
     def _publish(self, a: SimAgent, seq: int) -> None:
         reading = a.readings[seq]
@@ -265,6 +268,7 @@ class Worker:
         a.inflight[info.mid] = seq
         a.acked.pop(seq, None)
         self.counts["published"] += 1
+        a.publishes[seq] = a.publishes.get(seq, 0) + 1
         if seq in a.published:
             a.resent += 1
             self.counts["resent"] += 1
@@ -272,7 +276,7 @@ class Worker:
 
     def resend_due(self, a: SimAgent, now: float, deadline: float) -> bool:
         """agent.outbox.Outbox.pending's rule: a reading PUBACKed `resend_after` ago without
-        a receipt goes again only if receipts went quiet for `resend_after`, or it lies below
+        a receipt (twice as long per earlier re-send, up to RESEND_BACKOFF_MAX x) goes again only if receipts went quiet for `resend_after`, or it lies below
         the highest confirmed seq (lost on the way); re-sending all of a busy coordinator's
         backlog would only deepen it. Stops at `deadline` (False): the rest is due next
         pass, so one process's re-sends never starve its other connections' I/O."""
@@ -285,7 +289,8 @@ class Worker:
             a.backoff.reset()
         quiet = now - a.last_receipt_at >= self.resend_after
         for seq, at in list(a.acked.items()):
-            if now - at >= self.resend_after and (quiet or seq < a.max_confirmed):
+            wait = self.resend_after * min(1 << max(a.publishes.get(seq, 1) - 1, 0), RESEND_BACKOFF_MAX)
+            if now - at >= wait and (quiet or seq < a.max_confirmed):
                 self._publish(a, seq)
                 if time.monotonic() > deadline:
                     return False

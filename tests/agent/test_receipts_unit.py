@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,43 @@ def test_replay_guard_accepts_a_resend_but_not_the_same_envelope_twice(tmp_path:
         guard.accept("a-1/id:0", "env-3", now, "a-1")
     guard.release("a-1/id:0", "env-1")  # journal refused it: the broker redelivers it, it must pass
     guard.accept("a-1/id:0", "env-1", now, "a-1", allow_resend=True)
+
+
+def test_each_resend_of_a_reading_waits_twice_as_long_up_to_the_cap(tmp_path: Path) -> None:
+    """A coordinator that is behind must not get the fleet's backlog again every
+    resend_after: a row's wait doubles per re-send, capped at RESEND_BACKOFF_MAX."""
+    from agent.outbox import RESEND_BACKOFF_MAX
+
+    ra = 10.0
+    box = Outbox(tmp_path / "o.db", "a-1", resend_after=ra)
+    box.add_samples(_samples(1))
+    waits = []
+    for _ in range(7):
+        (item,) = box.pending(now=time.time() + 1e6)  # due (or never sent)
+        box.mark_sent(item.id, awaits_receipt=True)
+        sent_at = box.db.execute("SELECT sent_at FROM outbox").fetchone()[0]
+        due = box.next_resend_at()
+        assert due is not None
+        assert box.pending(now=due - 0.01) == []  # not a moment early ...
+        assert len(box.pending(now=due)) == 1  # ... and due exactly then
+        waits.append(round(due - sent_at, 6))
+    assert waits == [ra, 2 * ra, 4 * ra, 8 * ra, RESEND_BACKOFF_MAX * ra, RESEND_BACKOFF_MAX * ra,
+                     RESEND_BACKOFF_MAX * ra]
+
+
+def test_an_outbox_from_before_the_backoff_gets_the_column_and_its_rows_stay_due(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "o.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, task_name TEXT NOT NULL, task_id TEXT NOT NULL "
+        "UNIQUE, kwargs TEXT NOT NULL, created_at REAL NOT NULL, seq INTEGER, sent_at REAL);"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO outbox(task_name, task_id, kwargs, created_at, seq, sent_at) "
+        "VALUES ('edge.ingest', 'id-1', '{\"reading\": {\"seq\": 1}}', 1.0, 1, 100.0);")
+    old.commit()
+    old.close()
+    box = Outbox(path, "a-1", resend_after=10.0)
+    assert box.next_resend_at() == 110.0
+    assert [i.task_id for i in box.pending(now=110.0)] == ["id-1"]
