@@ -107,7 +107,11 @@ class Admission:
         try:
             if content_type != CONTENT_TYPE:
                 raise SignatureRefused("unsigned", f"content type {content_type!r} is not {CONTENT_TYPE}")
-            vm = self.verifier.verify(body)
+            # re-sendable tasks are idempotent at the consumer: a broker backlog older than
+            # max_age is stored, not refused (the signed task name must match, check_binding)
+            resendable = str(headers.get("task")) in self.config.resend_tasks
+            max_age = self.config.resend_max_age_seconds if resendable else None
+            vm = self.verifier.verify(body, max_age=max_age)
             signer_id = vm.signer.agent_id
             check_binding(vm, headers)
             args, kwargs, embed = task_body(vm)
@@ -125,7 +129,7 @@ class Admission:
                 raise SignatureRefused(refusal.reason, refusal.detail)
             self.guard.accept(replay_key(signer_id, headers.get("id"), headers.get("retries")),
                               vm.signer.envelope_digest, vm.sent_at, signer_id, eta=vm.eta,
-                              allow_resend=str(headers.get("task")) in self.config.resend_tasks)
+                              allow_resend=resendable, max_age=max_age)
         except SignatureRefused as exc:
             self.verifier.record(exc, body, headers=headers, signer=signer_id)
             return None

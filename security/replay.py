@@ -64,10 +64,15 @@ class ReplayGuard:
         check_fresh(sent_at, self.max_age, now, eta)
 
     def accept(self, key: str, envelope_digest: str, sent_at: float, signer: str, eta: float | None = None,
-               allow_resend: bool = False) -> None:
-        """Record `key` as accepted or raise SignatureRefused('replay' | 'stale')."""
+               allow_resend: bool = False, max_age: float | None = None) -> None:
+        """Record `key` as accepted or raise SignatureRefused('replay' | 'stale').
+
+        `max_age`: a longer freshness bound for re-sendable tasks (their consumer dedupes
+        by id). The entry is still kept only max_age_seconds past sending: an older copy
+        that comes back after that is let through here and deduplicated by the consumer.
+        """
         now = time.time()
-        self.check_fresh(sent_at, now, eta)
+        check_fresh(sent_at, self.max_age if max_age is None else max_age, now, eta)
         fresh_until = max(sent_at, eta or sent_at) + self.max_age
         conn = self._conn()
         # Fast path: one autocommit statement for a key never seen.

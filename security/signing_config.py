@@ -35,6 +35,12 @@ class SigningConfig:
     # under an accepted id is a sender's re-send, let through; the same envelope twice
     # stays a `replay` (security.replay). Empty: every id is accepted once.
     resend_tasks: frozenset[str] = frozenset()
+    # Freshness bound for those same tasks. Why longer than max_age_seconds: they are
+    # idempotent at the consumer (deduped by task id), so an old copy can do no harm,
+    # while refusing it would turn a broker backlog older than max_age_seconds (a
+    # coordinator down or behind for minutes) into quarantine and make every agent send
+    # it all again. A message older than this is still refused as `stale`.
+    resend_max_age_seconds: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         self.key_path, self.cert_path, self.ca_path = Path(self.key_path), Path(self.cert_path), Path(self.ca_path)
@@ -46,3 +52,5 @@ class SigningConfig:
             self.allowed_signers = frozenset(self.allowed_signers)
         if self.max_age_seconds <= 0 or self.max_message_bytes <= 0 or self.max_delay_seconds < 0:
             raise SigningError("max_age_seconds and max_message_bytes must be positive, max_delay_seconds not negative")
+        if self.resend_max_age_seconds < self.max_age_seconds:
+            raise SigningError("resend_max_age_seconds must be at least max_age_seconds")

@@ -50,8 +50,10 @@ class Verifier:
         self._cache_lock = threading.Lock()
         self.certificates = CertificateCache()
 
-    def verify(self, data: bytes | str) -> VerifiedMessage:
-        """Full check (crypto once per distinct message; repeats hit a short-lived cache)."""
+    def verify(self, data: bytes | str, max_age: float | None = None) -> VerifiedMessage:
+        """Full check (crypto once per distinct message; repeats hit a short-lived cache).
+        `max_age`: the freshness bound for this message, default the configured one."""
+        max_age = self.max_age if max_age is None else max_age
         raw = data.encode() if isinstance(data, str) else bytes(data)
         digest = hashlib.sha256(raw).hexdigest()
         now = time.time()
@@ -59,7 +61,7 @@ class Verifier:
         with self._cache_lock:
             hit = self._cache.get(digest)
         if hit is not None and now - hit[0] < CACHE_SECONDS and hit[1] == generation:
-            check_fresh(hit[2].sent_at, self.max_age, now, hit[2].eta)
+            check_fresh(hit[2].sent_at, max_age, now, hit[2].eta)
             return hit[2]
         env = parse_envelope(raw, self.max_bytes)
         cert = load_envelope_certificate(env.certificate_pem, cache=self.certificates)
@@ -74,7 +76,7 @@ class Verifier:
         if kind not in ("task", "data") or (meta is not None and not isinstance(meta, dict)):
             raise SignatureRefused("malformed", f"signed payload has unknown kind {kind!r}")
         eta = parse_eta(meta.get("eta")) if kind == "task" and meta else None
-        check_fresh(sent_at, self.max_age, now, eta)
+        check_fresh(sent_at, max_age, now, eta)
         signer = SignerInfo(
             agent_id=trusted.agent_id, fingerprint=trusted.fingerprint, envelope_digest=digest,
             envelope=raw, certificate_pem=trusted.certificate_pem,

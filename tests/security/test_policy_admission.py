@@ -225,3 +225,41 @@ def test_a_transport_dead_letter_handler_set_by_the_app_is_kept(signing_pki, tmp
     app.conf.broker_transport_options = {"dead_letter_handler": "my.module:handler", "keepalive": 6}
     setup_signing(app, signing_config(signing_pki, signing_pki.identity("coordinator"), tmp_path))
     assert app.conf.broker_transport_options == {"dead_letter_handler": "my.module:handler", "keepalive": 6}
+
+
+@pytest.fixture
+def resending_coordinator(signing_pki, tmp_path: Path) -> Celery:
+    """The coordinator's real admission settings for agents' re-sendable tasks (max_age 60 s here)."""
+    app = Celery("coordinator-resend", broker="memory://", set_as_current=False)
+    setup_signing(app, signing_config(signing_pki, signing_pki.identity("coordinator"), tmp_path,
+                                      policy=coordinator_policy("coordinator"), max_age_seconds=60,
+                                      resend_tasks=contract.RESENDABLE_TASKS, resend_max_age_seconds=3600))
+    return app
+
+
+def test_a_reading_older_than_max_age_from_a_broker_backlog_is_stored_not_refused(resending_coordinator, signing_pki):
+    """A coordinator down or behind for longer than max_age finds its backlog old: the
+    readings in it are idempotent (the journal dedupes by task id), so they pass up to
+    resend_max_age; past that they are stale like anything else."""
+    old = time.time() - 600
+    headers, body = ingest_msg(signing_pki, "agent-a", 20, sent_at=old)
+    assert admit(resending_coordinator, headers, body, CONTENT_TYPE, ON_INGEST) is not None
+    headers, body = ingest_msg(signing_pki, "agent-a", 21, sent_at=time.time() - 7200)
+    refused(resending_coordinator, headers, body, "stale")
+
+
+def test_an_old_message_claiming_a_resendable_task_name_in_its_headers_is_refused(resending_coordinator, signing_pki):
+    """The longer bound is chosen by the header's task name, which is unsigned: a message
+    signed as another task is refused (header_mismatch), never admitted as fresh."""
+    headers, body = craft(signing_pki.identity("agent-a"), "edge.other", [], routing_key=INGEST,
+                          sent_at=time.time() - 600, task_id=contract.reading_task_id("agent-a", 22))
+    headers["task"] = contract.INGEST_TASK
+    refused(resending_coordinator, headers, body, "header_mismatch")
+
+
+def test_commands_keep_the_short_freshness_bound(resending_coordinator, signing_pki):
+    """Only the re-sendable (idempotent) tasks get the longer bound: anything else older
+    than max_age is stale."""
+    headers, body = craft(signing_pki.identity("agent-a"), "edge.other", [], routing_key=INGEST,
+                          sent_at=time.time() - 600)
+    refused(resending_coordinator, headers, body, "stale")
