@@ -280,7 +280,7 @@ class FleetStore:
         return cert_path
 
     def _refuse_reserved(self, name: str) -> None:
-        if name in (self.cfg.identity, *RESERVED_NAMES):
+        if name in (*self.cfg.coordinator_identities, *RESERVED_NAMES):
             raise CoordinatorError(f"identity {name!r} is reserved for the coordinator/broker: pick another agent name")
 
     def make_bundle(self, name: str, out: Path | None, broker_url: str, days: int = 365, force: bool = False) -> Path:
@@ -369,6 +369,6 @@ class FleetStore:
 
     def active_agents(self) -> list[str]:
         """Enrolled, unrevoked agent names (recipients of CRL pushes)."""
-        reserved = {self.cfg.identity, *RESERVED_NAMES}
+        reserved = {*self.cfg.coordinator_identities, *RESERVED_NAMES}
         names = sorted({c.name for c in self.issued() if c.name not in reserved})
         return [n for n in names if not self.is_revoked(n)]
