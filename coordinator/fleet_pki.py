@@ -279,6 +279,16 @@ class FleetStore:
         self._remember(cert_path)
         return cert_path
 
+    def issue_peer(self, name: str, directory: Path, days: int = 365) -> Path:
+        """A peer coordinator's certificate and key in `directory` (coordinator/peers.py), remembered
+        in issued.json like every certificate of this CA (`revoke NAME` revokes it; then drop it from `peers`)."""
+        try:
+            cert_path, _ = issue_identity(self.ca(), directory, name, days=days)
+        except PKIError as exc:
+            raise CoordinatorError(str(exc)) from None
+        self._remember(cert_path)
+        return cert_path
+
     def _refuse_reserved(self, name: str) -> None:
         if name in (*self.cfg.coordinator_identities, *RESERVED_NAMES):
             raise CoordinatorError(f"identity {name!r} is reserved for the coordinator/broker: pick another agent name")
@@ -311,8 +321,10 @@ class FleetStore:
         return RevocationStore(self.revoked_path)
 
     def revoke(self, name: str) -> list[int]:
-        """Revoke every certificate issued to `name`; rewrite the CRL. Returns the serials."""
-        self._refuse_reserved(name)
+        """Revoke every certificate issued to `name` (an agent or a peer coordinator); rewrite the CRL.
+        Returns the serials."""
+        if name not in self.cfg.peers:
+            self._refuse_reserved(name)
         issued = [c for c in self.issued() if c.name == name]
         if not issued:
             raise CoordinatorError(f"no certificate was issued to {name!r}: see `edge-coordinator agents`")

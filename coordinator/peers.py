@@ -20,7 +20,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from security.pki import PKIError, issue_identity, validate_identity
+from security.pki import PKIError, validate_identity
 
 from .config import CoordinatorConfig, save_config
 from .errors import CoordinatorError
@@ -56,11 +56,7 @@ def make_peer(cfg: CoordinatorConfig, name: str, out: Path, *, chain_key: str, h
                    broker=replace(cfg.broker, url=cfg.broker_url), chain=replace(cfg.chain, url=cfg.chain_url,
                    private_key=chain_key, contract_address=""), http=replace(cfg.http, port=http_port))
     peer.pki_dir.mkdir(parents=True)
-    try:
-        cert_path, _ = issue_identity(store.ca(), peer.pki_dir, name, days=days)
-    except PKIError as exc:
-        raise CoordinatorError(str(exc)) from None
-    store._remember(cert_path)
+    store.issue_peer(name, peer.pki_dir, days=days)
     for path in (cfg.ca_path, cfg.crl_path):
         shutil.copyfile(path, peer.pki_dir / path.name)
     from .tlog_setup import coordinator_log_key
