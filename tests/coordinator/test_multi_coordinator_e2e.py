@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,16 @@ def fleet_audit(*dirs: Path) -> subprocess.CompletedProcess:
                           env=env)
 
 
+def unreceipted(home: Path, coordinator: CoordinatorProcess) -> set[int]:
+    """Seqs the agent published and still holds that `coordinator` already journaled."""
+    db = sqlite3.connect(f"file:{home / 'outbox.sqlite3'}?mode=ro", uri=True, timeout=30)
+    try:
+        held = {r[0] for r in db.execute("SELECT seq FROM outbox WHERE task_name = 'edge.ingest' AND sent_at IS NOT NULL")}
+    finally:
+        db.close()
+    return held & set(seqs(coordinator, "mc-1"))
+
+
 def mined_per_sender(chain_url: str) -> dict[str, int]:
     top = int(rpc_call(chain_url, "eth_blockNumber"), 16)
     sent: dict[str, int] = {}
@@ -73,7 +84,10 @@ def test_two_coordinators_one_killed_store_every_reading_exactly_once(
 
     # the shared subscription hands readings to both
     wait_until(lambda: len(seqs(a, "mc-1")) >= 10 and len(seqs(b, "mc-1")) >= 10, 120, "both coordinators ingesting")
+    wait_until(lambda: unreceipted(home, b), 60, "readings B journaled that wait for its receipt")
     b.kill()  # SIGKILL mid-stream: what it journaled but did not receipt yet, and what sits in its session
+    window = unreceipted(home, b)
+    assert window, "the kill must leave readings journaled by B and not yet receipted (else a re-send is harmless)"
     at_kill = len(seqs(a, "mc-1"))
     wait_until(lambda: len(seqs(a, "mc-1")) >= at_kill + 20, 120, "A ingesting alone")
     b.start()  # same data dir and MQTT session: queued readings come back to it; start-up receipts
@@ -84,7 +98,7 @@ def test_two_coordinators_one_killed_store_every_reading_exactly_once(
     last = outbox(home)[1]
     in_a, in_b = seqs(a, "mc-1"), seqs(b, "mc-1")
     assert sorted(in_a + in_b) == list(range(1, last + 1))  # each reading in exactly one journal
-    assert in_a and in_b
+    assert in_a and in_b and window <= set(in_b)  # B's un-receipted readings were stored by B alone
 
     ids_a = {r[0] for r in a.query("SELECT task_id FROM executions")}
     ids_b = {r[0] for r in b.query("SELECT task_id FROM executions")}
