@@ -41,3 +41,26 @@ def test_a_seq_in_two_journals_is_a_failing_duplicate_and_a_gap_fails(tmp_path: 
     completeness.add_duplicates(report, duplicates)
     assert sorted(f.kind for f in report.findings) == ["seq_duplicate", "seq_gap"]
     assert not report.ok
+
+
+def test_fleet_cli_refuses_one_journal_settings_and_a_dir_given_twice(tmp_path: Path) -> None:
+    """`edge-audit fleet` takes each coordinator's settings from its data dir: a single-journal
+    flag, or the same dir twice (which would show every reading as a duplicate), is a usage error."""
+    import os
+    import subprocess
+    import sys
+
+    from security import exit_codes
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AUDIT_")}
+
+    def fleet(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ledger.audit_cli", "fleet", *argv], capture_output=True,
+                              text=True, cwd=root, env=env, timeout=120)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = fleet(str(a), str(b), "--contract", "0x" + "11" * 20)
+    assert out.returncode == exit_codes.USAGE and "--contract names one journal's setting" in out.stderr
+    out = fleet(str(a), str(tmp_path / "." / "a"))
+    assert out.returncode == exit_codes.USAGE and "given twice" in out.stderr
