@@ -81,6 +81,10 @@ class AgentConfig:
     # Certificate CNs allowed to send commands (the coordinator's identity); [] = any fleet certificate.
     command_signers: list[str] = setting(default_factory=lambda: ["coordinator"],
                                          help="certificate CNs allowed to send commands; [] = any fleet certificate")
+    # Witness mode (agent/witness.py) follows ONE coordinator's transparency log; a fleet with several
+    # coordinators (each its own log) runs its agents with witness = false (docs/OPERATIONS.md).
+    witness: bool = setting(True, help="check receipts' log checkpoints and proofs (one coordinator's log); "
+                                       "false: a receipt alone confirms (needed with several command_signers)")
     log_level: str = setting("WARNING", choices=LOG_LEVELS, fold_case=True, help="log level")
     key_file: Path | None = setting(None, help="private key; default `<data_dir>/agent.key`")
     cert_file: Path | None = setting(None, help="this agent's certificate; default `<data_dir>/agent.pem`")
@@ -123,6 +127,11 @@ class AgentConfig:
             raise AgentError(str(exc)) from None
         if self.backoff_max < self.backoff_min:
             raise AgentError("config backoff_max must be >= backoff_min")
+        if self.witness and len(set(self.command_signers)) > 1:
+            raise AgentError(
+                f"witness = true follows one coordinator's log, but command_signers lists {len(set(self.command_signers))} "
+                f"coordinators ({', '.join(sorted(set(self.command_signers)))}), each with its own log key: set "
+                "witness = false in agent.toml (EDGE_AGENT_WITNESS=false) or keep one command signer")
 
     def interval_after_stored(self, stored: str | None) -> float:
         """The sampling interval once the stored one (`set_interval`) is layered in.

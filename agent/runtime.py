@@ -272,7 +272,8 @@ class AgentRuntime:
         log.info("receipt accepted: upto %d, %d ranges above: checking proofs, deleting the confirmed readings",
                  upto, len(held))
         ranges = [(lo, hi) for lo, hi in held]
-        verdict = self.witness_check(box, receipt.get("checkpoint"), upto, ranges)
+        # witness = false (several coordinators, each its own log): the receipt alone confirms
+        verdict = self.witness_check(box, receipt.get("checkpoint"), upto, ranges) if self.cfg.witness else None
         if verdict is None:  # no log witnessed yet: the receipt alone confirms
             deleted = box.confirm(upto, ranges)
         else:  # only readings proven in the accepted checkpoint leave; the rest wait for their proof

@@ -156,6 +156,40 @@ def start_coordinator(data: Path, log_path: Path, agents: list[str], timeout: fl
     return daemon, http
 
 
+#: anvil's well-known dev accounts #1..#3 (its #0 is the first coordinator's recorder): peers' recorder keys
+ANVIL_DEV_KEYS = (
+    "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+    "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+)
+
+
+def start_peer(first: Path, data: Path, name: str, chain_key: str, log_path: Path,
+               timeout: float = 90.0) -> ChildProcess:
+    """`edge-coordinator peer NAME` from the first coordinator's data dir + `run`: a second ingest
+    coordinator on the same broker and chain (its own journal and recorder account)."""
+    cli = [sys.executable, "-m", "coordinator.cli"]
+    http = free_port()
+    subprocess.run([*cli, "peer", name, "--data-dir", str(first), "--out", str(data), "--chain-key", chain_key,
+                    "--http-port", str(http)], check=True, capture_output=True, cwd=ROOT)
+    daemon = ChildProcess(f"edge-coordinator run ({name})", [*cli, "run", "--data-dir", str(data)], log_path,
+                          cwd=ROOT).start()
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as reply:
+                return bool(json.loads(reply.read())["ok"])
+        except OSError:
+            return False
+
+    try:
+        daemon.wait_until(healthy, timeout, "a healthy /healthz", poll=0.2)
+    except ProcessStartError as exc:
+        daemon.kill()
+        raise SystemExit(f"bench: peer coordinator did not start ({exc}); see {log_path}") from None
+    return daemon
+
+
 def journal_query(db: Path, sql: str, timeout: float = 30.0) -> list[tuple]:
     """Counts a bench reads from a journal another process writes: read-only, never creates
     the file, and [] while the file or its tables do not exist yet."""

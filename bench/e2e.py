@@ -13,6 +13,7 @@ without signing, TLS or ledger. Latency: sampled_at -> stored.
     .venv/bin/python bench/e2e.py [--agents 3] [--per-agent 1000]
     .venv/bin/python bench/e2e.py --only flood      # edgeledger flood throughput alone
     .venv/bin/python bench/e2e.py --only receipts   # receipt latency alone
+    .venv/bin/python bench/e2e.py --only flood --coordinators 2   # two ingest coordinators sharing the queue
 
 Receipt latency (phase 5): one real `edge-agent run` sampling every 0.2 s against a
 fresh coordinator; per reading, its `sampled_at` -> the agent verified the signed
@@ -32,7 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import ROOT, journal_query, start_coordinator, start_redis  # first: puts the repository root on sys.path
+from _harness import (  # first: puts the repository root on sys.path
+    ANVIL_DEV_KEYS,
+    ROOT,
+    journal_query,
+    start_coordinator,
+    start_peer,
+    start_redis,
+)
 
 from ledger.processes import ChildProcess
 
@@ -68,39 +76,50 @@ query = journal_query
 
 
 # -- edgeledger ----------------------------------------------------------------------
-def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.0) -> dict:
+def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.0, coordinators: int = 1) -> dict:
     data = base / f"coord-{interval:g}"
     names = [f"bench-{i}" for i in range(agents)]
     daemon, _ = start_coordinator(data, base / "coordinator.log", names)
+    peers: list[ChildProcess] = []
     pubs: list[ChildProcess] = []
     try:
+        dirs = [data]
+        for i in range(1, coordinators):  # peers: same broker and chain, own journal and recorder account
+            dirs.append(base / f"peer-{i}-{interval:g}")
+            peers.append(start_peer(data, dirs[-1], f"coordinator-{i}", ANVIL_DEV_KEYS[i - 1],
+                                    base / f"peer-{i}.log"))
         total = agents * per_agent
-        journal = data / "journal.db"
         started = time.monotonic()
         pubs = [ChildProcess(f"simagent {n}", [PY, "-m", "coordinator.simagent", "--bundle", str(data / "bundles" / n),
                                                "--count", str(per_agent), "--interval", str(interval)], cwd=ROOT).start()
                 for n in names]
 
         def confirmed() -> int:
-            rows = query(journal, "SELECT COUNT(*) FROM executions WHERE anchor_state = 'confirmed'")
-            return rows[0][0] if rows else 0
+            return sum((query(d / "journal.db", "SELECT COUNT(*) FROM executions WHERE anchor_state = 'confirmed'")
+                        or [(0,)])[0][0] for d in dirs)
 
         wait_for(lambda: confirmed() >= total, 170, "on-chain confirmation", "edgeledger confirmed", total, started, confirmed)
         elapsed = time.monotonic() - started
         for p in pubs:
             p.wait_until(lambda p=p: not p.alive(), 30, "exit")
-        rows = query(journal, "SELECT r.sampled_at, e.appended_at, e.anchored_at FROM readings r "
-                              "JOIN executions e ON e.task_id = r.task_id")
-        gas = query(journal, "SELECT COUNT(DISTINCT tx_hash) FROM executions")
+        rows, transactions, shares = [], 0, []
+        for d in dirs:
+            got = query(d / "journal.db", "SELECT r.sampled_at, e.appended_at, e.anchored_at FROM readings r "
+                                          "JOIN executions e ON e.task_id = r.task_id")
+            rows += got
+            shares.append(len(got))
+            transactions += (query(d / "journal.db", "SELECT COUNT(DISTINCT tx_hash) FROM executions") or [(0,)])[0][0]
         return {
-            "readings": len(rows), "seconds": elapsed, "rate": len(rows) / elapsed,
+            "readings": len(rows), "seconds": elapsed, "rate": len(rows) / elapsed, "shares": shares,
             "journal_p50": pct([b - a for a, b, _ in rows], 0.5), "journal_p99": pct([b - a for a, b, _ in rows], 0.99),
             "chain_p50": pct([c - a for a, _, c in rows], 0.5), "chain_p99": pct([c - a for a, _, c in rows], 0.99),
-            "transactions": gas[0][0] if gas else 0,
+            "transactions": transactions,
         }
     finally:
         for p in pubs:
             p.kill()
+        for peer in peers:
+            peer.stop(timeout=60)
         daemon.stop(timeout=60)
 
 
@@ -230,6 +249,9 @@ def main() -> int:
     p.add_argument("--agents", type=int, default=3, help="publisher processes (default 3)")
     p.add_argument("--per-agent", type=int, default=1000, help="readings per publisher (default 1000)")
     p.add_argument("--only", choices=("flood", "receipts"), help="run one phase alone")
+    p.add_argument("--coordinators", type=int, default=1, choices=range(1, len(ANVIL_DEV_KEYS) + 2),
+                   metavar="N", help="edgeledger ingest coordinators sharing the queue (default 1; peers via "
+                                     "`edge-coordinator peer`)")
     p.add_argument("--receipt-readings", type=int, default=100, help="readings for the receipt latency (default 100)")
     args = p.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -238,9 +260,11 @@ def main() -> int:
     if args.only:
         try:
             if args.only == "flood":
-                o = run_edgeledger(base, args.agents, args.per_agent)
-                print(f"flood: {o['readings']} readings journaled+anchored in {o['seconds']:.1f}s = {o['rate']:.0f}/s; "
-                      f"sample -> journaled p50 {o['journal_p50']*1e3:.0f} ms")
+                o = run_edgeledger(base, args.agents, args.per_agent, coordinators=args.coordinators)
+                print(f"flood: {o['readings']} readings journaled+anchored in {o['seconds']:.1f}s = {o['rate']:.0f}/s "
+                      f"by {args.coordinators} coordinator(s) (journals {'+'.join(map(str, o['shares']))}); "
+                      f"sample -> journaled p50 {o['journal_p50']*1e3:.0f} ms, p99 {o['journal_p99']*1e3:.0f} ms; "
+                      f"-> on chain p50 {o['chain_p50']*1e3:.0f} ms, p99 {o['chain_p99']*1e3:.0f} ms")
             else:
                 print_receipts(run_receipts(base, args.receipt_readings, receipt_gap), receipt_gap)
         finally:
@@ -248,11 +272,11 @@ def main() -> int:
         return 0
     try:
         print(f"[1/4] edgeledger, flood: {args.agents} signed publishers x {args.per_agent} readings -> TLS MQTT -> coordinator -> anvil", flush=True)
-        ours = run_edgeledger(base, args.agents, args.per_agent)
+        ours = run_edgeledger(base, args.agents, args.per_agent, coordinators=args.coordinators)
         print(f"[2/4] peer, flood: {args.agents} publishers x {args.per_agent} -> Celery over Redis -> SQLite (no signing/TLS/ledger)", flush=True)
         peer = run_redis(base, args.agents, args.per_agent)
         print(f"[3/4] edgeledger, paced: {args.agents} x {paced_n} readings, one every {paced_gap:g}s per publisher", flush=True)
-        ours_paced = run_edgeledger(base, args.agents, paced_n, paced_gap)
+        ours_paced = run_edgeledger(base, args.agents, paced_n, paced_gap, coordinators=args.coordinators)
         print(f"[4/4] peer, paced: {args.agents} x {paced_n} readings, one every {paced_gap:g}s per publisher", flush=True)
         peer_paced = run_redis(base, args.agents, paced_n, paced_gap)
         print(f"[5/5] receipts: one edge-agent run x {args.receipt_readings} readings, one every {receipt_gap:g}s", flush=True)

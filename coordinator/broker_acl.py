@@ -43,3 +43,12 @@ def agent_revoked(cfg: CoordinatorConfig, agent_id: str) -> str | None:
     from security.dynsec import remove_agent_commands
 
     return _apply(cfg, remove_agent_commands(agent_id), tolerate=("not found",))
+
+
+def peer_added(cfg: CoordinatorConfig, name: str) -> str | None:
+    """A peer coordinator gets the coordinator's rights on the running managed broker (and at every start)."""
+    if cfg.broker.acl_mode != "dynsec" or not cfg.managed_broker:
+        return None
+    from security.dynsec import add_coordinator_commands
+
+    return _apply(cfg, add_coordinator_commands(name), tolerate=("already exists",))

@@ -103,7 +103,7 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
         quarantine_db=cfg.data_dir / "quarantine.sqlite",
         # agents may cause only edge.ingest / edge.command_result / edge.heartbeat, under
         # their own contract ids, with no callbacks or canvas (security.policy)
-        policy=coordinator_policy(cfg.identity),
+        policy=coordinator_policy(cfg.identity, peers=cfg.peers),
         resend_tasks=RESENDABLE_TASKS,  # re-sends are deduped by the journal's unique task id
     )
     try:

@@ -152,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="broker only: a host name or address devices connect to (repeatable; kept on later renewals)")
 
+    p = sub.add_parser("peer", help="make the data dir of another ingest coordinator (same fleet CA, broker and chain)",
+                       description="On the first coordinator (it holds the fleet CA): issue a certificate for peer "
+                                   "coordinator NAME into a new data dir, with its own log key and recorder account, "
+                                   "pointing at this coordinator's broker and chain; give NAME the coordinator's broker "
+                                   "rights and list it under `peers`. Copy the dir to the peer's host and run "
+                                   "`edge-coordinator run --data-dir DIR` there (docs/OPERATIONS.md).")
+    _common(p)
+    p.add_argument("name", metavar="NAME", help="the peer's identity (certificate CN), e.g. coordinator-b")
+    p.add_argument("--out", type=Path, required=True, help="the peer's new data dir")
+    p.add_argument("--chain-key", required=True, help="the peer's own funded recorder account key (0x hex)")
+    p.add_argument("--http-port", type=int, default=9464, help="the peer's /metrics and /healthz port (default 9464)")
+    p.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
+
     from .erase import add_parser as add_erase_parser
 
     add_erase_parser(sub, _common)
@@ -235,6 +248,19 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         print(f"certificate written to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(cert.decode())
+    return 0
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from .broker_acl import peer_added
+    from .peers import make_peer
+
+    cfg = _config(args)
+    peer = make_peer(cfg, args.name, args.out, chain_key=args.chain_key, http_port=args.http_port, days=args.days)
+    _note(peer_added(cfg, args.name))
+    print(f"peer {args.name} written to {peer.data_dir} (broker {peer.broker_url}, chain {peer.chain_url})")
+    print(f"  agents: add {args.name!r} to command_signers in agent.toml (and witness = false)")
+    print(f"next: copy {peer.data_dir} to the peer's host privately, then edge-coordinator run --data-dir DIR")
     return 0
 
 
@@ -485,6 +511,7 @@ COMMANDS = {
     "run": cmd_run,
     "enroll": cmd_enroll,
     "revoke": cmd_revoke,
+    "peer": cmd_peer,
     "agents": cmd_agents,
     "send": cmd_send,
     "result": cmd_result,

@@ -131,6 +131,10 @@ class PkiConfig:
 class CoordinatorConfig:
     data_dir: Path = setting(DEFAULT_DATA_DIR, help="data directory: PKI, journal, coordinator.toml, run state")
     identity: str = setting("coordinator", non_empty=True, help="the coordinator's certificate CN")
+    # Several ingest processes share the ingest queue (docs/OPERATIONS.md "Several coordinators"):
+    # the other coordinators' CNs get the coordinator's broker rights and are never treated as agents.
+    peers: list[str] = setting(default_factory=list,
+                               help="the other coordinators' certificate CNs (same fleet CA, same broker and chain)")
     log_level: str = setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), fold_case=True, help="log level")
     broker: BrokerConfig = section(BrokerConfig, "MQTT broker")
     chain: ChainConfig = section(ChainConfig, "Ethereum JSON-RPC")
@@ -171,6 +175,17 @@ class CoordinatorConfig:
     @property
     def quarantine_path(self) -> Path:
         return self.data_dir / "quarantine.sqlite"
+
+    @property
+    def coordinator_identities(self) -> tuple[str, ...]:
+        """This coordinator's identity first, then its peers': every coordinator certificate of the fleet."""
+        return (self.identity, *[p for p in self.peers if p != self.identity])
+
+    @property
+    def holds_ca(self) -> bool:
+        """False for a peer's data dir (`edge-coordinator peer`): the fleet CA and its registry of
+        issued certificates stay with the first coordinator, which alone issues and pushes CRLs."""
+        return (self.pki_dir / "issued.json").exists() or not (self.pki_dir / "ca.pem").exists()
 
     @property
     def stale_after(self) -> float:

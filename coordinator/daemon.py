@@ -74,12 +74,12 @@ class Coordinator:
 
     # -- start ---------------------------------------------------------------------
     def start(self) -> None:
-        if not self.store.exists():
+        if self.cfg.holds_ca and not self.store.exists():
             raise CoordinatorError(f"no fleet CA in {self.cfg.pki_dir}: run `edge-coordinator init --data-dir {self.cfg.data_dir}`")
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
         self._claim_pid_file()
         self._warn_unsafe_acl()
-        if self.store.crl_due():  # Mosquitto and the agents refuse a CRL past its next-update
+        if self.cfg.holds_ca and self.store.crl_due():  # Mosquitto and the agents refuse a CRL past its next-update
             self.store.reissue_crl()
             log.info("CRL %s re-issued (valid %gs)", self.cfg.crl_path, self.cfg.pki.crl_validity)
         self._start_broker()
@@ -89,9 +89,13 @@ class Coordinator:
         t = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         t.start()
         self._threads.append(t)
-        t = threading.Thread(target=self._keep_crl_fresh, name="crl-keeper", daemon=True)
-        t.start()
-        self._threads.append(t)
+        if self.cfg.holds_ca:  # a peer holds no CA key: the first coordinator re-issues and pushes the CRL
+            t = threading.Thread(target=self._keep_crl_fresh, name="crl-keeper", daemon=True)
+            t.start()
+            self._threads.append(t)
+        else:
+            log.info("peer coordinator %s (no CA key): the CRL is re-issued and pushed by the first coordinator; "
+                     "copy its pki/crl.pem here after a revocation", self.cfg.identity)
 
     def _warn_unsafe_acl(self) -> None:
         if self.cfg.broker.acl_mode == "file":
@@ -319,6 +323,8 @@ class Coordinator:
 
         app = make_app(self.cfg, consumer=True)
         book = ReceiptBook(self.cfg.journal_path, batch=self.cfg.worker.receipt_batch)
+        if self.cfg.peers:  # several coordinators: confirm what this one stored before a crash, before re-sends
+            book.prime()
         receipts = ReceiptSender(book, lambda: make_app(self.cfg, consumer=False), self.cfg.worker.receipt_interval)
         receipts.start(ready=self.worker_ready)
         register_tasks(app, Ingestor(self.journal, self.metrics, on_reading=book.note))

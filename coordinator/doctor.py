@@ -25,8 +25,8 @@ def run_checks(cfg: CoordinatorConfig, *, daemon_running: bool, warn_days: int =
     store = FleetStore(cfg)
     repair = f"`edge-coordinator init --repair --data-dir {cfg.data_dir}` (re-issues it from the fleet CA)"
     out: list[d.Finding] = []
-    keys = [("CA key", cfg.pki_dir / "ca.key", f"restore {cfg.pki_dir} from a backup"),
-            ("coordinator key", cfg.key_path, repair)]
+    keys = [("CA key", cfg.pki_dir / "ca.key", f"restore {cfg.pki_dir} from a backup")] if cfg.holds_ca else []
+    keys.append(("coordinator key", cfg.key_path, repair))  # a peer's data dir holds no CA key (coordinator/peers.py)
     if cfg.managed_broker:
         keys.append(("broker key", store.broker_key, repair))
     for name, path, fix in keys:

@@ -279,8 +279,18 @@ class FleetStore:
         self._remember(cert_path)
         return cert_path
 
+    def issue_peer(self, name: str, directory: Path, days: int = 365) -> Path:
+        """A peer coordinator's certificate and key in `directory` (coordinator/peers.py), remembered
+        in issued.json like every certificate of this CA (`revoke NAME` revokes it; then drop it from `peers`)."""
+        try:
+            cert_path, _ = issue_identity(self.ca(), directory, name, days=days)
+        except PKIError as exc:
+            raise CoordinatorError(str(exc)) from None
+        self._remember(cert_path)
+        return cert_path
+
     def _refuse_reserved(self, name: str) -> None:
-        if name in (self.cfg.identity, *RESERVED_NAMES):
+        if name in (*self.cfg.coordinator_identities, *RESERVED_NAMES):
             raise CoordinatorError(f"identity {name!r} is reserved for the coordinator/broker: pick another agent name")
 
     def make_bundle(self, name: str, out: Path | None, broker_url: str, days: int = 365, force: bool = False) -> Path:
@@ -311,8 +321,10 @@ class FleetStore:
         return RevocationStore(self.revoked_path)
 
     def revoke(self, name: str) -> list[int]:
-        """Revoke every certificate issued to `name`; rewrite the CRL. Returns the serials."""
-        self._refuse_reserved(name)
+        """Revoke every certificate issued to `name` (an agent or a peer coordinator); rewrite the CRL.
+        Returns the serials."""
+        if name not in self.cfg.peers:
+            self._refuse_reserved(name)
         issued = [c for c in self.issued() if c.name == name]
         if not issued:
             raise CoordinatorError(f"no certificate was issued to {name!r}: see `edge-coordinator agents`")
@@ -369,6 +381,6 @@ class FleetStore:
 
     def active_agents(self) -> list[str]:
         """Enrolled, unrevoked agent names (recipients of CRL pushes)."""
-        reserved = {self.cfg.identity, *RESERVED_NAMES}
+        reserved = {*self.cfg.coordinator_identities, *RESERVED_NAMES}
         names = sorted({c.name for c in self.issued() if c.name not in reserved})
         return [n for n in names if not self.is_revoked(n)]

@@ -62,7 +62,7 @@ CheckpointProvider = Callable[[], "dict[str, str] | None"]
 
 def latest_issued(store: FleetStore) -> list:
     """The newest issued certificate per agent (reserved identities left out)."""
-    reserved = {store.cfg.identity, "broker"}
+    reserved = {*store.cfg.coordinator_identities, "broker"}
     latest: dict[str, object] = {}
     for cert in store.issued():
         if cert.name not in reserved:

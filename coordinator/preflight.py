@@ -39,7 +39,9 @@ def check_database(path: Path, at_start: bool = False) -> None:
 def required_files(cfg: CoordinatorConfig) -> list[Path]:
     from .fleet_pki import FleetStore
 
-    files = [cfg.ca_path, cfg.pki_dir / "ca.key", cfg.crl_path, cfg.cert_path, cfg.key_path]
+    files = [cfg.ca_path, cfg.crl_path, cfg.cert_path, cfg.key_path]
+    if cfg.holds_ca:  # a peer coordinator's data dir has no CA key (coordinator/peers.py)
+        files.insert(1, cfg.pki_dir / "ca.key")
     if cfg.managed_broker:
         store = FleetStore(cfg)
         files += [store.broker_cert, store.broker_key]

@@ -197,6 +197,28 @@ class ReceiptBook:
         if part is not None:
             self._proved_at[agent] = int(part["note"].split("\n", 2)[1])
 
+    def prime(self) -> int:
+        """At start: one receipt for every agent with journaled readings.
+
+        Why (several coordinators): readings this coordinator journaled just before it was
+        killed may never have been receipted; the agent would re-send them after
+        `resend_after`, and a peer coordinator would store them a second time. A restart
+        within `resend_after` confirms them first. Returns how many agents were queued."""
+        if not self.journal_path.exists():
+            return 0
+        try:
+            with read_only(self.journal_path, timeout=30) as conn:
+                agents = [r[0] for r in conn.execute("SELECT DISTINCT agent_id FROM readings")]
+        except sqlite3.Error as exc:
+            log.warning("no start-up receipts (%s): agents re-send what they miss", exc)
+            return 0
+        with self._lock:
+            for agent in agents:
+                self._news.setdefault(agent, [])
+            if agents:
+                self.wake.set()
+        return len(agents)
+
     def renotify(self, agent_id: str) -> None:
         """A receipt could not be sent: send the agent one next round."""
         with self._lock:

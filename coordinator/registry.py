@@ -140,7 +140,7 @@ def list_agents(store: FleetStore, journal_path: Path, stale_after: float | None
 
     seen = read_registry(journal_path)
     complete = check(journal_path)
-    reserved = {store.cfg.identity, *RESERVED_NAMES}
+    reserved = {*store.cfg.coordinator_identities, *RESERVED_NAMES}
     names = [c.name for c in store.issued() if c.name not in reserved]
     names += [n for n in seen if n not in names]
     views: list[AgentView] = []

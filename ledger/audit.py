@@ -183,6 +183,7 @@ FAILING = {
     "anchored_checkpoint_unknown", "missing_on_chain", "pin_inconsistent", "log_key_changed",
     "witness_quorum_not_met", "envelope_digest_mismatch", "signature_invalid",
     "certificate_missing", "certificate_mismatch", "unanchored_required",
+    "seq_duplicate",  # a reading stored by two coordinators (edge-audit fleet)
     "seq_gap",  # a reading missing from an agent's sequence (ledger/completeness.py)
 }
 # Of those, the ones that mean the signed history itself is not trustworthy (no pin moves then).

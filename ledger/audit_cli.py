@@ -120,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-anchored", action="store_true", help="fail on rows not yet on chain")
     p.add_argument("--from-block", type=int, help="first block to scan (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p = subs.add_parser("fleet", parents=[common], help="verify several coordinators' journals as one fleet",
+                        epilog=EPILOG, description="Several coordinators share the ingest queue, each with its own "
+                        "journal, log key and chain account. Verify each DATA_DIR's journal on its own (as `verify`: "
+                        "log, chain, signatures; its own chain settings and log key), then merge completeness across "
+                        "all: every (agent, seq) stored exactly once. A seq missing from every journal (gap) or stored "
+                        "in two (duplicate) fails. Exit 1 on any problem.")
+    p.add_argument("data_dirs", nargs="+", metavar="DATA_DIR", type=Path,
+                   help="a coordinator's data dir (its journal.db, pki/log.pub); give every coordinator's")
+    p.add_argument("--no-signatures", action="store_true", help="skip envelope signature checks")
+    _log_policy(p)
+    p.add_argument("--require-anchored", action="store_true", help="fail on rows not yet on chain")
+    p.add_argument("--from-block", type=int, help="first block to scan (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p = subs.add_parser("reconcile", parents=[common], help="journal vs chain: missing, mismatched, unanchored",
                         epilog=EPILOG, description="Report rows missing on chain, mismatched digests, rows not "
                         "anchored yet and chain events with no journal row. Exit 1 on missing/mismatched.")
@@ -241,7 +254,79 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
     print(f"{len(rows)} records")
 
 
+def _check_journal(config: AuditConfig, journal: Journal,
+                   args: argparse.Namespace) -> tuple[audit.AuditReport, audit.LogPolicy]:
+    """`verify` / `reconcile` of one journal against its log and chain (no completeness)."""
+    policy = _policy(args, _log_verifier(config, journal))
+    events = _events(config, journal, args, policy.log_verifier.name)
+    recorders = audit.known_recorders(journal, config.recorders)
+    if args.command == "reconcile":
+        report = audit.reconcile(journal, events, recorders, policy)
+    else:
+        report = audit.audit(journal, events, recorders, policy, check_signatures=not args.no_signatures,
+                             verifier=audit.default_verifier(), require_anchored=args.require_anchored)
+    return report, policy
+
+
+def _pin_after(report: audit.AuditReport, policy: audit.LogPolicy, journal: Journal) -> None:
+    """Move the pin to the newest checkpoint unless the history itself failed."""
+    if policy.pins is not None and bundle.pin_after(report):
+        newest = journal.latest_checkpoint()
+        if newest is not None and not any(f.kind == "checkpoint_signature_invalid" for f in report.findings):
+            policy.pins.update(policy.log_verifier.name, policy.log_verifier.vkey, newest["size"],
+                               bytes.fromhex(newest["root"]))
+
+
+def run_fleet(args: argparse.Namespace) -> int:
+    """`edge-audit fleet DIR DIR ...`: each journal verified alone, completeness merged."""
+    for flag in ("journal", "data_dir", "contract", "log_key"):
+        if getattr(args, flag, None):
+            raise ConfigError(f"--{flag.replace('_', '-')} names one journal's setting: `fleet` takes each "
+                              "coordinator's from its DATA_DIR (its journal and pki/log.pub); drop it")
+    dirs = [Path(d) for d in args.data_dirs]
+    if len({d.resolve() for d in dirs}) != len(dirs):
+        raise ConfigError("a DATA_DIR is given twice: give each coordinator's data dir once")
+    reports: list[dict[str, Any]] = []
+    ok = True
+    for data_dir in dirs:
+        cli = {"config": args.config, "journal": data_dir_journal(str(data_dir)), "rpc_url": args.rpc_url,
+               "recorders": args.recorders, "from_block": args.from_block}
+        config = AuditConfig.load(cli)
+        journal = open_journal(config)
+        try:
+            report, policy = _check_journal(config, journal, args)
+            _pin_after(report, policy, journal)
+        finally:
+            journal.close()
+        ok = ok and report.ok
+        reports.append({"data_dir": str(data_dir), "report": report})
+    per_agent, duplicates = completeness.check_fleet([d / "journal.db" for d in dirs])
+    fleet = audit.AuditReport()
+    completeness.add_findings(fleet, per_agent)
+    completeness.add_duplicates(fleet, duplicates)
+    ok = ok and fleet.ok
+    if args.json:
+        print(json.dumps({"ok": ok, "journals": [{"data_dir": r["data_dir"], **r["report"].as_dict()} for r in reports],
+                          "completeness": [c.as_dict() for c in per_agent.values()],
+                          "duplicates": [d.as_dict() for d in duplicates],
+                          "findings": fleet.as_dict()["findings"]}, indent=2))
+    else:
+        for r in reports:
+            print(f"== {r['data_dir']}")
+            for line in audit.summarize(r["report"]):
+                print(line)
+        print(f"== fleet: {len(dirs)} journals, {len(per_agent)} agents, "
+              f"{sum(c.stored for c in per_agent.values())} readings")
+        for f in fleet.findings:
+            print(f"  {f.kind:26} {f.detail}")
+        print("RESULT: OK" if ok else "RESULT: FAILED")
+    return 0 if ok else 1
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "fleet":
+        args.json = bool(getattr(args, "json", False))
+        return run_fleet(args)
     cli = {k: getattr(args, k, None) for k in ("config", "journal", "rpc_url", "contract", "recorders", "from_block")}
     cli["journal"] = cli["journal"] or data_dir_journal(getattr(args, "data_dir", None))
     args.json = bool(getattr(args, "json", False))
@@ -298,21 +383,10 @@ def run(args: argparse.Namespace) -> int:
             else:
                 audit.export(journal, sys.stdout, args.format, _filters_of(args))
             return 0
-        policy = _policy(args, _log_verifier(config, journal))
-        events = _events(config, journal, args, policy.log_verifier.name)
-        recorders = audit.known_recorders(journal, config.recorders)
-        if args.command == "verify":
-            report = audit.audit(journal, events, recorders, policy, check_signatures=not args.no_signatures,
-                                 verifier=audit.default_verifier(), require_anchored=args.require_anchored)
-        else:
-            report = audit.reconcile(journal, events, recorders, policy)
+        report, policy = _check_journal(config, journal, args)
         per_agent = completeness.check(journal.path)  # every reading accounted for: gaps fail
         completeness.add_findings(report, per_agent)
-        if policy.pins is not None and bundle.pin_after(report):
-            newest = journal.latest_checkpoint()
-            if newest is not None and not any(f.kind == "checkpoint_signature_invalid" for f in report.findings):
-                policy.pins.update(policy.log_verifier.name, policy.log_verifier.vkey, newest["size"],
-                                   bytes.fromhex(newest["root"]))
+        _pin_after(report, policy, journal)
         return _report(report, args.json, {"completeness": [c.as_dict() for c in per_agent.values()]})
     finally:
         journal.close()

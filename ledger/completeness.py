@@ -18,6 +18,7 @@ from typing import Any
 from ledger.journal import open_reader
 
 GAP = "seq_gap"  # a failing audit finding
+DUPLICATE = "seq_duplicate"  # failing: one reading stored by two coordinators (edge-audit fleet)
 DROPPED = "readings_dropped"  # informational: the agent says so itself
 UNCONFIRMED = "readings_unconfirmed"  # informational: still held by the agent
 
@@ -41,14 +42,72 @@ class AgentCompleteness:
                 "dropped": self.dropped, "unconfirmed": self.unconfirmed}
 
 
+@dataclass
+class Duplicate:
+    """Seqs `lo`..`hi` of `agent_id` are stored in two journals (several coordinators)."""
+
+    agent_id: str
+    lo: int
+    hi: int
+    journals: tuple[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"agent_id": self.agent_id, "seqs": [self.lo, self.hi], "journals": list(self.journals)}
+
+
+def _read(path: Path) -> tuple[dict[str, list[tuple[int, int]]], dict[str, tuple[int | None, int | None]]]:
+    if not path.exists():
+        return {}, {}
+    with open_reader(path, timeout=30) as reader:
+        return reader.reading_seq_ranges(), reader.agent_reports()
+
+
 def check(journal_path: Path | str) -> dict[str, AgentCompleteness]:
     """Per agent: journaled readings, seq gaps, and what its heartbeat reported."""
-    path = Path(journal_path)
-    if not path.exists():
-        return {}
-    with open_reader(path, timeout=30) as reader:
-        ranges = reader.reading_seq_ranges()
-        reported = reader.agent_reports()
+    ranges, reported = _read(Path(journal_path))
+    return _judge(ranges, reported)
+
+
+def check_fleet(journal_paths: list[Path]) -> tuple[dict[str, AgentCompleteness], list[Duplicate]]:
+    """Several coordinators' journals as one fleet: each agent's seqs merged across them.
+
+    Why merged: with a shared ingest queue each journal holds an interleaved part of every
+    agent's sequence, so a journal alone shows gaps that another one fills. A seq stored in
+    two journals is a duplicate (a re-send stored by a second coordinator), never merged away."""
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+    reported: dict[str, tuple[int | None, int | None]] = {}
+    for path in journal_paths:
+        ranges, reports = _read(Path(path))
+        for agent, islands in ranges.items():
+            spans.setdefault(agent, []).extend((lo, hi, str(path)) for lo, hi in islands)
+        for agent, (dropped, unconfirmed) in reports.items():
+            old = reported.get(agent, (None, None))
+            reported[agent] = (_max(old[0], dropped), _max(old[1], unconfirmed))
+    merged: dict[str, list[tuple[int, int]]] = {}
+    duplicates: list[Duplicate] = []
+    for agent, items in spans.items():
+        items.sort()
+        union: list[tuple[int, int]] = []
+        reach, owner = 0, ""  # highest seq covered so far, and the journal that covered it
+        for lo, hi, journal in items:
+            if lo <= reach:  # ranges within one journal never overlap: this is a second journal
+                duplicates.append(Duplicate(agent, lo, min(hi, reach), (owner, journal)))
+            if union and lo <= union[-1][1] + 1:
+                union[-1] = (union[-1][0], max(union[-1][1], hi))
+            else:
+                union.append((lo, hi))
+            if hi > reach:
+                reach, owner = hi, journal
+        merged[agent] = union
+    return _judge(merged, reported), duplicates
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _judge(ranges: dict[str, list[tuple[int, int]]],
+           reported: dict[str, tuple[int | None, int | None]]) -> dict[str, AgentCompleteness]:
     out: dict[str, AgentCompleteness] = {}
     for agent in sorted(set(ranges) | set(reported)):
         islands = ranges.get(agent, [])
@@ -74,3 +133,9 @@ def add_findings(report: Any, result: dict[str, AgentCompleteness]) -> None:
             report.add(None, DROPPED, f"{c.agent_id}: the agent reports {c.dropped} readings dropped (outbox bound)")
         if c.unconfirmed:
             report.add(None, UNCONFIRMED, f"{c.agent_id}: {c.unconfirmed} readings still held unconfirmed by the agent")
+
+
+def add_duplicates(report: Any, duplicates: list[Duplicate]) -> None:
+    for d in duplicates:
+        what = f"seq {d.lo}" if d.lo == d.hi else f"seqs {d.lo}-{d.hi} ({d.hi - d.lo + 1})"
+        report.add(None, DUPLICATE, f"{d.agent_id}: {what} stored in both {d.journals[0]} and {d.journals[1]}")

@@ -123,6 +123,14 @@ def add_agent_commands(agent_id: str, *, prefix: str = "kombu", queue_prefix: st
     ]
 
 
+def add_coordinator_commands(name: str) -> list[dict[str, Any]]:
+    """Another coordinator (a peer sharing the ingest queue): the coordinator role, by CN."""
+    validate_identity(name)
+    if name in RESERVED_NAMES:
+        raise DynsecError(f"{name!r} is reserved: a peer coordinator needs its own name")
+    return [{"command": "createClient", "username": name, "roles": [{"rolename": COORDINATOR_ROLE}]}]
+
+
 def remove_agent_commands(agent_id: str) -> list[dict[str, Any]]:
     """Revoke at the broker: the client is disconnected now, and since its role is gone
     any reconnection falls back to deny-all. (disableClient alone does not stop a

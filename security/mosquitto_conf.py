@@ -27,7 +27,7 @@ def settings_for_coordinator(cfg: Any, store: Any, workdir: Path) -> MosquittoSe
         crlfile=Path(cfg.crl_path) if getattr(cfg, "crl_path", None) else None,
         host=broker.host,
         port=int(broker.port),
-        coordinator_identities=(cfg.identity,),
+        coordinator_identities=tuple(getattr(cfg, "coordinator_identities", (cfg.identity,))),
         persistence=True,
         persistence_location=Path(workdir),
         max_queued_messages=int(getattr(broker, "max_queued_messages", 1_000_000)),

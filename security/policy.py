@@ -311,16 +311,17 @@ AGENT_MAX_DELAY = 300.0  # seconds an agent may delay a task at the coordinator 
 
 
 def coordinator_policy(identity: str = contract.DEFAULT_COORDINATOR_IDENTITY,
-                       agent_max_delay: float = AGENT_MAX_DELAY) -> Policy:
+                       agent_max_delay: float = AGENT_MAX_DELAY, peers: Iterable[str] = ()) -> Policy:
     """The ingest worker: an agent may cause only edge.ingest / edge.command_result /
     edge.heartbeat / edge.witness.cosign, under its own contract ids, delayed by at most `agent_max_delay`
     (agents send no delayed tasks; this only bounds how long one can sit in the
-    coordinator's timer); the coordinator identity causes nothing."""
+    coordinator's timer); the coordinator identity, and the `peers` sharing its ingest
+    queue (other coordinators, never agents), cause nothing."""
     return AllOf(
         NoBuiltinTasks(),
         NoCanvas(),
         ByRole(
-            coordinators=frozenset({identity}),
+            coordinators=frozenset({identity, *peers}),
             coordinator=Refuse("task_not_allowed", "the coordinator identity causes no tasks on its ingest worker"),
             agent=AllOf(TasksAllowed(contract.AGENT_TO_COORDINATOR_TASKS, role="an agent"), IdBoundToSigner(),
                         EtaWithin(agent_max_delay)),

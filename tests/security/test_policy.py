@@ -206,3 +206,14 @@ def test_policies_are_immutable():
     policy = coordinator_policy()
     with pytest.raises(AttributeError):
         policy.policies = ()  # type: ignore[misc]
+
+
+def test_coordinator_policy_peers_are_coordinators_not_agents():
+    """Several coordinators share the ingest queue: a peer's certificate causes nothing there,
+    even a well-formed reading under its own contract id (it is not an agent)."""
+    policy = coordinator_policy("coordinator", peers=["coordinator-b"])
+    peer = TaskMessage(task=contract.INGEST_TASK, task_id=contract.reading_task_id("coordinator-b", 1),
+                       signer="coordinator-b", kwargs={"reading": reading("coordinator-b", 1)})
+    assert reason(policy.check(peer)) == "task_not_allowed"
+    assert coordinator_policy("coordinator").check(peer) is None  # without `peers` it would pass as an agent
+    assert policy.check(ingest("agent-a", 1)) is None
