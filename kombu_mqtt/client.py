@@ -313,11 +313,41 @@ class MqttSession:
                 except OSError:
                     pass
 
-    def close(self) -> None:
-        """Disconnect cleanly (a persistent session stays on the broker)."""
+    def close(self, settle_timeout: float = 5.0) -> None:
+        """Disconnect cleanly (a persistent session stays on the broker).
+
+        Publishes not awaited (`wait=False`) are first settled: their PUBACKs are read,
+        for at most `settle_timeout` seconds. Why: closing a socket whose receive buffer
+        still holds unread PUBACKs makes the kernel send RST instead of FIN, and the
+        broker then loses the last PUBLISH packets it had received but not yet read
+        (measured: 12 of 3,000 fire-and-forget QoS 1 messages, the tail of the stream).
+        """
         with self.lock:
             self._closed = True
+            self._settle_unacked(settle_timeout)
             self._drop_socket()
+
+    def _settle_unacked(self, timeout: float) -> None:
+        """Read PUBACKs until none is outstanding or `timeout` passes (best effort: a lost
+        connection or a silent broker ends it; the broker's session redelivers nothing
+        here, so the caller's own retry rules apply as for any unacknowledged publish)."""
+        client = self._client
+        if client is None or not client.is_connected():
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            while self._unacked > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning("MQTT %s closed with %d publishes not acknowledged within %.0fs",
+                                   self.client_id, self._unacked, timeout)
+                    return
+                self._pump_once(min(remaining, 0.5))
+            sock = client.socket()
+            if sock is not None and (tls_buffered(sock) or select.select([sock], [], [], 0)[0]):
+                self.read_available()  # an empty receive buffer: the close is a FIN
+        except (MqttConnectionError, OSError, ValueError) as exc:
+            logger.debug("MQTT %s: settling before close ended: %s", self.client_id, exc)
 
     # -- paho callbacks (run inside loop_read; only record state) ---------
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:

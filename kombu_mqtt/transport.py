@@ -431,7 +431,7 @@ class Transport(virtual.Transport):
                 self._owned_ephemeral.clear()
             for state in (self._durable, self._ephemeral):
                 if state is not None:
-                    state.session.close()
+                    state.session.close(settle_timeout=self.options.publish_timeout)
 
     def driver_version(self) -> str:
         import paho.mqtt
