@@ -37,6 +37,12 @@ class BrokerConfig:
     host: str = setting("127.0.0.1", non_empty=True, help="address of the managed Mosquitto")
     port: int = setting(8883, **PORT, help="TLS port of the managed Mosquitto")
     max_queued_messages: int = setting(100000, min=0, help="messages Mosquitto queues per offline session (0: no limit)")
+    # Mosquitto 2.0 rewrites its whole in-memory store at each autosave: with 60k queued
+    # 3 KB tasks that is 248 MB every second at 1 s, a fifth of a core even while idle
+    # (docs/BENCHMARKS.md "Broker autosave"). A crash loses at most this much of what it
+    # queued; agents keep every reading until its receipt and send it again.
+    autosave_interval: int = setting(10, min=1, unit="s",
+                                     help="seconds between the managed Mosquitto's saves of its queues (crash loss window)")
     # "dynsec" (default): Mosquitto's dynamic-security plugin checks SUBSCRIBE too (no
     # agent can join another queue's $share group), enroll/revoke change rights at
     # runtime and revoke cuts the live connection. "file" is UNSAFE for fleets: acl_file

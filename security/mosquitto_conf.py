@@ -31,6 +31,7 @@ def settings_for_coordinator(cfg: Any, store: Any, workdir: Path) -> MosquittoSe
         persistence=True,
         persistence_location=Path(workdir),
         max_queued_messages=int(getattr(broker, "max_queued_messages", 1_000_000)),
+        autosave_interval=int(getattr(broker, "autosave_interval", 10)),
         acl_mode=acl_mode,
         agent_ids=agent_ids,
     )

@@ -184,11 +184,13 @@ def test_coordinator_adapter_renders_acl_and_conf(tmp_path):
     from security.mosquitto_conf import render_for_coordinator
 
     cfg = SimpleNamespace(ca_path=tmp_path / "ca.pem", crl_path=tmp_path / "crl.pem", identity="coord-1",
-                          broker=SimpleNamespace(host="127.0.0.1", port=18884, max_queued_messages=123456, acl_mode="file"))
+                          broker=SimpleNamespace(host="127.0.0.1", port=18884, max_queued_messages=123456, acl_mode="file",
+                                                 autosave_interval=17))
     store = SimpleNamespace(broker_cert=tmp_path / "broker.pem", broker_key=tmp_path / "broker.key")
     conf = render_for_coordinator(cfg, store, tmp_path / "mq")
     assert f"acl_file {tmp_path / 'mq' / 'acl'}" in conf.splitlines()
     assert "max_queued_messages 123456" in conf and "listener 18884 127.0.0.1" in conf
+    assert "autosave_interval 17" in conf.splitlines()
     assert "user coord-1\ntopic readwrite #" in (tmp_path / "mq" / "acl").read_text()
 
 
