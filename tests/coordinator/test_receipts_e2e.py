@@ -108,7 +108,7 @@ def test_broker_and_agent_sigkill_lose_and_duplicate_nothing(coordinator: Coordi
     wait_until(lambda: len(seqs(coordinator, "rc-a")) >= 20, 120, "streaming")
     wait_until(lambda: some_confirmed(home), 60, "a first receipt deleted confirmed readings")
 
-    # 1. the broker dies mid-stream (it persists only about once a second); the daemon restarts it
+    # 1. the broker dies mid-stream (it persists every broker.autosave_interval); the daemon restarts it
     first = coordinator.mosquitto_pid()
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: coordinator.mosquitto_pid() not in (None, first) and coordinator.healthy(), 120,
