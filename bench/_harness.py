@@ -139,7 +139,13 @@ def start_coordinator(data: Path, log_path: Path, agents: list[str], timeout: fl
                     str(free_port()), "--http-port", str(http)], check=True, capture_output=True, cwd=ROOT)
     for name in agents:
         subprocess.run([*cli, "enroll", "--data-dir", str(data), "--bundle", name], check=True, capture_output=True, cwd=ROOT)
-    daemon = ChildProcess("edge-coordinator run", [*cli, "run", "--data-dir", str(data)], log_path, cwd=ROOT).start()
+    return run_until_healthy("edge-coordinator run", data, http, log_path, timeout), http
+
+
+def run_until_healthy(name: str, data: Path, http: int, log_path: Path, timeout: float) -> ChildProcess:
+    """`edge-coordinator run --data-dir data`, returned once its /healthz on `http` says ok."""
+    cli = [sys.executable, "-m", "coordinator.cli"]
+    daemon = ChildProcess(name, [*cli, "run", "--data-dir", str(data)], log_path, cwd=ROOT).start()
 
     def healthy() -> bool:
         try:
@@ -152,8 +158,8 @@ def start_coordinator(data: Path, log_path: Path, agents: list[str], timeout: fl
         daemon.wait_until(healthy, timeout, "a healthy /healthz", poll=0.2)
     except ProcessStartError as exc:
         daemon.kill()
-        raise SystemExit(f"bench: coordinator did not start ({exc}); see {log_path}") from None
-    return daemon, http
+        raise SystemExit(f"bench: {name} did not start ({exc}); see {log_path}") from None
+    return daemon
 
 
 #: anvil's well-known dev accounts #1..#3 (its #0 is the first coordinator's recorder): peers' recorder keys
@@ -172,22 +178,7 @@ def start_peer(first: Path, data: Path, name: str, chain_key: str, log_path: Pat
     http = free_port()
     subprocess.run([*cli, "peer", name, "--data-dir", str(first), "--out", str(data), "--chain-key", chain_key,
                     "--http-port", str(http)], check=True, capture_output=True, cwd=ROOT)
-    daemon = ChildProcess(f"edge-coordinator run ({name})", [*cli, "run", "--data-dir", str(data)], log_path,
-                          cwd=ROOT).start()
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as reply:
-                return bool(json.loads(reply.read())["ok"])
-        except OSError:
-            return False
-
-    try:
-        daemon.wait_until(healthy, timeout, "a healthy /healthz", poll=0.2)
-    except ProcessStartError as exc:
-        daemon.kill()
-        raise SystemExit(f"bench: peer coordinator did not start ({exc}); see {log_path}") from None
-    return daemon
+    return run_until_healthy(f"edge-coordinator run ({name})", data, http, log_path, timeout)
 
 
 def journal_query(db: Path, sql: str, timeout: float = 30.0) -> list[tuple]:
