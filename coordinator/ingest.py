@@ -17,7 +17,8 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -219,6 +220,45 @@ class Ingestor:
 
     def run(self, ctx: TaskContext, payload: Any) -> dict[str, Any]:
         """Execute one task; returns {"status", "duplicate", ...}. Never raises Refused."""
+        outcome = self.run_batch([(ctx, payload)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def run_batch(self, items: Sequence[tuple[TaskContext, Any]],
+                  around: Callable[[TaskContext], AbstractContextManager[Any]] | None = None,
+                  ) -> list[dict[str, Any] | Exception]:
+        """Execute many tasks in ONE journal transaction (group commit); one outcome per item.
+
+        An outcome is the task's result ({"status", "duplicate", ...}) or, for a task whose
+        own writes failed with something other than SQLite (a bug), that exception: its
+        savepoint is rolled back and the others commit. Refusals (bad payload, identity,
+        duplicate seq) are results (REJECTED), journaled like today. A sqlite3.Error rolls
+        the whole batch back and propagates: the caller puts every message back unacked.
+        Receipts (`on_reading`) and metrics are told only after the commit. `around(ctx)`
+        wraps each task's checks (the worker makes it Celery's current task there, so a
+        refusal is quarantined under its id).
+        """
+        prepared = []
+        for ctx, payload in items:
+            with around(ctx) if around is not None else nullcontext():
+                prepared.append(self._prepare(ctx, payload))
+        outcomes: list[tuple[dict[str, Any], bool] | Exception] = []
+        with self.journal.transaction() as db:
+            for (ctx, payload), checked in zip(items, prepared, strict=True):
+                try:
+                    with self.journal.transaction():  # a savepoint: one task's bug spares the batch
+                        outcomes.append(self._journal(db, ctx, payload, *checked))
+                except sqlite3.Error:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - handed back for this task alone
+                    outcomes.append(exc)
+        # committed: from here on every reading survives a crash, so it may be confirmed
+        return [outcome if isinstance(outcome, Exception) else self._after(ctx, payload, *outcome)
+                for (ctx, payload), outcome in zip(items, outcomes, strict=True)]
+
+    def _prepare(self, ctx: TaskContext, payload: Any) -> tuple[float, str, str, str]:
+        """Checks that need no write: (started, status, reason, detail)."""
         self.metrics.inc("edgeledger_tasks_received_total", task=ctx.task_name)
         started = time.time()
         claimed = payload.get("agent_id") if isinstance(payload, dict) else None
@@ -236,33 +276,42 @@ class Ingestor:
                 _check_cosignature(self.journal.db, ctx.signer.agent_id, payload)
         except Refused as exc:
             status, reason, detail = "REJECTED", exc.reason, exc.detail
-        with self.journal.transaction() as db:
-            if status == "SUCCESS" and ctx.task_name == INGEST and self._seq_taken(db, ctx, payload):
-                status, reason = "REJECTED", "duplicate_seq"
-                detail = f"reading seq {payload['seq']} of {ctx.signer.agent_id} is already stored under another task id"
-            result: dict[str, Any] = {"status": status}
-            if reason:
-                result.update(reason=reason, detail=detail)
-            salt = os.urandom(ARGS_SALT_BYTES)
-            record = ExecutionRecord(
-                task_id=ctx.task_id,
-                task_name=ctx.task_name,
-                agent_id=ctx.signer.agent_id,
-                signer_fingerprint=ctx.signer.fingerprint,
-                args_digest=canonical_digest(payload, salt),
-                result_digest=canonical_digest(result),
-                status=status,
-                received_at=ctx.received_at,
-                started_at=started,
-                finished_at=time.time(),
-                envelope_digest=ctx.signer.envelope_digest,
-            )
-            inserted = self.journal.append(
-                record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem, salt=salt
-            )
-            if inserted and status != "REJECTED":
-                self._apply(db, ctx, payload)
-        # committed: from here on the reading survives a crash, so it may be confirmed
+        return started, status, reason, detail
+
+    def _journal(self, db: sqlite_utils.Database, ctx: TaskContext, payload: Any, started: float,
+                 status: str, reason: str, detail: str) -> tuple[dict[str, Any], bool]:
+        """Inside the batch transaction: duplicate checks, the record, the stored payload.
+        Returns (result, inserted); a task id already journaled inserts nothing."""
+        if status == "SUCCESS" and ctx.task_name == INGEST and self._seq_taken(db, ctx, payload):
+            status, reason = "REJECTED", "duplicate_seq"
+            detail = f"reading seq {payload['seq']} of {ctx.signer.agent_id} is already stored under another task id"
+        result: dict[str, Any] = {"status": status}
+        if reason:
+            result.update(reason=reason, detail=detail)
+        salt = os.urandom(ARGS_SALT_BYTES)
+        record = ExecutionRecord(
+            task_id=ctx.task_id,
+            task_name=ctx.task_name,
+            agent_id=ctx.signer.agent_id,
+            signer_fingerprint=ctx.signer.fingerprint,
+            args_digest=canonical_digest(payload, salt),
+            result_digest=canonical_digest(result),
+            status=status,
+            received_at=ctx.received_at,
+            started_at=started,
+            finished_at=time.time(),
+            envelope_digest=ctx.signer.envelope_digest,
+        )
+        inserted = self.journal.append(
+            record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem, salt=salt
+        )
+        if inserted and status != "REJECTED":
+            self._apply(db, ctx, payload)
+        return result, inserted
+
+    def _after(self, ctx: TaskContext, payload: Any, result: dict[str, Any], inserted: bool) -> dict[str, Any]:
+        """After the commit: the receipt book and the metrics."""
+        status = result["status"]
         if status == "SUCCESS" and ctx.task_name == INGEST and self.on_reading is not None:
             self.on_reading(ctx.signer.agent_id, int(payload["seq"]))
         if not inserted:
@@ -273,7 +322,7 @@ class Ingestor:
         if status != "REJECTED":
             self.metrics.inc("edgeledger_tasks_executed_total", task=ctx.task_name)
         else:
-            self.metrics.inc("edgeledger_tasks_refused_total", reason=reason)
+            self.metrics.inc("edgeledger_tasks_refused_total", reason=result["reason"])
         return {**result, "duplicate": False}
 
     @staticmethod
