@@ -145,6 +145,7 @@ class BatchConsumer:
         self._mark_done([(r, ctx) for (r, ctx, _), out in zip(runnable, outcomes, strict=True)
                          if not isinstance(out, Exception)])
         runtime = time.monotonic() - started
+        log.debug("batch of %d tasks journaled in one transaction in %.1f ms", len(runnable), runtime * 1000)
         for (request, _, _), outcome in zip(runnable, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 self._failed(request, outcome)

@@ -152,6 +152,27 @@ def erase_payloads(db: sqlite_utils.Database, agent_id: str, before: float | Non
     return readings, results
 
 
+_INSERT_READING = (f"INSERT INTO {READINGS} (task_id, agent_id, sensor, seq, value, unit, sampled_at, received_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+class _Heard:
+    """The registry updates of a batch's readings, one per agent: `registry.touch` costs
+    the same for 1 reading as for 100, and the batch commits them together anyway."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, tuple[int, int, dict[str, Any]]] = {}
+
+    def reading(self, agent: str, seq: int, common: dict[str, Any]) -> None:
+        count, top, _ = self.agents.get(agent, (0, seq, common))
+        self.agents[agent] = (count + 1, max(top, seq), common)
+
+    def flush(self, db: sqlite_utils.Database) -> None:
+        for agent, (count, top, common) in self.agents.items():
+            registry.touch(db, agent, readings=count, seq=top, **common)
+        self.agents.clear()
+
+
 def _check_reading(reading: Any) -> dict[str, Any]:
     if not isinstance(reading, dict):
         raise Refused("bad_payload", "reading must be an object")
@@ -244,15 +265,19 @@ class Ingestor:
             with around(ctx) if around is not None else nullcontext():
                 prepared.append(self._prepare(ctx, payload))
         outcomes: list[tuple[dict[str, Any], bool] | Exception] = []
+        heard = _Heard()
         with self.journal.transaction() as db:
             for (ctx, payload), checked in zip(items, prepared, strict=True):
+                if ctx.task_name != INGEST:
+                    heard.flush(db)  # the registry sees the batch's events in order (last_task)
                 try:
                     with self.journal.transaction():  # a savepoint: one task's bug spares the batch
-                        outcomes.append(self._journal(db, ctx, payload, *checked))
+                        outcomes.append(self._journal(db, ctx, payload, *checked, heard))
                 except sqlite3.Error:
                     raise
                 except Exception as exc:  # noqa: BLE001 - handed back for this task alone
                     outcomes.append(exc)
+            heard.flush(db)
         # committed: from here on every reading survives a crash, so it may be confirmed
         return [outcome if isinstance(outcome, Exception) else self._after(ctx, payload, *outcome)
                 for (ctx, payload), outcome in zip(items, outcomes, strict=True)]
@@ -279,7 +304,7 @@ class Ingestor:
         return started, status, reason, detail
 
     def _journal(self, db: sqlite_utils.Database, ctx: TaskContext, payload: Any, started: float,
-                 status: str, reason: str, detail: str) -> tuple[dict[str, Any], bool]:
+                 status: str, reason: str, detail: str, heard: _Heard) -> tuple[dict[str, Any], bool]:
         """Inside the batch transaction: duplicate checks, the record, the stored payload.
         Returns (result, inserted); a task id already journaled inserts nothing."""
         if status == "SUCCESS" and ctx.task_name == INGEST and self._seq_taken(db, ctx, payload):
@@ -306,7 +331,7 @@ class Ingestor:
             record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem, salt=salt
         )
         if inserted and status != "REJECTED":
-            self._apply(db, ctx, payload)
+            self._apply(db, ctx, payload, heard)
         return result, inserted
 
     def _after(self, ctx: TaskContext, payload: Any, result: dict[str, Any], inserted: bool) -> dict[str, Any]:
@@ -332,19 +357,14 @@ class Ingestor:
         ).fetchone()
         return row is not None and row[0] != ctx.task_id
 
-    def _apply(self, db: sqlite_utils.Database, ctx: TaskContext, payload: dict[str, Any]) -> None:
+    def _apply(self, db: sqlite_utils.Database, ctx: TaskContext, payload: dict[str, Any], heard: _Heard) -> None:
         agent = ctx.signer.agent_id
         common = dict(task=ctx.task_name, fingerprint=ctx.signer.fingerprint, cert_not_after=ctx.cert_not_after)
         if ctx.task_name == INGEST:
-            db[READINGS].insert(
-                {
-                    "task_id": ctx.task_id, "agent_id": agent, "sensor": payload["sensor"],
-                    "seq": int(payload["seq"]), "value": float(payload["value"]), "unit": payload["unit"],
-                    "sampled_at": float(payload["sampled_at"]), "received_at": ctx.received_at,
-                },
-                replace=False,
-            )
-            registry.touch(db, agent, readings=1, seq=int(payload["seq"]), **common)
+            db.conn.execute(_INSERT_READING, (
+                ctx.task_id, agent, payload["sensor"], int(payload["seq"]), float(payload["value"]),
+                payload["unit"], float(payload["sampled_at"]), ctx.received_at))
+            heard.reading(agent, int(payload["seq"]), common)
         elif ctx.task_name == COMMAND_RESULT:
             sent = commands.lookup(db.conn, agent, str(payload.get("command_task_id")))
             db[COMMAND_RESULTS].insert(
