@@ -93,9 +93,29 @@ class BatchConsumer:
 
     # -- Celery side ------------------------------------------------------------------
     def strategy(self, task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Any:
-        """`admitted_strategy` of each task: Celery's default strategy, buffering."""
-        self._timer = consumer.timer
+        """`admitted_strategy` of each task: Celery's default strategy, buffering.
+
+        Celery builds strategies again whenever the consumer (re)connects: what is still
+        buffered then came over the lost connection. It cannot be acked any more and the
+        broker redelivers it to the resumed session, so it is dropped here, unjournaled,
+        with its replay-guard entry released so the redelivered copy passes admission.
+        """
+        self.connected(consumer.timer)
         return default_strategy(task, app, _Buffering(consumer, self.add), **kwargs)
+
+    def connected(self, timer: Any) -> None:
+        """A (new) broker connection, with its timer: what is buffered came over the old one."""
+        self._timer = timer
+        if self._entry is not None:
+            self._entry.cancel()
+            self._entry = None
+        stale, self.pending = self.pending, []
+        if stale:
+            log.warning("dropped %d buffered tasks of a lost broker connection: the broker redelivers them",
+                        len(stale))
+            self._release(stale)
+            for request in stale:
+                task_ready(request)
 
     def add(self, request: Any) -> None:
         """A request ready to run: into the batch; flush when full, else after `wait`."""
@@ -151,7 +171,8 @@ class BatchConsumer:
                 self._failed(request, outcome)
                 continue
             task_ready(request, successful=True)
-            request.acknowledge()
+            if connected(request):  # else the broker redelivers it, and the journal has it already
+                request.acknowledge()
             request.send_event("task-succeeded", result=repr(outcome), runtime=runtime)
 
     def _failed(self, request: Any, exc: BaseException) -> None:
@@ -159,8 +180,23 @@ class BatchConsumer:
         failing acks_late task is with task_acks_on_failure_or_timeout off (never acked as done)."""
         log.error("task %s[%s] failed: %r", request.name, request.id, exc, exc_info=exc)
         task_ready(request)
-        request.reject(requeue=False)
+        if connected(request):
+            request.reject(requeue=False)
         request.send_event("task-failed", exception=repr(exc))
+
+    def _release(self, requests: list[Any]) -> None:
+        """Forget the replay-guard entries of requests that were never run (their redelivery must pass)."""
+        from security.admission import replay_key
+        from security.app_signing import signing_context
+
+        ctx = signing_context(self.app)
+        if ctx is None:
+            return
+        for request in requests:
+            signer = getattr(request, "signer", None)
+            if signer is not None:
+                ctx.guard.release(replay_key(signer.agent_id, request.id, request.request_dict.get("retries")),
+                                  signer.envelope_digest)
 
     def _mark_done(self, done: list[tuple[Any, TaskContext]]) -> None:
         from security.admission import replay_key
@@ -174,6 +210,13 @@ class BatchConsumer:
             ctx.guard.mark_done_many(keys)
         except sqlite3.Error:  # as task_postrun did: the journal already dedupes a redelivery
             log.exception("could not mark %d tasks done in the replay guard", len(keys))
+
+
+def connected(request: Any) -> bool:
+    """Whether the message's channel is still open (a closed one cannot settle it)."""
+    message = getattr(request, "message", None)
+    channel = getattr(message, "channel", None)
+    return message is None or channel is None or getattr(channel, "connection", True) is not None
 
 
 def _payload(request: Any) -> Any:

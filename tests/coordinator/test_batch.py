@@ -165,7 +165,8 @@ def test_journal_failure_requeues_the_whole_batch_unacked_then_resumes(setup, te
 def test_flushes_when_full_or_after_the_wait(setup, test_pki) -> None:
     s = signer_for(test_pki, "bat-c")
     consumer, timer = setup.consumer, Timer()
-    consumer._timer, consumer.size = timer, 3
+    consumer.connected(timer)
+    consumer.size = 3
     first = [Request(f"v-{n}", reading("bat-c", n), s) for n in range(1, 4)]
     for request in first[:2]:
         consumer.add(request)
@@ -179,3 +180,20 @@ def test_flushes_when_full_or_after_the_wait(setup, test_pki) -> None:
     timer.entries[1].fun()  # the wait is over
     assert late.fate == "acked"
     assert sorted(r[0] for r in setup.journal.db.execute("SELECT seq FROM readings")) == [1, 2, 3, 4]
+
+
+def test_a_new_connection_drops_what_the_old_one_buffered_for_redelivery(setup, test_pki) -> None:
+    s = signer_for(test_pki, "bat-d")
+    consumer, timer = setup.consumer, Timer()
+    consumer.connected(timer)
+    buffered = [Request(f"w-{n}", reading("bat-d", n), s) for n in (1, 2)]
+    for request in buffered:
+        consumer.add(request)
+    consumer.connected(Timer())  # the broker connection was lost and Celery rebuilt its strategies
+    assert timer.entries[0].cancelled and consumer.pending == []
+    assert [r.fate for r in buffered] == [None, None]  # never settled: the broker redelivers them
+    assert list(setup.journal.rows()) == []
+    redelivered = [Request(f"w-{n}", reading("bat-d", n), s) for n in (1, 2)]
+    consumer.run(redelivered)
+    assert [r.fate for r in redelivered] == ["acked", "acked"]
+    assert sorted(r[0] for r in setup.journal.db.execute("SELECT seq FROM readings")) == [1, 2]
