@@ -75,7 +75,7 @@ class _Buffering:
 class BatchConsumer:
     """Buffers admitted requests of the coordinator's tasks and runs them in batches.
 
-    `context(request, name, payload)` builds the TaskContext; `outage` is the
+    `context(request, name)` builds the TaskContext; `outage` is the
     JournalOutage (counts, logs once, pauses, releases replay entries, requeues).
     """
 
@@ -90,6 +90,7 @@ class BatchConsumer:
         self.pending: list[Any] = []
         self._timer: Any = None
         self._entry: Any = None
+        self._busy = False  # the last batch held more than one task
 
     # -- Celery side ------------------------------------------------------------------
     def strategy(self, task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Any:
@@ -118,12 +119,17 @@ class BatchConsumer:
                 task_ready(request)
 
     def add(self, request: Any) -> None:
-        """A request ready to run: into the batch; flush when full, else after `wait`."""
+        """A request ready to run: into the batch; flush when full, else after `wait`.
+
+        While the previous batch held a single task the worker is idle: then the batch
+        commits as soon as the messages at hand are handed out (the next event-loop turn),
+        so a quiet fleet's readings wait for nobody; under load batches gather for `wait`.
+        """
         self.pending.append(request)
         if len(self.pending) >= self.size or self._timer is None:
             self.flush()
         elif self._entry is None:
-            self._entry = self._timer.call_after(self.wait, self.flush)
+            self._entry = self._timer.call_after(self.wait if self._busy else 0.0, self.flush)
 
     def flush(self) -> None:
         """Run what is buffered: one transaction, then ack (or requeue all on a journal failure)."""
@@ -131,6 +137,7 @@ class BatchConsumer:
             self._entry.cancel()
             self._entry = None
         requests, self.pending = self.pending, []
+        self._busy = len(requests) > 1
         if requests:
             self.run(requests)
 

@@ -167,19 +167,25 @@ def test_flushes_when_full_or_after_the_wait(setup, test_pki) -> None:
     consumer, timer = setup.consumer, Timer()
     consumer.connected(timer)
     consumer.size = 3
+    idle = Request("v-0", reading("bat-c", 10), s)
+    consumer.add(idle)  # an idle worker: commit at the next event-loop turn, no wait
+    assert idle.fate is None and timer.entries[-1].secs == 0
+    timer.entries[-1].fun()
+    assert idle.fate == "acked"
+
     first = [Request(f"v-{n}", reading("bat-c", n), s) for n in range(1, 4)]
     for request in first[:2]:
         consumer.add(request)
-    assert [r.fate for r in first[:2]] == [None, None] and len(timer.entries) == 1 and timer.entries[0].secs == 0.02
+    assert [r.fate for r in first[:2]] == [None, None] and timer.entries[-1].secs == 0
     consumer.add(first[2])  # full: runs now, and the pending wait is cancelled
-    assert [r.fate for r in first] == ["acked"] * 3 and timer.entries[0].cancelled
+    assert [r.fate for r in first] == ["acked"] * 3 and timer.entries[-1].cancelled
 
     late = Request("v-4", reading("bat-c", 4), s)
-    consumer.add(late)
-    assert late.fate is None and len(timer.entries) == 2
-    timer.entries[1].fun()  # the wait is over
+    consumer.add(late)  # after a batch of several: gather for batch_wait
+    assert late.fate is None and len(timer.entries) == 3 and timer.entries[-1].secs == 0.02
+    timer.entries[-1].fun()  # the wait is over
     assert late.fate == "acked"
-    assert sorted(r[0] for r in setup.journal.db.execute("SELECT seq FROM readings")) == [1, 2, 3, 4]
+    assert sorted(r[0] for r in setup.journal.db.execute("SELECT seq FROM readings")) == [1, 2, 3, 4, 10]
 
 
 def test_a_new_connection_drops_what_the_old_one_buffered_for_redelivery(setup, test_pki) -> None:
