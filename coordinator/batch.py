@@ -90,7 +90,7 @@ class BatchConsumer:
         self.pending: list[Any] = []
         self._timer: Any = None
         self._entry: Any = None
-        self._busy = False  # the last batch held more than one task
+        self._busy = False  # the last batch was large: gather the next one for `wait`
 
     # -- Celery side ------------------------------------------------------------------
     def strategy(self, task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Any:
@@ -121,9 +121,10 @@ class BatchConsumer:
     def add(self, request: Any) -> None:
         """A request ready to run: into the batch; flush when full, else after `wait`.
 
-        While the previous batch held a single task the worker is idle: then the batch
-        commits as soon as the messages at hand are handed out (the next event-loop turn),
-        so a quiet fleet's readings wait for nobody; under load batches gather for `wait`.
+        While the previous batch was small (under a tenth of `size`) the worker keeps up:
+        then the batch commits as soon as the messages at hand are handed out (the next
+        event-loop turn), so a quiet fleet's readings wait for nobody; under load, when
+        batches come out large, they gather for `wait` to grow larger still.
         """
         self.pending.append(request)
         if len(self.pending) >= self.size or self._timer is None:
@@ -137,7 +138,7 @@ class BatchConsumer:
             self._entry.cancel()
             self._entry = None
         requests, self.pending = self.pending, []
-        self._busy = len(requests) > 1
+        self._busy = len(requests) >= max(2, self.size // 10)
         if requests:
             self.run(requests)
 

@@ -98,12 +98,14 @@ class WorkerConfig:
 
     queue: str = setting("edge.ingest", non_empty=True, help="the queue agents send readings to")
     # Group commit (coordinator/batch.py): up to batch_size admitted tasks are journaled in
-    # one SQLite transaction, flushed when full or batch_wait after the first; each message
+    # one SQLite transaction, flushed when full or batch_wait after the first (at once while
+    # batches stay under a tenth of batch_size: a quiet fleet waits for nobody); each message
     # is acked only after that commit. kombu_mqtt keeps prefetch exactly (tests/transport/test_burst.py).
     prefetch: int = setting(100, min=1, help="messages held unacked by the worker (the batch is at most this)")
     batch_size: int = setting(100, min=1, help="tasks journaled per SQLite transaction (at most worker.prefetch)")
     batch_wait: float = setting(0.02, min=0, unit="s",
-                                help="a batch that is not full commits this long after its first task")
+                                help="under load, a batch that is not full commits this long after its first "
+                                     "task (at once while batches stay small)")
     send_timeout: float = setting(30.0, min=0, above=True, unit="s", help="`send` waits this long for a result by default")
     # End-to-end receipts (coordinator/receipts.py): one per agent with news at most every
     # receipt_interval seconds, sooner after receipt_batch new readings.

@@ -181,7 +181,7 @@ def test_flushes_when_full_or_after_the_wait(setup, test_pki) -> None:
     assert [r.fate for r in first] == ["acked"] * 3 and timer.entries[-1].cancelled
 
     late = Request("v-4", reading("bat-c", 4), s)
-    consumer.add(late)  # after a batch of several: gather for batch_wait
+    consumer.add(late)  # after a large batch (>= a tenth of the size, at least 2): gather for batch_wait
     assert late.fate is None and len(timer.entries) == 3 and timer.entries[-1].secs == 0.02
     timer.entries[-1].fun()  # the wait is over
     assert late.fate == "acked"
