@@ -203,3 +203,19 @@ def test_a_new_connection_drops_what_the_old_one_buffered_for_redelivery(setup, 
     consumer.run(redelivered)
     assert [r.fate for r in redelivered] == ["acked", "acked"]
     assert sorted(r[0] for r in setup.journal.db.execute("SELECT seq FROM readings")) == [1, 2]
+
+
+def test_replay_guard_marks_a_whole_batch_done_in_one_transaction(tmp_path: Path) -> None:
+    import time
+
+    from security.replay import ReplayGuard
+
+    guard = ReplayGuard(tmp_path / "replay.sqlite")
+    for key in ("a/1:0", "a/2:0", "a/3:0"):
+        guard.accept(key, f"digest-{key}", time.time(), "a")
+    statements: list[str] = []
+    guard._conn().set_trace_callback(statements.append)
+    guard.mark_done_many(["a/1:0", "a/3:0"])
+    assert sum(1 for s in statements if s.strip().lower() == "commit") == 1
+    with sqlite3.connect(guard.path) as other:
+        assert dict(other.execute("SELECT key, done FROM seen")) == {"a/1:0": 1, "a/2:0": 0, "a/3:0": 1}
