@@ -2,11 +2,12 @@
 
 Why these settings: `task_acks_late` + `task_reject_on_worker_lost` mean a task is
 acked only after its journal transaction committed, so a crash redelivers it and the
-journal's unique task id makes the second run a no-op. The solo pool runs tasks in
-the main thread, so a warm shutdown (SIGTERM) finishes the current task and leaves
-the rest unacked in the broker's persistent session.
+journal's unique task id makes the second run a no-op. Admitted tasks run in batches
+(coordinator.batch): up to worker.batch_size per journal transaction, each acked only
+after that commit. Everything runs in the main thread, so a warm shutdown (SIGTERM)
+finishes the current batch and leaves the rest unacked in the broker's persistent session.
 
-A task whose journal write fails is never acked (`task_acks_on_failure_or_timeout`
+A task (a batch) whose journal write fails is never acked (`task_acks_on_failure_or_timeout`
 off): it goes back to the broker (`Reject(requeue=True)`, after a short pause and with
 its replay-guard entry released so the redelivery passes), is counted in
 `edgeledger_journal_write_failures_total`, and ingestion resumes by itself once the
