@@ -2,11 +2,12 @@
 
 Why these settings: `task_acks_late` + `task_reject_on_worker_lost` mean a task is
 acked only after its journal transaction committed, so a crash redelivers it and the
-journal's unique task id makes the second run a no-op. The solo pool runs tasks in
-the main thread, so a warm shutdown (SIGTERM) finishes the current task and leaves
-the rest unacked in the broker's persistent session.
+journal's unique task id makes the second run a no-op. Admitted tasks run in batches
+(coordinator.batch): up to worker.batch_size per journal transaction, each acked only
+after that commit. Everything runs in the main thread, so a warm shutdown (SIGTERM)
+finishes the current batch and leaves the rest unacked in the broker's persistent session.
 
-A task whose journal write fails is never acked (`task_acks_on_failure_or_timeout`
+A task (a batch) whose journal write fails is never acked (`task_acks_on_failure_or_timeout`
 off): it goes back to the broker (`Reject(requeue=True)`, after a short pause and with
 its replay-guard entry released so the redelivery passes), is counted in
 `edgeledger_journal_write_failures_total`, and ingestion resumes by itself once the
@@ -24,6 +25,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import Reject
 
+from .batch import BatchConsumer, connected
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
 from .ingest import COMMAND_RESULT, COSIGN, HEARTBEAT, INGEST, Ingestor, TaskContext
@@ -31,6 +33,8 @@ from .ingest import COMMAND_RESULT, COSIGN, HEARTBEAT, INGEST, Ingestor, TaskCon
 log = logging.getLogger("edgeledger.coordinator.ingest")
 
 JOURNAL_RETRY_PAUSE = 1.0  # seconds before a task the journal refused goes back to the broker
+# app.conf keys make_app fills from worker.batch_size / worker.batch_wait for register_tasks
+BATCH_SIZE_KEY, BATCH_WAIT_KEY = "edgeledger_batch_size", "edgeledger_batch_wait"
 
 
 def ssl_options(cfg: CoordinatorConfig) -> dict[str, str]:
@@ -93,6 +97,7 @@ def make_app(cfg: CoordinatorConfig, *, consumer: bool) -> Celery:
         task_default_queue=cfg.worker.queue,
         result_expires=300,
         enable_utc=True,
+        **{BATCH_SIZE_KEY: cfg.worker.batch_size, BATCH_WAIT_KEY: cfg.worker.batch_wait},
     )
     signing = SigningConfig(
         key_path=cfg.key_path,
@@ -149,10 +154,23 @@ class JournalOutage:
         self._wake = threading.Event()  # never set: a pause that is not a bare sleep
 
     def failed(self, app: Celery, task: Any, signer: Any, exc: sqlite3.Error) -> Reject:
+        """One task (the per-task path): count, log once, release, pause; the Reject to raise."""
+        self._refused(app, [(task.name, task.request.id, task.request.retries, signer)], exc)
+        return Reject(f"journal unwritable: {exc}", requeue=True)
+
+    def failed_batch(self, app: Celery, batch: list[tuple[Any, Any]], exc: sqlite3.Error) -> None:
+        """A whole batch (coordinator.batch): each (request, signer) goes back to the broker unacked."""
+        self._refused(app, [(r.name, r.id, r.request_dict.get("retries"), signer) for r, signer in batch], exc)
+        for request, _ in batch:
+            if connected(request):  # else the broker redelivers it anyway
+                request.reject(requeue=True)
+
+    def _refused(self, app: Celery, tasks: list[tuple[str, str, Any, Any]], exc: sqlite3.Error) -> None:
         from security.admission import replay_key
         from security.app_signing import signing_context
 
-        self.ingestor.metrics.inc("edgeledger_journal_write_failures_total", task=task.name)
+        for name, _, _, _ in tasks:
+            self.ingestor.metrics.inc("edgeledger_journal_write_failures_total", task=name)
         if not self.failing:
             self.failing = True
             log.error(
@@ -161,9 +179,9 @@ class JournalOutage:
                 "or stop whatever holds its write lock", self.ingestor.journal.path, exc, JOURNAL_RETRY_PAUSE)
         ctx = signing_context(app)
         if ctx is not None:  # let the requeued copy of this very envelope pass the replay guard
-            ctx.guard.release(replay_key(signer.agent_id, task.request.id, task.request.retries), signer.envelope_digest)
+            for _, task_id, retries, signer in tasks:
+                ctx.guard.release(replay_key(signer.agent_id, task_id, retries), signer.envelope_digest)
         self._wake.wait(JOURNAL_RETRY_PAUSE)  # do not spin on a journal that stays unwritable
-        return Reject(f"journal unwritable: {exc}", requeue=True)
 
     def ok(self) -> None:
         if self.failing:
@@ -171,41 +189,56 @@ class JournalOutage:
             log.warning("journal %s is writable again: ingestion resumed", self.ingestor.journal.path)
 
 
-def register_tasks(app: Celery, ingestor: Ingestor) -> None:
-    """edge.ingest / edge.command_result / edge.heartbeat, all executed by `ingestor`."""
+def register_tasks(app: Celery, ingestor: Ingestor, batch_size: int | None = None,
+                   batch_wait: float | None = None) -> BatchConsumer:
+    """edge.ingest / edge.command_result / edge.heartbeat / edge.witness_cosign, executed by
+    `ingestor` in batches of up to `batch_size` per journal transaction (coordinator.batch;
+    default: what make_app read from worker.batch_size / worker.batch_wait, capped at the
+    prefetch). A task called directly (`apply`) still runs on its own."""
     not_after: dict[str, float] = {}
     outage = JournalOutage(ingestor)
 
-    def execute(task: Any, name: str, payload: Any) -> dict[str, Any]:
-        signer = getattr(task.request, "signer", None)
+    def context(request: Any, name: str) -> TaskContext:
+        signer = getattr(request, "signer", None)
         if signer is None:  # the signing strategy refuses unsigned messages before this
-            raise CoordinatorError(f"{name} {task.request.id} arrived without a verified signer")
-        ctx = TaskContext(
-            task_id=task.request.id,
+            raise CoordinatorError(f"{name} {request.id} arrived without a verified signer")
+        return TaskContext(
+            task_id=request.id,
             task_name=name,
             signer=signer,
-            received_at=_received.pop(task.request.id, time.time()),
+            received_at=_received.pop(request.id, time.time()),
             cert_not_after=_cert_not_after(signer.certificate_pem, not_after),
         )
+
+    size = batch_size if batch_size is not None else app.conf.get(BATCH_SIZE_KEY, 1)
+    wait = batch_wait if batch_wait is not None else app.conf.get(BATCH_WAIT_KEY, 0.0)
+    batches = BatchConsumer(app, ingestor, outage, context, min(int(size), app.conf.worker_prefetch_multiplier), wait)
+
+    def execute(task: Any, name: str, payload: Any) -> dict[str, Any]:
+        ctx = context(task.request, name)
         try:
             result = ingestor.run(ctx, payload)
         except sqlite3.Error as exc:  # journal unwritable: back to the broker, never acked
-            raise outage.failed(app, task, signer, exc) from None
+            raise outage.failed(app, task, ctx.signer, exc) from None
         outage.ok()
         return result
 
-    @app.task(name=INGEST, bind=True, ignore_result=True, acks_late=True)
+    options = dict(bind=True, ignore_result=True, acks_late=True, admitted_strategy=batches.strategy)
+
+    @app.task(name=INGEST, **options)
     def ingest(self: Any, reading: Any = None) -> dict[str, Any]:
         return execute(self, INGEST, reading)
 
-    @app.task(name=COMMAND_RESULT, bind=True, ignore_result=True, acks_late=True)
+    @app.task(name=COMMAND_RESULT, **options)
     def command_result(self: Any, result: Any = None) -> dict[str, Any]:
         return execute(self, COMMAND_RESULT, result)
 
-    @app.task(name=HEARTBEAT, bind=True, ignore_result=True, acks_late=True)
+    @app.task(name=HEARTBEAT, **options)
     def heartbeat(self: Any, status: Any = None) -> dict[str, Any]:
         return execute(self, HEARTBEAT, status)
 
-    @app.task(name=COSIGN, bind=True, ignore_result=True, acks_late=True)
+    @app.task(name=COSIGN, **options)
     def witness_cosign(self: Any, cosignature: Any = None) -> dict[str, Any]:
         return execute(self, COSIGN, cosignature)
+
+    return batches

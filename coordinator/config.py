@@ -103,7 +103,15 @@ class WorkerConfig:
     """The ingest worker: one queue, acks after the journal commit."""
 
     queue: str = setting("edge.ingest", non_empty=True, help="the queue agents send readings to")
-    prefetch: int = setting(1, min=1, help="tasks held unacked by the solo worker; each is committed on its own")
+    # Group commit (coordinator/batch.py): up to batch_size admitted tasks are journaled in
+    # one SQLite transaction, flushed when full or batch_wait after the first (at once while
+    # batches stay under a tenth of batch_size: a quiet fleet waits for nobody); each message
+    # is acked only after that commit. kombu_mqtt keeps prefetch exactly (tests/transport/test_burst.py).
+    prefetch: int = setting(100, min=1, help="messages held unacked by the worker (the batch is at most this)")
+    batch_size: int = setting(100, min=1, help="tasks journaled per SQLite transaction (at most worker.prefetch)")
+    batch_wait: float = setting(0.02, min=0, unit="s",
+                                help="under load, a batch that is not full commits this long after its first "
+                                     "task (at once while batches stay small)")
     send_timeout: float = setting(30.0, min=0, above=True, unit="s", help="`send` waits this long for a result by default")
     # Celery task events cost ~20% of flood throughput (docs/BENCHMARKS.md, issue #10's
     # section): off unless asked for; Flower and `celery control enable_events` turn them

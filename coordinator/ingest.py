@@ -17,7 +17,8 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -151,6 +152,27 @@ def erase_payloads(db: sqlite_utils.Database, agent_id: str, before: float | Non
     return readings, results
 
 
+_INSERT_READING = (f"INSERT INTO {READINGS} (task_id, agent_id, sensor, seq, value, unit, sampled_at, received_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+class _Heard:
+    """The registry updates of a batch's readings, one per agent: `registry.touch` costs
+    the same for 1 reading as for 100, and the batch commits them together anyway."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, tuple[int, int, dict[str, Any]]] = {}
+
+    def reading(self, agent: str, seq: int, common: dict[str, Any]) -> None:
+        count, top, _ = self.agents.get(agent, (0, seq, common))
+        self.agents[agent] = (count + 1, max(top, seq), common)
+
+    def flush(self, db: sqlite_utils.Database) -> None:
+        for agent, (count, top, common) in self.agents.items():
+            registry.touch(db, agent, readings=count, seq=top, **common)
+        self.agents.clear()
+
+
 def _check_reading(reading: Any) -> dict[str, Any]:
     if not isinstance(reading, dict):
         raise Refused("bad_payload", "reading must be an object")
@@ -219,6 +241,49 @@ class Ingestor:
 
     def run(self, ctx: TaskContext, payload: Any) -> dict[str, Any]:
         """Execute one task; returns {"status", "duplicate", ...}. Never raises Refused."""
+        outcome = self.run_batch([(ctx, payload)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def run_batch(self, items: Sequence[tuple[TaskContext, Any]],
+                  around: Callable[[TaskContext], AbstractContextManager[Any]] | None = None,
+                  ) -> list[dict[str, Any] | Exception]:
+        """Execute many tasks in ONE journal transaction (group commit); one outcome per item.
+
+        An outcome is the task's result ({"status", "duplicate", ...}) or, for a task whose
+        own writes failed with something other than SQLite (a bug), that exception: its
+        savepoint is rolled back and the others commit. Refusals (bad payload, identity,
+        duplicate seq) are results (REJECTED), journaled like today. A sqlite3.Error rolls
+        the whole batch back and propagates: the caller puts every message back unacked.
+        Receipts (`on_reading`) and metrics are told only after the commit. `around(ctx)`
+        wraps each task's checks (the worker makes it Celery's current task there, so a
+        refusal is quarantined under its id).
+        """
+        prepared = []
+        for ctx, payload in items:
+            with around(ctx) if around is not None else nullcontext():
+                prepared.append(self._prepare(ctx, payload))
+        outcomes: list[tuple[dict[str, Any], bool] | Exception] = []
+        heard = _Heard()
+        with self.journal.transaction() as db:
+            for (ctx, payload), checked in zip(items, prepared, strict=True):
+                if ctx.task_name != INGEST:
+                    heard.flush(db)  # the registry sees the batch's events in order (last_task)
+                try:
+                    with self.journal.transaction():  # a savepoint: one task's bug spares the batch
+                        outcomes.append(self._journal(db, ctx, payload, *checked, heard))
+                except sqlite3.Error:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - handed back for this task alone
+                    outcomes.append(exc)
+            heard.flush(db)
+        # committed: from here on every reading survives a crash, so it may be confirmed
+        return [outcome if isinstance(outcome, Exception) else self._after(ctx, payload, *outcome)
+                for (ctx, payload), outcome in zip(items, outcomes, strict=True)]
+
+    def _prepare(self, ctx: TaskContext, payload: Any) -> tuple[float, str, str, str]:
+        """Checks that need no write: (started, status, reason, detail)."""
         self.metrics.inc("edgeledger_tasks_received_total", task=ctx.task_name)
         started = time.time()
         claimed = payload.get("agent_id") if isinstance(payload, dict) else None
@@ -236,33 +301,42 @@ class Ingestor:
                 _check_cosignature(self.journal.db, ctx.signer.agent_id, payload)
         except Refused as exc:
             status, reason, detail = "REJECTED", exc.reason, exc.detail
-        with self.journal.transaction() as db:
-            if status == "SUCCESS" and ctx.task_name == INGEST and self._seq_taken(db, ctx, payload):
-                status, reason = "REJECTED", "duplicate_seq"
-                detail = f"reading seq {payload['seq']} of {ctx.signer.agent_id} is already stored under another task id"
-            result: dict[str, Any] = {"status": status}
-            if reason:
-                result.update(reason=reason, detail=detail)
-            salt = os.urandom(ARGS_SALT_BYTES)
-            record = ExecutionRecord(
-                task_id=ctx.task_id,
-                task_name=ctx.task_name,
-                agent_id=ctx.signer.agent_id,
-                signer_fingerprint=ctx.signer.fingerprint,
-                args_digest=canonical_digest(payload, salt),
-                result_digest=canonical_digest(result),
-                status=status,
-                received_at=ctx.received_at,
-                started_at=started,
-                finished_at=time.time(),
-                envelope_digest=ctx.signer.envelope_digest,
-            )
-            inserted = self.journal.append(
-                record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem, salt=salt
-            )
-            if inserted and status != "REJECTED":
-                self._apply(db, ctx, payload)
-        # committed: from here on the reading survives a crash, so it may be confirmed
+        return started, status, reason, detail
+
+    def _journal(self, db: sqlite_utils.Database, ctx: TaskContext, payload: Any, started: float,
+                 status: str, reason: str, detail: str, heard: _Heard) -> tuple[dict[str, Any], bool]:
+        """Inside the batch transaction: duplicate checks, the record, the stored payload.
+        Returns (result, inserted); a task id already journaled inserts nothing."""
+        if status == "SUCCESS" and ctx.task_name == INGEST and self._seq_taken(db, ctx, payload):
+            status, reason = "REJECTED", "duplicate_seq"
+            detail = f"reading seq {payload['seq']} of {ctx.signer.agent_id} is already stored under another task id"
+        result: dict[str, Any] = {"status": status}
+        if reason:
+            result.update(reason=reason, detail=detail)
+        salt = os.urandom(ARGS_SALT_BYTES)
+        record = ExecutionRecord(
+            task_id=ctx.task_id,
+            task_name=ctx.task_name,
+            agent_id=ctx.signer.agent_id,
+            signer_fingerprint=ctx.signer.fingerprint,
+            args_digest=canonical_digest(payload, salt),
+            result_digest=canonical_digest(result),
+            status=status,
+            received_at=ctx.received_at,
+            started_at=started,
+            finished_at=time.time(),
+            envelope_digest=ctx.signer.envelope_digest,
+        )
+        inserted = self.journal.append(
+            record, db=db, envelope=ctx.signer.envelope, certificate_pem=ctx.signer.certificate_pem, salt=salt
+        )
+        if inserted and status != "REJECTED":
+            self._apply(db, ctx, payload, heard)
+        return result, inserted
+
+    def _after(self, ctx: TaskContext, payload: Any, result: dict[str, Any], inserted: bool) -> dict[str, Any]:
+        """After the commit: the receipt book and the metrics."""
+        status = result["status"]
         if status == "SUCCESS" and ctx.task_name == INGEST and self.on_reading is not None:
             self.on_reading(ctx.signer.agent_id, int(payload["seq"]))
         if not inserted:
@@ -273,7 +347,7 @@ class Ingestor:
         if status != "REJECTED":
             self.metrics.inc("edgeledger_tasks_executed_total", task=ctx.task_name)
         else:
-            self.metrics.inc("edgeledger_tasks_refused_total", reason=reason)
+            self.metrics.inc("edgeledger_tasks_refused_total", reason=result["reason"])
         return {**result, "duplicate": False}
 
     @staticmethod
@@ -283,19 +357,14 @@ class Ingestor:
         ).fetchone()
         return row is not None and row[0] != ctx.task_id
 
-    def _apply(self, db: sqlite_utils.Database, ctx: TaskContext, payload: dict[str, Any]) -> None:
+    def _apply(self, db: sqlite_utils.Database, ctx: TaskContext, payload: dict[str, Any], heard: _Heard) -> None:
         agent = ctx.signer.agent_id
         common = dict(task=ctx.task_name, fingerprint=ctx.signer.fingerprint, cert_not_after=ctx.cert_not_after)
         if ctx.task_name == INGEST:
-            db[READINGS].insert(
-                {
-                    "task_id": ctx.task_id, "agent_id": agent, "sensor": payload["sensor"],
-                    "seq": int(payload["seq"]), "value": float(payload["value"]), "unit": payload["unit"],
-                    "sampled_at": float(payload["sampled_at"]), "received_at": ctx.received_at,
-                },
-                replace=False,
-            )
-            registry.touch(db, agent, readings=1, seq=int(payload["seq"]), **common)
+            db.conn.execute(_INSERT_READING, (
+                ctx.task_id, agent, payload["sensor"], int(payload["seq"]), float(payload["value"]),
+                payload["unit"], float(payload["sampled_at"]), ctx.received_at))
+            heard.reading(agent, int(payload["seq"]), common)
         elif ctx.task_name == COMMAND_RESULT:
             sent = commands.lookup(db.conn, agent, str(payload.get("command_task_id")))
             db[COMMAND_RESULTS].insert(

@@ -46,7 +46,8 @@ def signed_strategy(task: Task, app: Celery, consumer: Any, **kwargs: Any):
         raise SigningError(f"task {task.name} uses signed_strategy but setup_signing was not called for its app")
     if not (isinstance(task.Request, type) and issubclass(task.Request, SignedRequest)):
         task.Request = SignedRequest
-    inner = default_strategy(task, app, consumer, **kwargs)
+    # what runs an admitted message: Celery's default, or the task's own (a batching consumer)
+    inner = (getattr(task, "admitted_strategy", None) or default_strategy)(task, app, consumer, **kwargs)
     connection_errors = consumer.connection_errors
 
     def handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
@@ -93,6 +94,11 @@ class SignedRequest(Request):
         if self._task.ignore_result:
             self._ignore_result = True
             self._request_dict["ignore_result"] = True
+
+    @property
+    def signer(self) -> SignerInfo | None:
+        """Who signed this message, as admission verified it (the task sees it as request.signer)."""
+        return self._edge_signer
 
     def revoked(self) -> bool:
         if super().revoked():

@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from .signing import SignatureRefused
@@ -124,6 +125,17 @@ class ReplayGuard:
 
     def mark_done(self, key: str) -> None:
         self._conn().execute("update seen set done = 1 where key = ?", (key,))
+
+    def mark_done_many(self, keys: Iterable[str]) -> None:
+        """`mark_done` for a whole batch of executed tasks, in one transaction."""
+        conn = self._conn()
+        conn.execute("begin immediate")
+        try:
+            conn.executemany("update seen set done = 1 where key = ?", [(key,) for key in keys])
+            conn.execute("commit")
+        except BaseException:
+            conn.execute("rollback")
+            raise
 
     def prune(self, now: float | None = None) -> int:
         """Forget entries whose message the freshness window already refuses (keeps the
