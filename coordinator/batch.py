@@ -179,8 +179,7 @@ class BatchConsumer:
                 self._failed(request, outcome)
                 continue
             task_ready(request, successful=True)
-            if connected(request):  # else the broker redelivers it, and the journal has it already
-                request.acknowledge()
+            request.acknowledge()  # on a closed channel a no-op (kombu_mqtt): the broker redelivers, the journal dedupes
             request.send_event("task-succeeded", result=repr(outcome), runtime=runtime)
 
     def _failed(self, request: Any, exc: BaseException) -> None:
@@ -188,8 +187,7 @@ class BatchConsumer:
         failing acks_late task is with task_acks_on_failure_or_timeout off (never acked as done)."""
         log.error("task %s[%s] failed: %r", request.name, request.id, exc, exc_info=exc)
         task_ready(request)
-        if connected(request):
-            request.reject(requeue=False)
+        request.reject(requeue=False)
         request.send_event("task-failed", exception=repr(exc))
 
     def _release(self, requests: list[Any]) -> None:
@@ -218,13 +216,6 @@ class BatchConsumer:
             ctx.guard.mark_done_many(keys)
         except sqlite3.Error:  # as task_postrun did: the journal already dedupes a redelivery
             log.exception("could not mark %d tasks done in the replay guard", len(keys))
-
-
-def connected(request: Any) -> bool:
-    """Whether the message's channel is still open (a closed one cannot settle it)."""
-    message = getattr(request, "message", None)
-    channel = getattr(message, "channel", None)
-    return message is None or channel is None or getattr(channel, "connection", True) is not None
 
 
 def _payload(request: Any) -> Any:

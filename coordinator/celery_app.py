@@ -25,7 +25,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import Reject
 
-from .batch import BatchConsumer, connected
+from .batch import BatchConsumer
 from .config import CoordinatorConfig
 from .errors import CoordinatorError
 from .ingest import COMMAND_RESULT, COSIGN, HEARTBEAT, INGEST, Ingestor, TaskContext
@@ -162,8 +162,7 @@ class JournalOutage:
         """A whole batch (coordinator.batch): each (request, signer) goes back to the broker unacked."""
         self._refused(app, [(r.name, r.id, r.request_dict.get("retries"), signer) for r, signer in batch], exc)
         for request, _ in batch:
-            if connected(request):  # else the broker redelivers it anyway
-                request.reject(requeue=True)
+            request.reject(requeue=True)  # on a closed channel a no-op (kombu_mqtt): the broker redelivers it
 
     def _refused(self, app: Celery, tasks: list[tuple[str, str, Any, Any]], exc: sqlite3.Error) -> None:
         from security.admission import replay_key

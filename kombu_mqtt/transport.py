@@ -135,7 +135,12 @@ class QoS(virtual.QoS):
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
-            self.channel._restore(self.get(delivery_tag))
+            try:
+                message = self.get(delivery_tag)
+            except KeyError:  # the closing channel already put it back
+                message = None
+            if message is not None:
+                self.channel._restore(message)
         else:
             self.channel.settle_tag(delivery_tag)
         self._quick_ack(delivery_tag)
@@ -230,16 +235,23 @@ class Channel(virtual.Channel):
         self.transport.prefetch_changed(self)
 
     def settle_tag(self, delivery_tag: str) -> None:
-        """The consumer is done with a delivery (ack or reject without requeue)."""
+        """The consumer is done with a delivery (ack or reject without requeue).
+
+        On a closed channel this does nothing: its transport is gone and the broker,
+        which never got the ack, redelivers the message to the resumed session."""
         ref = self._tags.pop(delivery_tag, None)
+        transport = self.connection
+        if transport is None:
+            return
         if ref is not None:
-            self.transport.settle(ref)
-        self.transport.schedule_delivery()
+            transport.settle(ref)
+        transport.schedule_delivery()
 
     def _restore(self, message: Any) -> None:
-        """Requeue = republish to the original topic (marked redelivered), then ack."""
+        """Requeue = republish to the original topic (marked redelivered), then ack.
+        On a closed channel nothing can be republished: the broker redelivers it."""
         ref = self._tags.pop(message.delivery_tag, None)
-        if ref is None:
+        if ref is None or self.connection is None:
             return
         payload = message.serializable()
         payload["redelivered"] = True

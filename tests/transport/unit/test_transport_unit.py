@@ -327,3 +327,22 @@ def test_on_the_hub_a_failed_handler_call_is_retried_on_the_keepalive_tick(broke
         broker.route("kombu/d/jobs/jobs", b"not json")
         run_hub(hub, lambda: broker.pubacks("w") == [b"not json"])
     assert calls == [b"not json", b"not json"]
+
+
+def test_acking_on_a_closed_channel_is_a_no_op_and_the_broker_redelivers(broker: FakeBroker, connect) -> None:
+    """A consumer that finishes a message after its channel closed (a batch committed while
+    the connection was lost) must not crash the worker: the ack is a no-op, and the
+    message comes back once (the closing channel put it back, as for any unacked one)."""
+    conn, held = connect(client_id="w"), Held()
+    with consumer(conn, held, prefetch=10) as c:
+        drain_idle(conn)
+        publish(connect(), "a", "b")
+        drain_until(conn, lambda: len(held.messages) == 2)
+        c.channel.close()
+        held.messages[0].ack()  # no AttributeError from a channel without its transport
+        held.messages[1].reject(requeue=True)  # nor from a requeue, which cannot republish any more
+    again, second = connect(client_id="w"), Held()
+    with consumer(again, second, prefetch=10):
+        drain_until(again, lambda: len(second.messages) == 2)
+        drain_idle(again)
+        assert sorted(second.bodies) == ["a", "b"]
