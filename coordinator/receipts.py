@@ -252,19 +252,36 @@ class ReceiptSender:
             if self._stop.is_set():
                 return
         app = self.make_app()
+        conn = app.connection_for_write()
         try:
             while not self._stop.is_set():
                 self.book.wake.wait(self.interval)
                 if self._stop.is_set():
                     break
                 try:
-                    self.send_due(app)
+                    self.send_due(app, conn)
                 except Exception:
                     log.exception("sending receipts failed; retrying next round")
         finally:
+            conn.release()
             app.close()
 
-    def send_due(self, app: Any) -> None:
+    def send_due(self, app: Any, conn: Any = None) -> None:
+        """Send the due receipts on `conn` (one connection this thread holds).
+
+        Why not Celery's producer pool: kombu replaces a pooled connection after ANY error
+        in a publish, so each receipt for an agent without a broker session
+        (NoSubscribersError) cost a new TLS connection. The transport reconnects a held
+        connection by itself when the broker goes away."""
+        own = conn is None
+        conn = app.connection_for_write() if own else conn
+        try:
+            self._send(app, app.amqp.Producer(conn, auto_declare=False))
+        finally:
+            if own:
+                conn.release()
+
+    def _send(self, app: Any, producer: Any) -> None:
         from kombu.exceptions import OperationalError
 
         from kombu_mqtt import NoSubscribersError
@@ -273,7 +290,7 @@ class ReceiptSender:
             agent = receipt["agent_id"]
             try:
                 app.send_task(RECEIPT_TASK, kwargs={"receipt": receipt}, queue=agent_queue(agent), retry=False,
-                              ignore_result=True)
+                              ignore_result=True, producer=producer)
                 self.sent += 1
             except NoSubscribersError:
                 log.info("no receipt for %s: it has no broker session (it re-sends, and gets one then)", agent)
