@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from ledger.processes import ChildProcess, ProcessStartError, free_port  # noqa: E402
 from ledger.sqlite_files import read_only  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 
@@ -191,3 +194,91 @@ def journal_query(db: Path, sql: str, timeout: float = 30.0) -> list[tuple]:
             return conn.execute(sql).fetchall()
     except sqlite3.OperationalError:
         return []
+
+
+# -- CPU and memory per process, from /proc ------------------------------------------------
+def read_proc(pid: int) -> tuple[float, int, str] | None:
+    """(cpu seconds, rss bytes, command) of a live pid, from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / TICK
+        rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return cpu, rss, cmd
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        for c in children.get(pid, []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def classify(cmd: str) -> str:
+    """The role of a process in the coordinator's tree: broker, anvil or coordinator."""
+    if "mosquitto" in cmd.split(" ", 1)[0]:
+        return "broker"
+    if "anvil" in cmd:
+        return "anvil"
+    return "coordinator"
+
+
+class ProcessMeter:
+    """CPU% (of one core) and RSS per role between two samples, and CPU seconds per role
+    since the first sample. Roles: the coordinator's process tree (`classify`), plus
+    `others` (pid -> role). A process that exits between samples loses what it spent
+    after its last one: sample often."""
+
+    def __init__(self, coordinator_pid: int | None, others: dict[int, str]) -> None:
+        self.coordinator_pid = coordinator_pid
+        self.others = others
+        self.last: dict[int, tuple[float, float]] = {}
+        self.peak_rss: dict[str, int] = {}
+        self.cpu_total: dict[str, float] = {}
+
+    def pids(self) -> dict[int, str]:
+        roles: dict[int, str] = {}
+        if self.coordinator_pid is not None:
+            roles[self.coordinator_pid] = "coordinator"
+            for pid in descendants(self.coordinator_pid):
+                info = read_proc(pid)
+                if info:
+                    roles[pid] = classify(info[2])
+        roles.update(self.others)
+        return roles
+
+    def sample(self) -> dict[str, tuple[float, int]]:
+        now = time.monotonic()
+        out: dict[str, list[float]] = {}
+        for pid, role in self.pids().items():
+            info = read_proc(pid)
+            if info is None:
+                continue
+            cpu, rss, _ = info
+            prev = self.last.get(pid)
+            self.last[pid] = (now, cpu)
+            pct = 100 * (cpu - prev[1]) / max(1e-6, now - prev[0]) if prev else 0.0
+            if prev:
+                self.cpu_total[role] = self.cpu_total.get(role, 0.0) + cpu - prev[1]
+            acc = out.setdefault(role, [0.0, 0])
+            acc[0] += pct
+            acc[1] += rss
+        result = {role: (v[0], int(v[1])) for role, v in out.items()}
+        for role, (_, rss) in result.items():
+            self.peak_rss[role] = max(self.peak_rss.get(role, 0), rss)
+        return result

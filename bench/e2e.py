@@ -36,6 +36,7 @@ from pathlib import Path
 from _harness import (  # first: puts the repository root on sys.path
     ANVIL_DEV_KEYS,
     ROOT,
+    ProcessMeter,
     journal_query,
     start_coordinator,
     start_peer,
@@ -75,6 +76,24 @@ def wait_for(pred, timeout: float, what: str, label: str, total: int, started: f
 query = journal_query
 
 
+def sampled(meter: ProcessMeter, count, every: float = 0.5):
+    """`count`, sampling the meter at most every `every` s on the way (CPU per role)."""
+    last = [0.0]
+
+    def wrapped() -> int:
+        if time.monotonic() - last[0] >= every:
+            meter.sample()
+            last[0] = time.monotonic()
+        return count()
+    return wrapped
+
+
+def cpu_per_reading(meter: ProcessMeter, readings: int) -> dict[str, float]:
+    """CPU milliseconds per reading, by role, over the measured phase."""
+    meter.sample()
+    return {role: 1e3 * seconds / max(1, readings) for role, seconds in sorted(meter.cpu_total.items())}
+
+
 # -- edgeledger ----------------------------------------------------------------------
 def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.0, coordinators: int = 1) -> dict:
     data = base / f"coord-{interval:g}"
@@ -90,16 +109,22 @@ def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.
                                     base / f"peer-{i}.log"))
         total = agents * per_agent
         started = time.monotonic()
+        meter = ProcessMeter(daemon.pid, {p.pid: "coordinator" for p in peers if p.pid})
+        meter.sample()
         pubs = [ChildProcess(f"simagent {n}", [PY, "-m", "coordinator.simagent", "--bundle", str(data / "bundles" / n),
                                                "--count", str(per_agent), "--interval", str(interval)], cwd=ROOT).start()
                 for n in names]
+        meter.others.update({p.pid: "publishers" for p in pubs if p.pid})
 
-        def confirmed() -> int:
+        def count_confirmed() -> int:
             return sum((query(d / "journal.db", "SELECT COUNT(*) FROM executions WHERE anchor_state = 'confirmed'")
                         or [(0,)])[0][0] for d in dirs)
 
+        confirmed = sampled(meter, count_confirmed)
+
         wait_for(lambda: confirmed() >= total, 170, "on-chain confirmation", "edgeledger confirmed", total, started, confirmed)
         elapsed = time.monotonic() - started
+        cpu = cpu_per_reading(meter, total)
         for p in pubs:
             p.wait_until(lambda p=p: not p.alive(), 30, "exit")
         rows, transactions, shares = [], 0, []
@@ -113,7 +138,7 @@ def run_edgeledger(base: Path, agents: int, per_agent: int, interval: float = 0.
             "readings": len(rows), "seconds": elapsed, "rate": len(rows) / elapsed, "shares": shares,
             "journal_p50": pct([b - a for a, b, _ in rows], 0.5), "journal_p99": pct([b - a for a, b, _ in rows], 0.99),
             "chain_p50": pct([c - a for a, _, c in rows], 0.5), "chain_p99": pct([c - a for a, _, c in rows], 0.99),
-            "transactions": transactions,
+            "transactions": transactions, "cpu": cpu,
         }
     finally:
         for p in pubs:
@@ -218,17 +243,23 @@ def run_redis(base: Path, agents: int, per_agent: int, interval: float = 0.0) ->
         time.sleep(2.0)  # let the worker subscribe
         total = agents * per_agent
         started = time.monotonic()
+        meter = ProcessMeter(None, {pid: role for pid, role in ((redis.pid, "broker"), (worker.pid, "worker")) if pid})
+        meter.sample()
         pubs = [ChildProcess(f"redis publisher {i}", [PY, __file__, "--redis-publisher", url, f"peer-{i}", str(per_agent),
                                                       str(interval)], cwd=ROOT).start() for i in range(agents)]
+        meter.others.update({p.pid: "publishers" for p in pubs if p.pid})
 
-        def stored() -> int:
+        def count_stored() -> int:
             rows = query(db, "SELECT COUNT(*) FROM readings")
             return rows[0][0] if rows else 0
 
+        stored = sampled(meter, count_stored)
+
         wait_for(lambda: stored() >= total, 170, "peer storage", "celery+redis stored", total, started, stored)
         elapsed = time.monotonic() - started
+        cpu = cpu_per_reading(meter, total)
         rows = query(db, "SELECT sampled_at, stored_at FROM readings")
-        return {"readings": len(rows), "seconds": elapsed, "rate": len(rows) / elapsed,
+        return {"readings": len(rows), "seconds": elapsed, "rate": len(rows) / elapsed, "cpu": cpu,
                 "p50": pct([b - a for a, b in rows], 0.5), "p99": pct([b - a for a, b in rows], 0.99)}
     finally:
         for p in pubs:
@@ -264,7 +295,8 @@ def main() -> int:
                 print(f"flood: {o['readings']} readings journaled+anchored in {o['seconds']:.1f}s = {o['rate']:.0f}/s "
                       f"by {args.coordinators} coordinator(s) (journals {'+'.join(map(str, o['shares']))}); "
                       f"sample -> journaled p50 {o['journal_p50']*1e3:.0f} ms, p99 {o['journal_p99']*1e3:.0f} ms; "
-                      f"-> on chain p50 {o['chain_p50']*1e3:.0f} ms, p99 {o['chain_p99']*1e3:.0f} ms")
+                      f"-> on chain p50 {o['chain_p50']*1e3:.0f} ms, p99 {o['chain_p99']*1e3:.0f} ms; "
+                      f"CPU ms per reading: {fmt_cpu(o['cpu'])}")
             else:
                 print_receipts(run_receipts(base, args.receipt_readings, receipt_gap), receipt_gap)
         finally:
@@ -294,9 +326,15 @@ def main() -> int:
         print(f"  ratios edgeledger/peer: throughput {o['rate'] / r['rate']:.2f}x, p50 on-chain/stored {o['chain_p50'] / r['p50']:.1f}x, "
               f"p50 journaled/stored {o['journal_p50'] / r['p50']:.1f}x")
         print(f"  chain: {o['transactions']} transactions for {o['readings']} records ({o['readings'] / max(1, o['transactions']):.0f} per recordBatch)")
+        print(f"  CPU ms per reading, edgeledger: {fmt_cpu(o['cpu'])}")
+        print(f"  CPU ms per reading, celery+redis: {fmt_cpu(r['cpu'])}")
     print()
     print_receipts(receipts, receipt_gap)
     return 0
+
+
+def fmt_cpu(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items()) + f"; total {sum(cpu.values()):.2f}"
 
 
 def print_receipts(r: dict, gap: float) -> None:

@@ -52,10 +52,9 @@ sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
 from agent.outbox import RESEND_BACKOFF_MAX  # noqa: E402
-from bench._harness import journal_query  # noqa: E402
+from bench._harness import ProcessMeter, classify, descendants, journal_query, read_proc  # noqa: E402
 from ledger.processes import free_port  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 #: CPU seconds per second one harness process may spend on re-sends (the rest wait a pass)
 RESEND_BUDGET = 0.3
 #: seconds per loop pass one harness process may spend re-publishing after reconnects
@@ -411,87 +410,6 @@ def worker_main(conf_path: str) -> int:
 # =============================================================================================
 # orchestrator
 # =============================================================================================
-def read_proc(pid: int) -> tuple[float, int, str] | None:
-    """(cpu seconds, rss bytes, command) of a live pid, from /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / TICK
-        rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        return cpu, rss, cmd
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        for c in children.get(pid, []):
-            out.append(c)
-            stack.append(c)
-    return out
-
-
-def classify(cmd: str) -> str:
-    if "mosquitto" in cmd.split(" ", 1)[0]:
-        return "broker"
-    if "anvil" in cmd:
-        return "anvil"
-    return "coordinator"
-
-
-class ProcessMeter:
-    """CPU% (of one core) and RSS per role between two samples."""
-
-    def __init__(self, coordinator_pid: int, harness: list[int]) -> None:
-        self.coordinator_pid = coordinator_pid
-        self.harness = harness
-        self.last: dict[int, tuple[float, float]] = {}
-        self.peak_rss: dict[str, int] = {}
-        self.cpu_total: dict[str, float] = {}
-
-    def pids(self) -> dict[int, str]:
-        roles = {self.coordinator_pid: "coordinator"}
-        for pid in descendants(self.coordinator_pid):
-            info = read_proc(pid)
-            if info:
-                roles[pid] = classify(info[2])
-        for pid in self.harness:
-            roles[pid] = "harness"
-        return roles
-
-    def sample(self) -> dict[str, tuple[float, int]]:
-        now = time.monotonic()
-        out: dict[str, list[float]] = {}
-        for pid, role in self.pids().items():
-            info = read_proc(pid)
-            if info is None:
-                continue
-            cpu, rss, _ = info
-            prev = self.last.get(pid)
-            self.last[pid] = (now, cpu)
-            pct = 100 * (cpu - prev[1]) / max(1e-6, now - prev[0]) if prev else 0.0
-            if prev:
-                self.cpu_total[role] = self.cpu_total.get(role, 0.0) + cpu - prev[1]
-            acc = out.setdefault(role, [0.0, 0])
-            acc[0] += pct
-            acc[1] += rss
-        result = {role: (v[0], int(v[1])) for role, v in out.items()}
-        for role, (_, rss) in result.items():
-            self.peak_rss[role] = max(self.peak_rss.get(role, 0), rss)
-        return result
-
-
 def thread_waits(pid: int) -> str:
     """What the threads of `pid` wait on in the kernel (/proc wchan), e.g. "poll 3, futex 2":
     tells a process that waits on its sockets from one blocked on a lock."""
@@ -718,7 +636,7 @@ def run(args: argparse.Namespace) -> int:
             proc = subprocess.Popen([PY, __file__, "--worker", str(path)], cwd=ROOT, stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True, start_new_session=True)
             handles.append(WorkerHandle(proc))
-        meter = ProcessMeter(daemon.pid, [os.getpid()] + [h.proc.pid for h in handles])
+        meter = ProcessMeter(daemon.pid, {pid: "harness" for pid in [os.getpid()] + [h.proc.pid for h in handles]})
         meter.sample()
         machine = MachineMeter()
 
