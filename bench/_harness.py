@@ -66,19 +66,6 @@ def peer_worker(env: dict[str, str], log_path: Path) -> ChildProcess:
     return ChildProcess("celery peer worker", argv, log_path, env=env, cwd=BENCH)
 
 
-def context_switches(pid: int) -> int:
-    """Voluntary context switches summed over the process's threads (how often it slept and woke)."""
-    total = 0
-    for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            continue
-    return total
-
-
 class IngestSink:
     """Consumes and acks every message on the ingest queue, without decoding it.
 

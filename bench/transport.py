@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import context_switches, peer_env, peer_worker, start_redis
+from _harness import peer_env, peer_worker, start_redis
 from _peer_app import make_app
 
 import kombu_mqtt
@@ -83,9 +83,9 @@ def main() -> None:
 
         print(f"[idle] all three workers idle for {args.idle_seconds:g}s, counting voluntary context switches", flush=True)
         time.sleep(2)
-        before = {label: context_switches(worker.pid or 0) for label, worker in workers.items()}
+        before = {label: worker.context_switches() for label, worker in workers.items()}
         time.sleep(args.idle_seconds)
-        idle = {label: (context_switches(worker.pid or 0) - before[label]) * 30.0 / args.idle_seconds
+        idle = {label: (worker.context_switches() - before[label]) * 30.0 / args.idle_seconds
                 for label, worker in workers.items()}
     finally:
         for worker in workers.values():

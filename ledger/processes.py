@@ -147,6 +147,19 @@ class ChildProcess:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    def context_switches(self) -> int:
+        """Voluntary context switches summed over the child's threads (how often it slept
+        and woke: the idle-wakeup measure of tests and benches); 0 once it is gone."""
+        total = 0
+        for status in Path(f"/proc/{self.pid}/task").glob("*/status"):
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+            except FileNotFoundError:
+                continue
+        return total
+
     @property
     def returncode(self) -> int | None:
         return self.process.poll() if self.process is not None else None

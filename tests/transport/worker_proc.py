@@ -48,15 +48,3 @@ class WorkerProcess(ChildProcess):
     def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL if it hangs."""
         super().stop(timeout, sig)
-
-    def context_switches(self) -> int:
-        """Voluntary context switches summed over the worker's threads (how often it slept and woke)."""
-        total = 0
-        for status in Path(f"/proc/{self.pid}/task").glob("*/status"):
-            try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
-            except FileNotFoundError:
-                continue
-        return total
