@@ -8,7 +8,6 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,17 +25,9 @@ from ledger.tlog.note import Ed25519Signer
 from security.contract import cosign_task_id, reading_task_id
 from security.pki import fingerprint, load_certificate
 from security.policy import TaskMessage, coordinator_policy
+from security.signing import SignerInfo
 
 ORIGIN = "edgeledger/0000000000000000/coordinator"
-
-
-@dataclass
-class SignerInfo:
-    agent_id: str
-    fingerprint: str
-    envelope_digest: str
-    envelope: bytes
-    certificate_pem: str
 
 
 class Coordinator:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,7 @@ from coordinator.metrics import standard_metrics
 from coordinator.registry import read_registry
 from ledger.journal import Journal
 from security.pki import fingerprint, load_certificate
-
-
-@dataclass
-class SignerInfo:
-    agent_id: str
-    fingerprint: str
-    envelope_digest: str
-    envelope: bytes
-    certificate_pem: str
+from security.signing import SignerInfo
 
 
 def signer_for(test_pki, name: str, envelope: bytes = b"{}") -> SignerInfo:
