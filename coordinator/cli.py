@@ -243,12 +243,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     from security.pki import common_name
 
     _note(agent_enrolled(cfg, common_name(x509.load_pem_x509_certificate(cert))), err=True)
-    if args.out:
-        args.out.write_bytes(cert)
-        print(f"certificate written to {args.out}", file=sys.stderr)
+    _write_certificate(cert, args.out)
+    return 0
+
+
+def _write_certificate(cert: bytes, out: Path | None, next_step: str = "") -> None:
+    """To `--out` (saying so, and what comes next) or to stdout."""
+    if out:
+        out.write_bytes(cert)
+        print(f"certificate written to {out}{next_step}", file=sys.stderr)
     else:
         sys.stdout.write(cert.decode())
-    return 0
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
@@ -481,11 +486,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CoordinatorError(f"cannot read CSR {args.csr}: {exc.strerror}") from None
     cert = store.renew_agent(args.name, csr, days=args.days)
-    if args.out:
-        args.out.write_bytes(cert)
-        print(f"certificate written to {args.out}; next, on the device: edge-agent renew --cert FILE", file=sys.stderr)
-    else:
-        sys.stdout.write(cert.decode())
+    _write_certificate(cert, args.out, "; next, on the device: edge-agent renew --cert FILE")
     return 0
 
 

@@ -201,15 +201,7 @@ class FleetStore:
         except PKIError as exc:
             raise CoordinatorError(str(exc)) from None
         self.check_issuable(name, days, force)
-        ca = self.ca()
-        try:
-            cert = ca.issue(csr, client=True, days=days)
-        except PKIError as exc:
-            raise CoordinatorError(str(exc)) from None
-        target = self.dir / "issued" / f"{name}-{cert.serial_number:x}.pem"
-        write_pem(cert, target)
-        self._remember(target)
-        return target.read_bytes()
+        return self._issue_client(csr, name, days)
 
     # -- renew: a new certificate for an id that already has one --
     def renew_agent(self, name: str, csr_pem: bytes, days: int = 365) -> bytes:
@@ -238,6 +230,10 @@ class FleetStore:
         if self.is_revoked(name):
             raise CoordinatorError(f"{name!r} is revoked: renewal would undo that; re-enroll it deliberately with "
                                    "`edge-coordinator enroll CSR --force`", exit_codes.USAGE)
+        return self._issue_client(csr, name, days)
+
+    def _issue_client(self, csr: x509.CertificateSigningRequest, name: str, days: int) -> bytes:
+        """Sign a client certificate for `name` from its checked CSR, keep it under issued/."""
         try:
             cert = self.ca().issue(csr, client=True, days=days)
         except PKIError as exc:
