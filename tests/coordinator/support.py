@@ -177,3 +177,11 @@ def audit(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "EDGE_AUDIT_PINS": str(data_dir / "audit-pins.json")}  # never the user's pins
     return subprocess.run([PY, "-m", "ledger.audit_cli", "--journal", str(data_dir / "journal.db"), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+def verified_anchored(data_dir: Path) -> dict:
+    """`edge-audit --json verify --require-anchored`: asserts it passed; returns its report."""
+    verified = audit(data_dir, "--json", "verify", "--require-anchored", "--quiet")
+    report = json.loads(verified.stdout)
+    assert verified.returncode == 0 and report["ok"], verified.stdout + verified.stderr
+    return report

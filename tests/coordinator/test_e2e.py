@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.prom import sample
 
-from .support import CoordinatorProcess, audit, cli, simagent, wait_until
+from .support import CoordinatorProcess, audit, cli, simagent, verified_anchored, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +50,7 @@ def test_full_flow_ingest_journal_chain_audit_revoke_and_clean_stop(coordinator:
     assert agents["e2e-a"]["status"] == "online" and agents["e2e-a"]["readings"] == 60
     assert agents["e2e-b"]["outbox_backlog"] == 0 and agents["e2e-b"]["cert_not_after"] > time.time()
 
-    verified = audit(coordinator.data_dir, "--json", "verify", "--require-anchored", "--quiet")
-    report = json.loads(verified.stdout)
-    assert verified.returncode == 0 and report["ok"], verified.stdout + verified.stderr
+    report = verified_anchored(coordinator.data_dir)
     assert report["rows"] == 126 and report["signatures_ok"] == 126
 
     # a command to an agent nobody consumes for fails at once, in one line

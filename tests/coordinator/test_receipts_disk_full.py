@@ -30,7 +30,7 @@ import pytest
 from tests.agent.support import Proc, kill_group
 from tests.support.prom import sample
 
-from .support import CoordinatorProcess, audit, wait_until
+from .support import CoordinatorProcess, verified_anchored, wait_until
 from .test_receipts_e2e import drain_and_check, enroll, outbox, run_agent, seqs
 
 pytestmark = pytest.mark.slow
@@ -148,9 +148,7 @@ def test_disk_full_journal_loses_nothing_reports_and_resumes_by_itself(
     finally:
         db.close()
     wait_until(coordinator.all_confirmed, 180, "every journal row anchored")
-    verified = audit(coordinator.data_dir, "--json", "verify", "--require-anchored", "--quiet")
-    report = json.loads(verified.stdout)
-    assert verified.returncode == 0 and report["ok"], verified.stdout + verified.stderr
+    report = verified_anchored(coordinator.data_dir)
     assert report["rows"] == coordinator.query("SELECT COUNT(*) FROM executions")[0][0]
     (agent,) = [c for c in report["completeness"] if c["agent_id"] == "rf-a"]
     assert agent["stored"] == last and agent["missing"] == 0

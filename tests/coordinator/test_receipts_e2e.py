@@ -22,7 +22,7 @@ from tests.agent.support import Proc, kill_group
 from tests.support.files import immutable
 from tests.support.prom import sample
 
-from .support import CoordinatorProcess, audit, cli, wait_until
+from .support import CoordinatorProcess, audit, cli, verified_anchored, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -123,9 +123,7 @@ def test_broker_and_agent_sigkill_lose_and_duplicate_nothing(coordinator: Coordi
     last = drain_and_check(coordinator, home, "rc-a", procs)
     assert last > journaled + 20
     wait_until(coordinator.all_confirmed, 120, "every journal row anchored")
-    verified = audit(coordinator.data_dir, "--json", "verify", "--require-anchored", "--quiet")
-    report = json.loads(verified.stdout)
-    assert verified.returncode == 0 and report["ok"], verified.stdout + verified.stderr
+    report = verified_anchored(coordinator.data_dir)
     rows = coordinator.query("SELECT COUNT(*) FROM executions")[0][0]
     assert report["rows"] == rows  # one chain row per journal row: a re-send never reached the chain twice
 

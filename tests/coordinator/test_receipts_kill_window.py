@@ -12,7 +12,6 @@ Real processes: `edge-coordinator run` (Mosquitto with mutual TLS, anvil), `edge
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import sqlite3
@@ -24,7 +23,7 @@ import pytest
 from tests.agent.support import Proc, kill_group
 from tests.support.prom import sample
 
-from .support import CoordinatorProcess, audit, wait_until
+from .support import CoordinatorProcess, verified_anchored, wait_until
 from .test_receipts_e2e import drain_and_check, enroll, run_agent, seqs, some_confirmed
 
 pytestmark = pytest.mark.slow
@@ -112,9 +111,7 @@ def test_agent_killed_between_receipt_and_delete_duplicates_nothing(
 
     # on chain exactly once: one chain row per journal row, every reading anchored
     wait_until(coordinator.all_confirmed, 120, "every journal row anchored")
-    verified = audit(coordinator.data_dir, "--json", "verify", "--require-anchored", "--quiet")
-    report = json.loads(verified.stdout)
-    assert verified.returncode == 0 and report["ok"], verified.stdout + verified.stderr
+    report = verified_anchored(coordinator.data_dir)
     rows = coordinator.query("SELECT COUNT(*) FROM executions")[0][0]
     assert report["rows"] == rows
     assert coordinator.query("SELECT COUNT(*) FROM executions WHERE task_name = 'edge.ingest' AND "
