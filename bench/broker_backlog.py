@@ -31,17 +31,19 @@ sys.path.insert(0, str(ROOT))
 from kombu import Connection, Consumer, Exchange, Producer, Queue  # noqa: E402
 
 import kombu_mqtt  # noqa: E402,F401  (registers mqtt://)
+from bench._harness import read_proc  # noqa: E402
 from coordinator.broker import LoopbackBroker  # noqa: E402
 from security.pki import LoopbackPKI  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 QUEUE = Queue("backlog", Exchange("", "direct"), routing_key="backlog")
 SESSION = {"client_id": "backlog-consumer"}
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    info = read_proc(pid)
+    if info is None:
+        raise SystemExit(f"the broker (pid {pid}) is gone")
+    return info[0]
 
 
 def subscribe_then_leave(url: str) -> None:

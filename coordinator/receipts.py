@@ -266,26 +266,18 @@ class ReceiptSender:
             conn.release()
             app.close()
 
-    def send_due(self, app: Any, conn: Any = None) -> None:
+    def send_due(self, app: Any, conn: Any) -> None:
         """Send the due receipts on `conn` (one connection this thread holds).
 
         Why not Celery's producer pool: kombu replaces a pooled connection after ANY error
         in a publish, so each receipt for an agent without a broker session
         (NoSubscribersError) cost a new TLS connection. The transport reconnects a held
         connection by itself when the broker goes away."""
-        own = conn is None
-        conn = app.connection_for_write() if own else conn
-        try:
-            self._send(app, app.amqp.Producer(conn, auto_declare=False))
-        finally:
-            if own:
-                conn.release()
-
-    def _send(self, app: Any, producer: Any) -> None:
         from kombu.exceptions import OperationalError
 
         from kombu_mqtt import NoSubscribersError
 
+        producer = app.amqp.Producer(conn, auto_declare=False)
         for receipt in self.book.take():
             agent = receipt["agent_id"]
             try:
