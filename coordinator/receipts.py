@@ -96,16 +96,20 @@ def witness_part(journal: JournalReader, agent_id: str, seqs: list[int]) -> tupl
     if last is not None:
         proof = tree.consistency_proof(last, size) if last < size else []
         consistency = {"from": last, "proof": [b64encode(h) for h in proof]}
-    proofs: list[dict[str, Any]] = []
-    for seq in seqs:
-        if len(proofs) >= MAX_PROOFS:
+    leaves: dict[int, dict[str, Any]] = {}
+    provable: list[int] = []
+    for start in range(0, len(seqs), MAX_PROOFS):  # a backlog may hold thousands: read only what is used
+        chunk = seqs[start : start + MAX_PROOFS]
+        leaves.update(journal.reading_leaf_inputs(agent_id, chunk))
+        # Seqs not yet under the newest checkpoint (or erased) are left for a later receipt.
+        provable += [seq for seq in chunk if seq in leaves and leaves[seq]["index"] < size]
+        if len(provable) >= MAX_PROOFS:
             break
-        leaf = journal.reading_leaf_inputs(agent_id, seq)
-        if leaf is None or leaf["index"] >= size:
-            continue  # not yet under the newest checkpoint (or erased): a later receipt proves it
-        proofs.append({"seq": seq, **leaf, "salt": b64encode(leaf["salt"]),
-                       "path": [b64encode(h) for h in tree.inclusion_proof(leaf["index"], size)]})
-    return {"note": note, "log_key": key, "consistency": consistency, "proofs": proofs}, [p["seq"] for p in proofs]
+    provable = provable[:MAX_PROOFS]
+    paths = tree.inclusion_proofs([leaves[seq]["index"] for seq in provable], size)
+    proofs = [{"seq": seq, **leaves[seq], "salt": b64encode(leaves[seq]["salt"]),
+               "path": [b64encode(h) for h in path]} for seq, path in zip(provable, paths, strict=True)]
+    return {"note": note, "log_key": key, "consistency": consistency, "proofs": proofs}, provable
 
 
 def make_receipt(agent_id: str, ranges: list[list[int]], now: float | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -622,19 +622,28 @@ class JournalReader:
                                 (agent_id, int(upto))).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    def reading_leaf_inputs(self, agent_id: str, seq: int) -> dict[str, Any] | None:
-        """What an agent needs, besides its own copy of reading `seq`, to rebuild that
-        reading's leaf: the record fields only the coordinator knows and the per-record salt.
-        None when the reading is not journaled, has no log index yet, or was erased (no salt)."""
-        row = self.conn.execute(
-            "SELECT e.log_index, e.signer_fingerprint, e.result_digest, e.received_at, e.started_at, e.finished_at, "
-            "e.envelope_digest, s.salt FROM readings r JOIN executions e ON e.task_id = r.task_id "
-            "LEFT JOIN record_salt s ON s.task_id = e.task_id WHERE r.agent_id = ? AND r.seq = ?",
-            (agent_id, int(seq))).fetchone()
-        if row is None or row[0] is None or row[7] is None:
-            return None
-        return {"index": int(row[0]), "signer_fingerprint": row[1], "result_digest": row[2], "received_at": row[3],
-                "started_at": row[4], "finished_at": row[5], "envelope_digest": row[6], "salt": bytes(row[7])}
+    def reading_leaf_inputs(self, agent_id: str, seqs: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """What an agent needs, besides its own copy of each reading, to rebuild that
+        reading's leaf: the record fields only the coordinator knows and the per-record salt,
+        keyed by seq. Seqs not journaled, without a log index yet or erased (no salt) are
+        absent. One query per 500 seqs: a receipt asks for up to 64 at once."""
+        out: dict[int, dict[str, Any]] = {}
+        wanted = [int(s) for s in dict.fromkeys(seqs)]
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = self.conn.execute(
+                "SELECT r.seq, e.log_index, e.signer_fingerprint, e.result_digest, e.received_at, e.started_at, "
+                "e.finished_at, e.envelope_digest, s.salt FROM readings r JOIN executions e ON e.task_id = r.task_id "
+                "LEFT JOIN record_salt s ON s.task_id = e.task_id "
+                f"WHERE r.agent_id = ? AND r.seq IN ({','.join('?' * len(chunk))})",
+                (agent_id, *chunk))
+            for row in rows:
+                if row[1] is None or row[8] is None:
+                    continue
+                out[int(row[0])] = {"index": int(row[1]), "signer_fingerprint": row[2], "result_digest": row[3],
+                                    "received_at": row[4], "started_at": row[5], "finished_at": row[6],
+                                    "envelope_digest": row[7], "salt": bytes(row[8])}
+        return out
 
     def readings_per_agent(self) -> dict[str, int]:
         """Readings stored per agent (the coordinator's `readings` table)."""

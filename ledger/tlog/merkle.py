@@ -305,20 +305,35 @@ class MerkleLog:
         return self._store.get_nodes([(0, index)])[0]
 
     def _hashes_for(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        per_range = [_range_nodes(b, e) for b, e in ranges]
+        return self._hashes_for_many([ranges])[0]
+
+    def _hashes_for_many(self, paths: Sequence[Sequence[tuple[int, int]]]) -> list[list[bytes]]:
+        """The MTH of every range of every path: one store read for all their nodes, and
+        each distinct range folded once (paths of nearby leaves share their upper ranges)."""
+        distinct = list(dict.fromkeys(r for ranges in paths for r in ranges))
+        per_range = [_range_nodes(b, e) for b, e in distinct]
         flat = [k for keys in per_range for k in keys]
         fetched = self._store.get_nodes(flat) if flat else []
-        out: list[bytes] = []
+        folded: dict[tuple[int, int], bytes] = {}
         pos = 0
-        for keys in per_range:
-            out.append(_fold(fetched[pos : pos + len(keys)]))
+        for span, keys in zip(distinct, per_range, strict=True):
+            folded[span] = _fold(fetched[pos : pos + len(keys)])
             pos += len(keys)
-        return out
+        return [[folded[r] for r in ranges] for ranges in paths]
 
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         """PATH(index, D[0:size]) per RFC 9162 §2.1.3.1, sibling of the leaf first."""
         size = self._check_size(size)
         return self._hashes_for(inclusion_path_ranges(index, size))
+
+    def inclusion_proofs(self, indices: Sequence[int], size: int | None = None) -> list[list[bytes]]:
+        """`inclusion_proof` of each index against one tree size, in order.
+
+        Why: a receipt proves up to 64 readings at once; proved one by one, each proof
+        paid its own store query for nodes the others also need.
+        """
+        size = self._check_size(size)
+        return self._hashes_for_many([inclusion_path_ranges(i, size) for i in indices])
 
     def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
         """PROOF(size1, D[0:size2]) per RFC 9162 §2.1.4.1 (empty when size1 == size2)."""

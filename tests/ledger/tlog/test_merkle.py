@@ -251,6 +251,33 @@ def test_append_writes_each_node_once_in_one_store_call() -> None:
     assert [(lvl, idx) for lvl, idx, _ in calls[1]] == [(0, 8)]
 
 
+def test_many_inclusion_proofs_equal_single_ones_and_read_the_store_once(tmp_path: Path) -> None:
+    """`inclusion_proofs` (a receipt's batch) gives exactly what `inclusion_proof` gives for
+    each index, including repeated, unsorted and right-edge indexes, in one store read."""
+    reads: list[int] = []
+
+    class Counting(SQLiteNodeStore):
+        def get_nodes(self, keys):  # type: ignore[no-untyped-def]
+            reads.append(len(keys))
+            return super().get_nodes(keys)
+
+    conn = sqlite3.connect(tmp_path / "tlog.sqlite")
+    log = MerkleLog(Counting(conn))
+    log.extend(i.to_bytes(4, "big") for i in range(1000))
+    for size in (1, 2, 7, 64, 999, 1000):
+        indices = sorted({0, size - 1, size // 2, size // 3}) + list(range(size - 1, -1, -7))[:64] + [0]
+        reads.clear()
+        batch = log.inclusion_proofs(indices, size)
+        assert len(reads) == (1 if size > 1 else 0)  # one store read (a 1-leaf tree needs none)
+        assert batch == [log.inclusion_proof(i, size) for i in indices]
+        for index, proof in zip(indices, batch, strict=True):
+            verify_inclusion(leaf_hash(index.to_bytes(4, "big")), index, size, proof, log.root(size))
+    assert log.inclusion_proofs([], 1000) == []
+    with pytest.raises(InclusionProofError):
+        log.inclusion_proofs([3, 1000], 1000)
+    conn.close()
+
+
 # ------------------------------------------------------------ errors
 
 
