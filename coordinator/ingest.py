@@ -168,8 +168,7 @@ class _Heard:
         self.agents[agent] = (count + 1, max(top, seq), common)
 
     def flush(self, db: sqlite_utils.Database) -> None:
-        for agent, (count, top, common) in self.agents.items():
-            registry.touch(db, agent, readings=count, seq=top, **common)
+        registry.touch_readings(db, [(agent, count, top, common) for agent, (count, top, common) in self.agents.items()])
         self.agents.clear()
 
 
