@@ -35,6 +35,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ log = logging.getLogger("edgeledger.coordinator.receipts")
 
 RECEIPT_VERSION = 1
 MAX_RANGES = 256
+TRANSIENT = 1  # kombu delivery_mode: kombu_mqtt does not await it alone (confirm_publishes does)
 MAX_PROOFS = RECEIPT_MAX_PROOFS  # inclusion proofs per receipt: ~1 KB each (<= 20 hashes at 10^6 records)
 
 
@@ -82,34 +84,50 @@ def journaled_ranges(journal_path: Path, agent_id: str) -> list[list[int]]:
         return reading_seq_ranges(conn, agent_id)
 
 
-def witness_part(journal: JournalReader, agent_id: str, seqs: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
-    """The receipt's `checkpoint` object for `agent_id` and the seqs it proves (None when the
-    journal has no log key or no checkpoint yet)."""
-    key = journal.config_value("log_vkey")
-    top = journal.checkpoint_note()
-    if key is None or top is None:
-        return None, []
-    size, note = top
-    tree = journal.merkle()
-    last = journal.largest_cosigned_size(agent_id, size)
-    consistency = None
-    if last is not None:
-        proof = tree.consistency_proof(last, size) if last < size else []
-        consistency = {"from": last, "proof": [b64encode(h) for h in proof]}
-    leaves: dict[int, dict[str, Any]] = {}
-    provable: list[int] = []
-    for start in range(0, len(seqs), MAX_PROOFS):  # a backlog may hold thousands: read only what is used
-        chunk = seqs[start : start + MAX_PROOFS]
-        leaves.update(journal.reading_leaf_inputs(agent_id, chunk))
-        # Seqs not yet under the newest checkpoint (or erased) are left for a later receipt.
-        provable += [seq for seq in chunk if seq in leaves and leaves[seq]["index"] < size]
-        if len(provable) >= MAX_PROOFS:
-            break
-    provable = provable[:MAX_PROOFS]
-    paths = tree.inclusion_proofs([leaves[seq]["index"] for seq in provable], size)
-    proofs = [{"seq": seq, **leaves[seq], "salt": b64encode(leaves[seq]["salt"]),
-               "path": [b64encode(h) for h in path]} for seq, path in zip(provable, paths, strict=True)]
-    return {"note": note, "log_key": key, "consistency": consistency, "proofs": proofs}, provable
+class WitnessProver:
+    """The witness parts of one round of receipts, read from one journal connection.
+
+    Why a round object: the log key, the newest checkpoint and the tree's frontier are the
+    same for every agent in a round; read per agent (a fleet's round has hundreds), they
+    cost more than the proofs themselves.
+    """
+
+    def __init__(self, journal: JournalReader) -> None:
+        self.journal = journal
+        self.key = journal.config_value("log_vkey")
+        self.top = journal.checkpoint_note()
+        self.tree = journal.merkle() if self.key is not None and self.top is not None else None
+
+    @property
+    def size(self) -> int:
+        """Size of the newest signed checkpoint (0 before the first)."""
+        return 0 if self.top is None else self.top[0]
+
+    def part(self, agent_id: str, seqs: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
+        """The receipt's `checkpoint` object for `agent_id` and the seqs it proves (None when
+        the journal has no log key or no checkpoint yet)."""
+        if self.tree is None or self.top is None:
+            return None, []
+        size, note = self.top
+        last = self.journal.largest_cosigned_size(agent_id, size)
+        consistency = None
+        if last is not None:
+            proof = self.tree.consistency_proof(last, size) if last < size else []
+            consistency = {"from": last, "proof": [b64encode(h) for h in proof]}
+        leaves: dict[int, dict[str, Any]] = {}
+        provable: list[int] = []
+        for start in range(0, len(seqs), MAX_PROOFS):  # a backlog may hold thousands: read only what is used
+            chunk = seqs[start : start + MAX_PROOFS]
+            leaves.update(self.journal.reading_leaf_inputs(agent_id, chunk))
+            # Seqs not yet under the newest checkpoint (or erased) are left for a later receipt.
+            provable += [seq for seq in chunk if seq in leaves and leaves[seq]["index"] < size]
+            if len(provable) >= MAX_PROOFS:
+                break
+        provable = provable[:MAX_PROOFS]
+        paths = self.tree.inclusion_proofs([leaves[seq]["index"] for seq in provable], size)
+        proofs = [{"seq": seq, **leaves[seq], "salt": b64encode(leaves[seq]["salt"]),
+                   "path": [b64encode(h) for h in path]} for seq, path in zip(provable, paths, strict=True)]
+        return {"note": note, "log_key": self.key, "consistency": consistency, "proofs": proofs}, provable
 
 
 def make_receipt(agent_id: str, ranges: list[list[int]], now: float | None = None) -> dict[str, Any]:
@@ -147,48 +165,53 @@ class ReceiptBook:
         with self._lock:
             news, self._news = self._news, {}
             self.wake.clear()
-        top = self._checkpoint_size()
-        for agent, waiting in self._unproven.items():  # a newer checkpoint may prove what the last could not
-            if waiting and (top > self._proved_at.get(agent, 0) or agent in self._more):
-                news.setdefault(agent, [])
-        out = []
-        for agent, seqs in news.items():
-            ranges = self._ranges.get(agent)
-            if ranges is None:  # first news from this agent since start: load what is journaled
-                try:
-                    ranges = self._ranges[agent] = journaled_ranges(self.journal_path, agent)
-                except sqlite3.Error as exc:  # journal unreadable right now: keep the news for next round
-                    log.warning("cannot read %s for %s's receipt (%s): retrying next round", self.journal_path, agent, exc)
-                    with self._lock:
-                        self._news.setdefault(agent, []).extend(seqs)
-                    continue
-            for seq in seqs:
-                add_seq(ranges, seq)
-            receipt = make_receipt(agent, ranges)
-            self._add_witness_part(receipt, agent, seqs)
-            out.append(receipt)
+        with ExitStack() as stack:
+            prover = self._open_prover(stack)
+            top = 0 if prover is None else prover.size
+            for agent, waiting in self._unproven.items():  # a newer checkpoint may prove what the last could not
+                if waiting and (top > self._proved_at.get(agent, 0) or agent in self._more):
+                    news.setdefault(agent, [])
+            out = []
+            for agent, seqs in news.items():
+                ranges = self._ranges.get(agent)
+                if ranges is None:  # first news from this agent since start: load what is journaled
+                    try:
+                        ranges = self._ranges[agent] = journaled_ranges(self.journal_path, agent)
+                    except sqlite3.Error as exc:  # journal unreadable right now: keep the news for next round
+                        log.warning("cannot read %s for %s's receipt (%s): retrying next round",
+                                    self.journal_path, agent, exc)
+                        with self._lock:
+                            self._news.setdefault(agent, []).extend(seqs)
+                        continue
+                for seq in seqs:
+                    add_seq(ranges, seq)
+                receipt = make_receipt(agent, ranges)
+                self._add_witness_part(receipt, agent, seqs, prover)
+                out.append(receipt)
         return out
 
-    def _checkpoint_size(self) -> int:
+    def _open_prover(self, stack: ExitStack) -> WitnessProver | None:
+        """This round's prover on a read-only journal connection `stack` closes (None when the
+        journal is missing or unreadable: the receipts still confirm, proofs come next round)."""
         if not self.journal_path.exists():
-            return 0
+            return None
         try:
-            with open_reader(self.journal_path) as journal:
-                return journal.newest_checkpoint_size()
-        except sqlite3.Error:
-            return 0
+            return WitnessProver(stack.enter_context(open_reader(self.journal_path)))
+        except sqlite3.Error as exc:
+            log.warning("no checkpoint in this round's receipts (%s): proving next round", exc)
+            return None
 
-    def _add_witness_part(self, receipt: dict[str, Any], agent: str, seqs: list[int]) -> None:
+    def _add_witness_part(self, receipt: dict[str, Any], agent: str, seqs: list[int],
+                          prover: WitnessProver | None) -> None:
         """Fill `checkpoint`; remember which confirmed seqs still lack a proof."""
         wanted = sorted(self._unproven.pop(agent, set()) | set(seqs))
-        if not self.journal_path.exists():
-            return
-        try:
-            with open_reader(self.journal_path) as journal:
-                part, proven = witness_part(journal, agent, wanted)
-        except sqlite3.Error as exc:  # the receipt still confirms; the proofs come next round
-            log.warning("no checkpoint in %s's receipt (%s): proving next round", agent, exc)
-            part, proven = None, []
+        part: dict[str, Any] | None = None
+        proven: list[int] = []
+        if prover is not None:
+            try:
+                part, proven = prover.part(agent, wanted)
+            except sqlite3.Error as exc:  # the receipt still confirms; the proofs come next round
+                log.warning("no checkpoint in %s's receipt (%s): proving next round", agent, exc)
         receipt["checkpoint"] = part
         rest = set(wanted) - set(proven)
         if rest:
@@ -276,23 +299,42 @@ class ReceiptSender:
         Why not Celery's producer pool: kombu replaces a pooled connection after ANY error
         in a publish, so each receipt for an agent without a broker session
         (NoSubscribersError) cost a new TLS connection. The transport reconnects a held
-        connection by itself when the broker goes away."""
+        connection by itself when the broker goes away.
+
+        Why transient, confirmed per round: awaiting each receipt's PUBACK capped a fleet
+        at one broker round trip per agent (bench/fleet.py, 1,000 agents: ~25 receipts/s
+        under load, so agents re-sent what was long stored). The round's receipts are
+        pipelined and confirmed together; if the broker did not take them all, every agent
+        of the round gets one again next round (a receipt is idempotent).
+        """
         from kombu.exceptions import OperationalError
 
-        from kombu_mqtt import NoSubscribersError
+        from kombu_mqtt import MqttConnectionError, PublishRejectedError
 
         producer = app.amqp.Producer(conn, auto_declare=False)
+        sent: list[str] = []
         for receipt in self.book.take():
             agent = receipt["agent_id"]
             try:
                 app.send_task(RECEIPT_TASK, kwargs={"receipt": receipt}, queue=agent_queue(agent), retry=False,
-                              ignore_result=True, producer=producer)
-                self.sent += 1
-            except NoSubscribersError:
-                log.info("no receipt for %s: it has no broker session (it re-sends, and gets one then)", agent)
+                              ignore_result=True, producer=producer, delivery_mode=TRANSIENT)
+                sent.append(agent)
             except (OperationalError, OSError) as exc:
                 log.warning("receipt for %s not sent (%s): retrying next round", agent, exc)
                 self.book.renotify(agent)
             except Exception as exc:  # noqa: BLE001 - one agent's receipt must not stop the others
                 log.error("receipt for %s not sent: %s", agent, exc)
                 self.book.renotify(agent)
+        if not sent:
+            return
+        try:
+            unrouted = conn.transport.confirm_publishes()
+        except (MqttConnectionError, PublishRejectedError, OSError) as exc:
+            log.warning("%d receipts not confirmed by the broker (%s): sending them again next round", len(sent), exc)
+            for agent in sent:
+                self.book.renotify(agent)
+            return
+        if unrouted:
+            log.info("%d of %d receipts reached no agent session (those agents re-send, and get one then)",
+                     unrouted, len(sent))
+        self.sent += len(sent) - unrouted

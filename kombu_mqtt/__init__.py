@@ -11,7 +11,9 @@ Behaviour worth knowing:
   for direct/topic exchanges, because the broker dropped the task. Transient
   messages (rpc:// replies, pidbox/remote control, events) and fanout publishes
   never raise: nobody listening is normal for them. ``no_subscribers="ignore"``
-  turns the error off.
+  turns the error off. Transient messages are not awaited one by one; a producer
+  that sends many (``delivery_mode=1``) learns they all reached the broker with one
+  ``connection.transport.confirm_publishes()``, which raises if any was lost or refused.
 * A worker's durable queues live in a persistent MQTT session (stable client id,
   option ``client_id``); unacked tasks are redelivered when it comes back, and
   tasks published while it is offline wait for it (until ``session_expiry``).

@@ -116,6 +116,11 @@ class MqttSession:
         self._acks: dict[int, Any] = {}  # mid -> reason code(s) of PUBACK/SUBACK/UNSUBACK
         self._waiting: set[int] = set()
         self._unacked = 0  # outgoing QoS 1 publishes without PUBACK yet
+        #: generation of the socket that carried the oldest not-awaited publish since the last
+        #: `confirm_publishes` (None: none since), and how many of them the broker refused
+        self._pipelined_on: int | None = None
+        self._pipelined_refused = 0
+        self._pipelined_unrouted = 0
         self._last_probe = 0.0
         self._closed = False
         self.generation = 0  # increments on every new socket
@@ -367,8 +372,10 @@ class MqttSession:
         if mid in self._waiting:
             self._acks[mid] = code
         elif code == NO_MATCHING_SUBSCRIBERS:
+            self._pipelined_unrouted += 1
             logger.debug("MQTT publish %s reached no subscriber (not awaited)", mid)
         elif code >= 0x80:
+            self._pipelined_refused += 1
             logger.warning("MQTT broker rejected publish %s: reason 0x%02x", mid, code)
 
     def _handle_suback(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -493,6 +500,8 @@ class MqttSession:
                 return 0
             self._unacked += 1
             if not wait:
+                if self._pipelined_on is None:
+                    self._pipelined_on = self.generation
                 self._settle_backlog(timeout)
                 return 0
             self._waiting.add(info.mid)
@@ -502,6 +511,44 @@ class MqttSession:
             if code >= 0x80:
                 raise PublishRejectedError(f"MQTT broker refused publish to {topic!r} with reason 0x{code:02x}: check the broker ACL for this client")
             return code
+
+    def confirm_publishes(self, timeout: float = 30.0) -> int:
+        """Block until the broker acknowledged every not-awaited publish since the last call;
+        return how many of them reached no subscriber (PUBACK 0x10: the broker dropped them).
+
+        Why: a producer that sends many messages and must know they all reached the broker
+        pays one round trip for the lot instead of one per message (`wait=True`), which
+        under load is what limits it. Raises MqttConnectionError when the connection was
+        lost since the first of them (their fate is unknown: send them again) or the
+        PUBACKs do not come within `timeout`, and PublishRejectedError when the broker
+        refused any of them.
+        """
+        with self.lock:
+            since, self._pipelined_on = self._pipelined_on, None
+            refused, self._pipelined_refused = self._pipelined_refused, 0
+            unrouted, self._pipelined_unrouted = self._pipelined_unrouted, 0
+            if since is None:
+                return 0
+            if since != self.generation or self._client is None:
+                raise MqttConnectionError(
+                    f"MQTT connection {self.client_id} was lost before the broker acknowledged every publish: send them again")
+            deadline = time.monotonic() + timeout
+            while self._unacked > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MqttConnectionError(f"{self._unacked} publishes without PUBACK for {timeout}s "
+                                              f"(connection {self.client_id}): send them again")
+                try:
+                    self._pump_once(min(remaining, 1.0))
+                except MqttConnectionError as exc:
+                    raise MqttConnectionError(f"{exc} with {self._unacked} publishes unconfirmed: send them again") from exc
+            refused += self._pipelined_refused
+            unrouted += self._pipelined_unrouted
+            self._pipelined_refused = self._pipelined_unrouted = 0
+            if refused:
+                raise PublishRejectedError(
+                    f"MQTT broker refused {refused} publishes: check the broker ACL for client {self.client_id}")
+            return unrouted
 
     def _flush_blocking(self, client: paho.Client, timeout: float) -> None:
         """Finish writing a message the socket did not take at once (large payloads).

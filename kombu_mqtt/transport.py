@@ -838,6 +838,20 @@ class Transport(virtual.Transport):
             raise NoSubscribersError(topic)
         self.schedule_delivery()
 
+    def confirm_publishes(self, timeout: float | None = None) -> int:
+        """Wait until the broker acknowledged every transient publish since the last call;
+        return how many of them reached no subscriber (the broker dropped those).
+
+        A transient message (kombu `delivery_mode=1`) is not awaited one by one, so this is
+        how a producer learns that a whole batch of them reached the broker: one wait for
+        the lot (`MqttSession.confirm_publishes`; default bound `publish_timeout`). Raises
+        MqttConnectionError (send them again) or PublishRejectedError.
+        """
+        state = self._ephemeral
+        if state is None:
+            raise MqttConnectionError("MQTT transport is not connected: call Connection.connect() first")
+        return state.session.confirm_publishes(self.options.publish_timeout if timeout is None else timeout)
+
     def _ensure_reply_route(self, queue: str) -> None:
         """Before sending a request, make sure this process still listens on its reply queue.
 

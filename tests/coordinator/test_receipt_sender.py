@@ -63,3 +63,47 @@ def test_receipts_share_one_connection_even_when_agents_have_no_session(broker: 
         sender.send_due(app, conn)
     assert sender.sent == 1  # the one agent with a session got its receipt
     assert len(connects) == 1, connects  # eleven receipts, ten refused by the broker, one connection
+
+
+def test_a_round_of_receipts_is_pipelined_and_confirmed_once_or_sent_again(broker: LoopbackBroker, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No receipt waits for its own PUBACK (one broker round trip each capped a fleet at
+    ~25 receipts/s); the round is confirmed together. When the broker did not take the
+    round, every agent in it gets a receipt again next round."""
+    awaited: list[int] = []
+    confirms: list[int] = []
+    wait_for = kombu_mqtt.client.MqttSession._wait_for
+    confirm = kombu_mqtt.client.MqttSession.confirm_publishes
+
+    def counted_wait(session: kombu_mqtt.client.MqttSession, mid: int, timeout: float, what: str) -> object:
+        if what.startswith("PUBACK"):
+            awaited.append(mid)
+        return wait_for(session, mid, timeout, what)
+
+    def counted_confirm(session: kombu_mqtt.client.MqttSession, timeout: float = 30.0) -> int:
+        confirms.append(1)
+        return confirm(session, timeout)
+
+    monkeypatch.setattr(kombu_mqtt.client.MqttSession, "_wait_for", counted_wait)
+    monkeypatch.setattr(kombu_mqtt.client.MqttSession, "confirm_publishes", counted_confirm)
+    journal = tmp_path / "journal.db"
+    sqlite3.connect(journal).close()
+    book = ReceiptBook(journal)
+    agents = [f"fleet-{n}" for n in range(40)]
+    for agent in agents:
+        book.note(agent, 1)
+    app = Celery("receipts-round", broker=broker.plain_url, set_as_current=False)
+    sender = ReceiptSender(book, lambda: app)
+    with app.connection_for_write() as conn:
+        sender.send_due(app, conn)
+        assert awaited == [] and len(confirms) == 1  # forty receipts, one confirmation
+        assert sender.sent == 0  # none of these agents has a session: the broker dropped them all, counted
+
+        def lost(session: kombu_mqtt.client.MqttSession, timeout: float = 30.0) -> int:
+            raise kombu_mqtt.MqttConnectionError("connection lost: send them again")
+
+        monkeypatch.setattr(kombu_mqtt.client.MqttSession, "confirm_publishes", lost)
+        for agent in agents:
+            book.note(agent, 2)
+        sender.send_due(app, conn)  # the broker's answer never came
+    assert {r["agent_id"] for r in book.take()} == set(agents)  # all of them are due again

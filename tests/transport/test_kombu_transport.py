@@ -437,3 +437,50 @@ def test_closing_a_producer_loses_none_of_its_unawaited_publishes(connect, uniqu
     with Consumer(second, [queue], callbacks=[lambda body, msg: (got.add(body["i"]), msg.ack())], prefetch_count=100):
         drain_until(second, lambda: len(got) == count, timeout=60)
     assert got == set(range(count))
+
+
+def test_transient_publishes_are_confirmed_together_and_all_arrive(connect, unique) -> None:
+    """`confirm_publishes` returns once the broker acknowledged every transient publish
+    since the last call: one wait for a batch instead of a round trip per message."""
+    queue = Queue(unique, Exchange(unique, "direct"), routing_key=unique)
+    consumer_session = {"client_id": f"{unique}-c"}
+    first = connect(**consumer_session)
+    with Consumer(first, [queue], callbacks=[lambda body, msg: msg.ack()], prefetch_count=1):
+        drain_quietly(first, 0.2)  # the persistent session and its subscription exist
+    first.release()
+    producer_conn = connect()
+    try:
+        producer = Producer(producer_conn)
+        for i in range(500):
+            producer.publish({"i": i}, exchange=queue.exchange, routing_key=unique, delivery_mode=1)
+        assert producer_conn.transport.confirm_publishes(timeout=30) == 0  # all confirmed, all routed
+        assert producer_conn.transport._ephemeral.session._unacked == 0  # every PUBACK was read
+        for i in range(3):  # to a queue nobody subscribes: counted, not raised
+            producer.publish({"i": i}, exchange=queue.exchange, routing_key=f"{unique}-nobody", delivery_mode=1)
+        assert producer_conn.transport.confirm_publishes(timeout=30) == 3
+        assert producer_conn.transport.confirm_publishes(timeout=0.01) == 0  # nothing new: returns at once
+    finally:
+        producer_conn.release()
+    got: set[int] = set()
+    second = connect(**consumer_session)
+    try:
+        with Consumer(second, [queue], callbacks=[lambda body, msg: (got.add(body["i"]), msg.ack())],
+                      prefetch_count=100):
+            drain_until(second, lambda: len(got) == 500, timeout=60)
+    finally:
+        second.release()
+    assert got == set(range(500))
+
+
+def test_confirm_publishes_raises_when_the_connection_was_lost_since_the_first(fresh_mosquitto) -> None:
+    """A transient publish sent before a reconnect may be lost with the old socket: the
+    batch cannot be confirmed, so the producer is told to send it again."""
+    with Connection(fresh_mosquitto.plain_url) as conn:
+        producer = Producer(conn)
+        producer.publish({"x": 1}, exchange="", routing_key="q", delivery_mode=1)
+        fresh_mosquitto.restart()
+        producer.publish({"x": 2}, exchange="", routing_key="q", delivery_mode=1)  # reconnects
+        with pytest.raises(kombu_mqtt.MqttConnectionError, match="send them again"):
+            conn.transport.confirm_publishes(timeout=10)
+        producer.publish({"x": 3}, exchange="", routing_key="q", delivery_mode=1)
+        conn.transport.confirm_publishes(timeout=10)  # a new batch on the new socket confirms
