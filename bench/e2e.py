@@ -14,6 +14,7 @@ without signing, TLS or ledger. Latency: sampled_at -> stored.
     .venv/bin/python bench/e2e.py --only flood      # edgeledger flood throughput alone
     .venv/bin/python bench/e2e.py --only receipts   # receipt latency alone
     .venv/bin/python bench/e2e.py --only flood --coordinators 2   # two ingest coordinators sharing the queue
+    .venv/bin/python bench/e2e.py --only paced --paced-rate 400    # latency at 400 readings/s offered
 
 Receipt latency (phase 5): one real `edge-agent run` sampling every 0.2 s against a
 fresh coordinator; per reading, its `sampled_at` -> the agent verified the signed
@@ -279,14 +280,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", type=int, default=3, help="publisher processes (default 3)")
     p.add_argument("--per-agent", type=int, default=1000, help="readings per publisher (default 1000)")
-    p.add_argument("--only", choices=("flood", "receipts"), help="run one phase alone")
+    p.add_argument("--only", choices=("flood", "paced", "receipts"), help="run one phase alone")
     p.add_argument("--coordinators", type=int, default=1, choices=range(1, len(ANVIL_DEV_KEYS) + 2),
                    metavar="N", help="edgeledger ingest coordinators sharing the queue (default 1; peers via "
                                      "`edge-coordinator peer`)")
     p.add_argument("--receipt-readings", type=int, default=100, help="readings for the receipt latency (default 100)")
+    p.add_argument("--paced-rate", type=float, default=60.0,
+                   help="readings/s offered in the paced phase, all publishers together (default 60)")
+    p.add_argument("--paced-seconds", type=float, default=7.5, help="length of the paced phase (default 7.5)")
     args = p.parse_args()
+    if args.paced_rate <= 0 or args.paced_seconds <= 0:
+        p.error("--paced-rate and --paced-seconds must be positive")
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    paced_n, paced_gap = 150, 0.05
+    paced_gap = args.agents / args.paced_rate  # each publisher's gap between readings
+    paced_n = max(1, round(args.paced_seconds / paced_gap))
     receipt_gap = 0.2
     if args.only:
         try:
@@ -295,6 +302,13 @@ def main() -> int:
                 print(f"flood: {o['readings']} readings journaled+anchored in {o['seconds']:.1f}s = {o['rate']:.0f}/s "
                       f"by {args.coordinators} coordinator(s) (journals {'+'.join(map(str, o['shares']))}); "
                       f"sample -> journaled p50 {o['journal_p50']*1e3:.0f} ms, p99 {o['journal_p99']*1e3:.0f} ms; "
+                      f"-> on chain p50 {o['chain_p50']*1e3:.0f} ms, p99 {o['chain_p99']*1e3:.0f} ms; "
+                      f"CPU ms per reading: {fmt_cpu(o['cpu'])}")
+            elif args.only == "paced":
+                o = run_edgeledger(base, args.agents, paced_n, paced_gap, coordinators=args.coordinators)
+                print(f"paced: {o['readings']} readings offered at {args.paced_rate:g}/s ({args.agents} x one every "
+                      f"{paced_gap * 1e3:.1f} ms), journaled+anchored at {o['rate']:.0f}/s; "
+                      f"sample -> journaled p50 {o['journal_p50']*1e3:.1f} ms, p99 {o['journal_p99']*1e3:.1f} ms; "
                       f"-> on chain p50 {o['chain_p50']*1e3:.0f} ms, p99 {o['chain_p99']*1e3:.0f} ms; "
                       f"CPU ms per reading: {fmt_cpu(o['cpu'])}")
             else:

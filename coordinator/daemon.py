@@ -207,6 +207,7 @@ class Coordinator:
         except Exception as exc:  # noqa: BLE001 - web3 raises many types; all mean the chain is not usable
             raise CoordinatorError(f"cannot use the chain at {self.cfg.chain_url}: {exc}") from None
         log.info("ledger contract %s", address)
+        self.checkpointer.on_new = self.writer.wake.set  # anchor a new checkpoint now, not at the next round
         self._writer_thread = threading.Thread(
             target=self.writer.run, args=(self._stop, self.cfg.chain.batch_interval), name="chain-writer", daemon=True
         )
@@ -360,6 +361,8 @@ class Coordinator:
     def stop(self, flush_timeout: float = 30.0) -> None:
         self.stopping.set()
         self._stop.set()
+        if self.writer is not None:
+            self.writer.wake.set()  # out of its idle wait now
         if self._checkpoint_thread is not None:
             self._checkpoint_thread.join(timeout=30)
             try:

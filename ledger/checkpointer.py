@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from ledger.journal import Journal
 from ledger.tlog.checkpoint import Checkpoint, sign_checkpoint
@@ -39,6 +40,10 @@ class Checkpointer:
         self.interval = interval
         self.every = max(1, every)
         self.signed = 0
+        #: called from the `run` thread once a newer checkpoint is committed, whoever signed it
+        #: (the interval here, or the every-N hook inside an ingest transaction): the chain
+        #: writer's wake-up, so a record waits for one timer, not for two in a row
+        self.on_new: Callable[[], None] | None = None
 
     def attach(self) -> Checkpointer:
         """Sign a checkpoint inside `journal.append` each time the tree reaches a multiple of `every`."""
@@ -61,10 +66,16 @@ class Checkpointer:
             self.signed += 1
         return {"size": size}
 
-    def due(self, last_at: float) -> bool:
-        latest = self.journal.latest_checkpoint()
-        grown = self.journal.tree_size() - (latest["size"] if latest else 0)
+    def due(self, last_at: float, latest_size: int | None = None) -> bool:
+        if latest_size is None:
+            latest = self.journal.latest_checkpoint()
+            latest_size = latest["size"] if latest else 0
+        grown = self.journal.tree_size() - latest_size
         return grown > 0 and (grown >= self.every or time.monotonic() - last_at >= self.interval)
+
+    def _latest_size(self) -> int:
+        latest = self.journal.latest_checkpoint()
+        return latest["size"] if latest else 0
 
     def run(self, stop: threading.Event, poll: float = 0.05) -> None:
         """Until `stop`: checkpoint when due; survive errors (logged once per episode, retried).
@@ -73,12 +84,18 @@ class Checkpointer:
         poll; retrying every 50 ms only burned CPU and wrote 20 log lines a second."""
         last_at = time.monotonic()
         failing = False
+        announced: int | None = None  # newest checkpoint size `on_new` was told of
         while not stop.is_set():
             pause = min(poll, self.interval)
             try:
-                if self.due(last_at):
-                    self.checkpoint()
+                latest = self._latest_size()
+                if self.due(last_at, latest):
+                    if self.checkpoint() is not None:
+                        latest = self._latest_size()
                     last_at = time.monotonic()
+                if announced is not None and latest > announced and self.on_new is not None:
+                    self.on_new()
+                announced = latest
                 if failing:
                     failing = False
                     log.warning("checkpointer: the journal takes checkpoints again")

@@ -116,6 +116,8 @@ class ChainWriter:
         self._explicit_contract = contract_address
         self._needs_check = True
         self._lock = threading.Lock()
+        #: set to end `run`'s idle wait early: a new checkpoint to anchor, or stop
+        self.wake = threading.Event()
         if not fast_signing():
             log.warning("coincurve is not installed: transaction signing is ~10x slower (pip install coincurve)")
 
@@ -407,4 +409,6 @@ class ChainWriter:
                          self.stats.confirmed, self.stats.batches, self.journal.checkpoint_counts(),
                          self.journal.counts())
             if not pending:
-                stop_event.wait(interval)
+                # until a new checkpoint (Checkpointer.on_new sets `wake`) or `interval` passes
+                self.wake.wait(interval)
+                self.wake.clear()

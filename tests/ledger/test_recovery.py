@@ -158,3 +158,33 @@ def _note(checkpointer, size):
 
     return sign_checkpoint(Checkpoint(checkpointer.origin, size, checkpointer.journal.merkle().root(size)),
                            checkpointer.signer)
+
+
+def test_a_new_checkpoint_wakes_the_idle_writer_at_once(tmp_path):
+    """The writer's idle wait ends when the checkpointer announces a new checkpoint, so a
+    record waits for the checkpoint timer only, not for the writer's round after it. With a
+    one-hour round here, only the wake-up can anchor anything."""
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    checkpointer = make_log(journal, interval=0.05, every=1000)
+    with start_anvil(tmp_path) as chain:
+        writer = ChainWriter(journal, chain.rpc_url, chain.dev_key, receipt_timeout=15)
+        checkpointer.on_new = writer.wake.set
+        stop = threading.Event()
+        threads = [threading.Thread(target=writer.run, args=(stop, 3600.0), daemon=True),
+                   threading.Thread(target=checkpointer.run, args=(stop, 0.01), daemon=True)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(0.5)  # the writer found nothing to anchor and is in its idle wait
+            _fill(journal, 5)
+            _wait(lambda: _all_confirmed(journal, 5), timeout=30, what="the woken writer's anchor")
+            _fill(journal, 3, start=5)
+            _wait(lambda: _all_confirmed(journal, 8), timeout=30, what="a second wake-up")
+        finally:
+            stop.set()
+            writer.wake.set()
+            for thread in threads:
+                thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)  # stop ends the idle wait too
+    journal.close()

@@ -110,6 +110,41 @@ def test_checkpoints_after_n_records_and_on_interval(journal):
     assert [c["size"] for c in journal.checkpoints()] == [3, 4]
 
 
+def test_the_run_thread_announces_every_new_checkpoint_whoever_signed_it(journal):
+    """`on_new` (the chain writer's wake-up) fires once the run thread sees a newer committed
+    checkpoint: one it signed on its interval, and one the every-N hook signed inside an
+    append's transaction."""
+    signer = Ed25519Signer.generate("edgeledger/test/announce")
+    cp = Checkpointer(journal, signer, interval=3600, every=2).attach()
+    told: list[int] = []
+    cp.on_new = lambda: told.append((journal.latest_checkpoint() or {}).get("size", 0))
+    stop = threading.Event()
+    thread = threading.Thread(target=cp.run, args=(stop, 0.005))
+    thread.start()
+
+    def wait_for(count):
+        deadline = time.monotonic() + 30
+        while len(told) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    try:
+        time.sleep(0.05)
+        assert told == []  # nothing new: nothing announced
+        journal.append(make_record(1))
+        journal.append(make_record(2))  # the hook signs size 2 inside this append
+        wait_for(1)
+        assert told == [2]
+        journal.append(make_record(3))
+        cp.interval = 0.0  # now the run thread's own interval signs size 3
+        wait_for(2)
+        assert told == [2, 3]
+        time.sleep(0.05)
+        assert told == [2, 3]  # each checkpoint announced once
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_log_key_files(tmp_path):
     pki = tmp_path / "pki"
     signer = ensure_log_key(pki, "edgeledger/0123456789abcdef/coordinator")
