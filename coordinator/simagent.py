@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker-url", help="override the bundle's broker_url")
     p.add_argument("--count", type=int, default=100, help="readings to send (0: until --duration ends)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds to run when --count is 0")
-    p.add_argument("--interval", type=float, default=0.0, help="seconds between readings")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds between readings (a schedule: one every INTERVAL on average)")
     p.add_argument("--start-seq", type=int, default=1)
     p.add_argument("--heartbeat-every", type=int, default=0, help="send a heartbeat every N readings")
     p.add_argument("--retries", type=int, default=20, help="attempts per task while the broker is away")
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", type=Path, help="file to which the last sent seq is written")
     args = p.parse_args(argv)
     sim = SimAgent(args.bundle, args.broker_url, reconnect_timeout=args.reconnect_timeout, retries=args.retries)
-    seq, sent, end = args.start_seq, 0, time.monotonic() + args.duration
+    start = time.monotonic()
+    seq, sent, end = args.start_seq, 0, start + args.duration
     refused: str | None = None
     try:
         while (args.count and sent < args.count) or (not args.count and time.monotonic() < end):
@@ -154,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.progress and sent % 50 == 0:
                 args.progress.write_text(str(seq))
             seq += 1
-            if args.interval:
-                time.sleep(args.interval)
+            if args.interval:  # on a schedule: the time a publish takes does not lower the rate
+                lag = time.monotonic() - (start + sent * args.interval)
+                if lag > 1.0:  # after a stall (broker away): go on from now, no catch-up burst
+                    start += lag
+                time.sleep(max(0.0, -lag))
     except KeyboardInterrupt:
         pass
     except Refused as exc:
