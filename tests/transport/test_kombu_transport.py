@@ -416,38 +416,48 @@ def test_an_ack_after_the_broker_lost_the_session_does_not_ack_the_next_task(fre
         first.release()
 
 
-def test_closing_a_producer_loses_none_of_its_unawaited_publishes(connect, unique) -> None:
-    """QoS 1 publishes not awaited (delivery_mode=1) are settled before the socket closes:
-    unread PUBACKs in its receive buffer made the close an RST, and the broker dropped the
-    tail of the stream it had received but not yet read (12 of 3,000 seen)."""
+def subscribed_offline_queue(connect, unique: str) -> tuple[Queue, dict[str, str]]:
+    """A direct queue whose consumer made its persistent session and subscription, then left:
+    what is published now waits for it on the broker."""
     queue = Queue(unique, Exchange(unique, "direct"), routing_key=unique)
     consumer_session = {"client_id": f"{unique}-c"}
     first = connect(**consumer_session)
     with Consumer(first, [queue], callbacks=[lambda body, msg: msg.ack()], prefetch_count=1):
-        drain_quietly(first, 0.2)  # the persistent session and its subscription exist
+        drain_quietly(first, 0.2)
     first.release()
+    return queue, consumer_session
+
+
+def receive_all(connect, consumer_session: dict[str, str], queue: Queue, count: int) -> set[int]:
+    """Come back with `consumer_session` and collect the `i` of every message, up to `count`."""
+    got: set[int] = set()
+    conn = connect(**consumer_session)
+    try:
+        with Consumer(conn, [queue], callbacks=[lambda body, msg: (got.add(body["i"]), msg.ack())], prefetch_count=100):
+            drain_until(conn, lambda: len(got) == count, timeout=60)
+    finally:
+        conn.release()
+    return got
+
+
+def test_closing_a_producer_loses_none_of_its_unawaited_publishes(connect, unique) -> None:
+    """QoS 1 publishes not awaited (delivery_mode=1) are settled before the socket closes:
+    unread PUBACKs in its receive buffer made the close an RST, and the broker dropped the
+    tail of the stream it had received but not yet read (12 of 3,000 seen)."""
+    queue, consumer_session = subscribed_offline_queue(connect, unique)
     count, pad = 3000, "x" * 3000
     producer_conn = connect()
     producer = Producer(producer_conn)
     for i in range(count):
         producer.publish({"i": i, "pad": pad}, exchange=queue.exchange, routing_key=unique, delivery_mode=1)
     producer_conn.release()  # right after the last publish
-    got: set[int] = set()
-    second = connect(**consumer_session)
-    with Consumer(second, [queue], callbacks=[lambda body, msg: (got.add(body["i"]), msg.ack())], prefetch_count=100):
-        drain_until(second, lambda: len(got) == count, timeout=60)
-    assert got == set(range(count))
+    assert receive_all(connect, consumer_session, queue, count) == set(range(count))
 
 
 def test_transient_publishes_are_confirmed_together_and_all_arrive(connect, unique) -> None:
     """`confirm_publishes` returns once the broker acknowledged every transient publish
     since the last call: one wait for a batch instead of a round trip per message."""
-    queue = Queue(unique, Exchange(unique, "direct"), routing_key=unique)
-    consumer_session = {"client_id": f"{unique}-c"}
-    first = connect(**consumer_session)
-    with Consumer(first, [queue], callbacks=[lambda body, msg: msg.ack()], prefetch_count=1):
-        drain_quietly(first, 0.2)  # the persistent session and its subscription exist
-    first.release()
+    queue, consumer_session = subscribed_offline_queue(connect, unique)
     producer_conn = connect()
     try:
         producer = Producer(producer_conn)
@@ -461,15 +471,7 @@ def test_transient_publishes_are_confirmed_together_and_all_arrive(connect, uniq
         assert producer_conn.transport.confirm_publishes(timeout=0.01) == 0  # nothing new: returns at once
     finally:
         producer_conn.release()
-    got: set[int] = set()
-    second = connect(**consumer_session)
-    try:
-        with Consumer(second, [queue], callbacks=[lambda body, msg: (got.add(body["i"]), msg.ack())],
-                      prefetch_count=100):
-            drain_until(second, lambda: len(got) == 500, timeout=60)
-    finally:
-        second.release()
-    assert got == set(range(500))
+    assert receive_all(connect, consumer_session, queue, 500) == set(range(500))
 
 
 def test_confirm_publishes_raises_when_the_connection_was_lost_since_the_first(fresh_mosquitto) -> None:
