@@ -68,7 +68,7 @@ class ChainConfig:
     private_key: str = setting("", help="recorder account key; empty: anvil's first dev account")
     contract_address: str = setting("", help="ExecutionLedger address; empty: deploy once and remember it in the data dir")
     batch_size: int = setting(100, min=1, help="checkpoints per anchoring transaction")
-    batch_interval: float = setting(1.0, min=0, above=True, unit="s", help="seconds between anchoring rounds")
+    batch_interval: float = setting(1.0, min=0, above=True, unit="s", help="longest idle wait between anchoring rounds (a new checkpoint starts one at once)")
     checkpoint_interval: float = setting(1.0, min=0, above=True, unit="s",
                                          help="sign a log checkpoint at least this often when records arrived")
     checkpoint_every: int = setting(256, min=1, help="... and after this many new records")
