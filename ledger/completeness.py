@@ -11,7 +11,7 @@ agents` and the fleet page.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,14 @@ class Duplicate:
     lo: int
     hi: int
     journals: tuple[str, str]
+    #: True: both journals hold the same task ids (one signed reading stored twice, a re-send
+    #: after the first coordinator stopped confirming); False: different tasks under the same
+    #: seqs; None: not known (a journal keeps no task ids)
+    same_tasks: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"agent_id": self.agent_id, "seqs": [self.lo, self.hi], "journals": list(self.journals)}
+        return {"agent_id": self.agent_id, "seqs": [self.lo, self.hi], "journals": list(self.journals),
+                "same_tasks": self.same_tasks}
 
 
 def _read(path: Path) -> tuple[dict[str, list[tuple[int, int]]], dict[str, tuple[int | None, int | None]]]:
@@ -99,7 +104,18 @@ def check_fleet(journal_paths: list[Path]) -> tuple[dict[str, AgentCompleteness]
             if hi > reach:
                 reach, owner = hi, journal
         merged[agent] = union
-    return _judge(merged, reported), duplicates
+    return _judge(merged, reported), [_compare(d) for d in duplicates]
+
+
+def _compare(duplicate: Duplicate) -> Duplicate:
+    """`duplicate` with `same_tasks` read from both journals."""
+    ids = []
+    for path in duplicate.journals:
+        with open_reader(Path(path), timeout=30) as reader:
+            ids.append(reader.reading_task_ids(duplicate.agent_id, duplicate.lo, duplicate.hi))
+    if ids[0] is None or ids[1] is None:
+        return duplicate
+    return replace(duplicate, same_tasks=ids[0] == ids[1])
 
 
 def _max(a: int | None, b: int | None) -> int | None:
@@ -138,4 +154,9 @@ def add_findings(report: Any, result: dict[str, AgentCompleteness]) -> None:
 def add_duplicates(report: Any, duplicates: list[Duplicate]) -> None:
     for d in duplicates:
         what = f"seq {d.lo}" if d.lo == d.hi else f"seqs {d.lo}-{d.hi} ({d.hi - d.lo + 1})"
-        report.add(None, DUPLICATE, f"{d.agent_id}: {what} stored in both {d.journals[0]} and {d.journals[1]}")
+        why = {True: ": the same signed tasks, re-sent by the agent after the first coordinator stopped "
+                     "confirming them (down or behind for longer than the agents' resend_after); each ran twice",
+               False: ": different tasks under the same seqs (an agent reusing its seqs, or a forged record); "
+                      "compare them with `edge-audit show TASK_ID --data-dir DIR` for each coordinator",
+               None: ""}[d.same_tasks]
+        report.add(None, DUPLICATE, f"{d.agent_id}: {what} stored in both {d.journals[0]} and {d.journals[1]}{why}")

@@ -670,6 +670,16 @@ class JournalReader:
             out.setdefault(agent, []).append((int(lo), int(hi)))
         return out
 
+    def reading_task_ids(self, agent_id: str, lo: int, hi: int) -> dict[int, str] | None:
+        """The task id stored under each of `agent_id`'s seqs `lo`..`hi` (None when the
+        `readings` table keeps no task ids)."""
+        if "readings" not in self.tables():
+            return {}
+        if "task_id" not in {r[1] for r in self.conn.execute("PRAGMA table_info(readings)")}:
+            return None
+        return {int(seq): str(task) for seq, task in self.conn.execute(
+            "SELECT seq, task_id FROM readings WHERE agent_id = ? AND seq BETWEEN ? AND ?", (agent_id, int(lo), int(hi)))}
+
     def agent_reports(self) -> dict[str, tuple[int | None, int | None]]:
         """Per agent, (dropped, unconfirmed) from its last heartbeat (the coordinator's
         `agents` table; {} without it or from before those columns existed)."""
