@@ -339,15 +339,11 @@ class MqttSession:
         client = self._client
         if client is None or not client.is_connected():
             return
-        deadline = time.monotonic() + timeout
         try:
-            while self._unacked > 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    logger.warning("MQTT %s closed with %d publishes not acknowledged within %.0fs",
-                                   self.client_id, self._unacked, timeout)
-                    return
-                self._pump_once(min(remaining, 0.5))
+            if not self._pump_while_unacked(1, timeout):
+                logger.warning("MQTT %s closed with %d publishes not acknowledged within %.0fs",
+                               self.client_id, self._unacked, timeout)
+                return
             sock = client.socket()
             if sock is not None and (tls_buffered(sock) or select.select([sock], [], [], 0)[0]):
                 self.read_available()  # an empty receive buffer: the close is a FIN
@@ -532,16 +528,13 @@ class MqttSession:
             if since != self.generation or self._client is None:
                 raise MqttConnectionError(
                     f"MQTT connection {self.client_id} was lost before the broker acknowledged every publish: send them again")
-            deadline = time.monotonic() + timeout
-            while self._unacked > 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise MqttConnectionError(f"{self._unacked} publishes without PUBACK for {timeout}s "
-                                              f"(connection {self.client_id}): send them again")
-                try:
-                    self._pump_once(min(remaining, 1.0))
-                except MqttConnectionError as exc:
-                    raise MqttConnectionError(f"{exc} with {self._unacked} publishes unconfirmed: send them again") from exc
+            try:
+                settled = self._pump_while_unacked(1, timeout)
+            except MqttConnectionError as exc:
+                raise MqttConnectionError(f"{exc} with {self._unacked} publishes unconfirmed: send them again") from exc
+            if not settled:
+                raise MqttConnectionError(f"{self._unacked} publishes without PUBACK for {timeout}s "
+                                          f"(connection {self.client_id}): send them again")
             refused += self._pipelined_refused
             unrouted += self._pipelined_unrouted
             self._pipelined_refused = self._pipelined_unrouted = 0
@@ -578,12 +571,19 @@ class MqttSession:
         sock = client.socket()
         if sock is not None and select.select([sock], [], [], 0)[0]:
             self.read_available()
+        if not self._pump_while_unacked(self.max_inflight, timeout):
+            raise MqttConnectionError(f"{self._unacked} publishes without PUBACK for {timeout}s (connection {self.client_id})")
+
+    def _pump_while_unacked(self, at_least: int, timeout: float) -> bool:
+        """Read from the broker while `at_least` publishes are without PUBACK; False if
+        `timeout` passed first. A lost connection raises MqttConnectionError (from the read)."""
         deadline = time.monotonic() + timeout
-        while self._unacked >= self.max_inflight:
+        while self._unacked >= at_least:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise MqttConnectionError(f"{self._unacked} publishes without PUBACK for {timeout}s (connection {self.client_id})")
+                return False
             self._pump_once(min(remaining, 1.0))
+        return True
 
     def subscribe(self, topic_filter: str, subscription_id: int, *, timeout: float = 30.0) -> None:
         """Subscribe at QoS 1 with a Subscription Identifier; block for SUBACK."""
