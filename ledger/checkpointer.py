@@ -67,10 +67,8 @@ class Checkpointer:
         return {"size": size}
 
     def due(self, last_at: float, latest_size: int | None = None) -> bool:
-        if latest_size is None:
-            latest = self.journal.latest_checkpoint()
-            latest_size = latest["size"] if latest else 0
-        grown = self.journal.tree_size() - latest_size
+        """Whether to sign now; `latest_size`: the newest checkpoint's size if already read."""
+        grown = self.journal.tree_size() - (self._latest_size() if latest_size is None else latest_size)
         return grown > 0 and (grown >= self.every or time.monotonic() - last_at >= self.interval)
 
     def _latest_size(self) -> int:

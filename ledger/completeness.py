@@ -11,11 +11,12 @@ agents` and the fleet page.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ledger.journal import open_reader
+from ledger.journal import JournalReader, open_reader
 
 GAP = "seq_gap"  # a failing audit finding
 DUPLICATE = "seq_duplicate"  # failing: one reading stored by two coordinators (edge-audit fleet)
@@ -104,18 +105,24 @@ def check_fleet(journal_paths: list[Path]) -> tuple[dict[str, AgentCompleteness]
             if hi > reach:
                 reach, owner = hi, journal
         merged[agent] = union
-    return _judge(merged, reported), [_compare(d) for d in duplicates]
+    return _judge(merged, reported), _compare(duplicates)
 
 
-def _compare(duplicate: Duplicate) -> Duplicate:
-    """`duplicate` with `same_tasks` read from both journals."""
-    ids = []
-    for path in duplicate.journals:
-        with open_reader(Path(path), timeout=30) as reader:
-            ids.append(reader.reading_task_ids(duplicate.agent_id, duplicate.lo, duplicate.hi))
-    if ids[0] is None or ids[1] is None:
-        return duplicate
-    return replace(duplicate, same_tasks=ids[0] == ids[1])
+def _compare(duplicates: list[Duplicate]) -> list[Duplicate]:
+    """Each duplicate with `same_tasks` read from both its journals (each journal opened once)."""
+    with ExitStack() as stack:
+        readers: dict[str, JournalReader] = {}
+
+        def task_ids(path: str, d: Duplicate) -> dict[int, str] | None:
+            if path not in readers:
+                readers[path] = stack.enter_context(open_reader(Path(path), timeout=30))
+            return readers[path].reading_task_ids(d.agent_id, d.lo, d.hi)
+
+        out = []
+        for d in duplicates:
+            first, second = (task_ids(path, d) for path in d.journals)
+            out.append(d if first is None or second is None else replace(d, same_tasks=first == second))
+        return out
 
 
 def _max(a: int | None, b: int | None) -> int | None:
