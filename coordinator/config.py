@@ -38,8 +38,8 @@ class BrokerConfig:
     port: int = setting(8883, **PORT, help="TLS port of the managed Mosquitto")
     max_queued_messages: int = setting(100000, min=0, help="messages Mosquitto queues per offline session (0: no limit)")
     # Mosquitto 2.0 rewrites its whole in-memory store at each autosave: with 60k queued
-    # 3 KB tasks that is 248 MB every second at 1 s, a fifth of a core even while idle
-    # (docs/BENCHMARKS.md "Broker autosave"). A crash loses at most this much of what it
+    # 3 KB tasks that is 267 MB every second at 1 s, 27% of a core even while idle
+    # (docs/BENCHMARKS.md "Broker backlog"). A crash loses at most this much of what it
     # queued; agents keep every reading until its receipt and send it again.
     autosave_interval: int = setting(10, min=1, unit="s",
                                      help="seconds between the managed Mosquitto's saves of its queues (crash loss window)")
@@ -68,7 +68,8 @@ class ChainConfig:
     private_key: str = setting("", help="recorder account key; empty: anvil's first dev account")
     contract_address: str = setting("", help="ExecutionLedger address; empty: deploy once and remember it in the data dir")
     batch_size: int = setting(100, min=1, help="checkpoints per anchoring transaction")
-    batch_interval: float = setting(1.0, min=0, above=True, unit="s", help="longest idle wait between anchoring rounds (a new checkpoint starts one at once)")
+    batch_interval: float = setting(1.0, min=0, above=True, unit="s",
+                                    help="longest idle wait between anchoring rounds (a new checkpoint starts one at once)")
     checkpoint_interval: float = setting(1.0, min=0, above=True, unit="s",
                                          help="sign a log checkpoint at least this often when records arrived")
     checkpoint_every: int = setting(256, min=1, help="... and after this many new records")

@@ -68,8 +68,8 @@ _HEARD = (
     "cert_not_after = COALESCE(excluded.cert_not_after, cert_not_after)"
 )
 
-#: heartbeat fields copied into the registry, and how each is read from the heartbeat
-_HEARTBEAT_INTS = ("outbox_backlog", "dropped", "unconfirmed", "witness_alarms")  # completeness; agent/witness.py
+#: heartbeat counts copied into the registry when the heartbeat carries them as integers
+_HEARTBEAT_COUNTS = ("dropped", "unconfirmed", "witness_alarms")  # completeness; agent/witness.py
 
 
 def _heard_row(agent_id: str, task: str, fingerprint: str | None, cert_not_after: float | None,
@@ -82,7 +82,7 @@ def _heard_row(agent_id: str, task: str, fingerprint: str | None, cert_not_after
 def _heartbeat_columns(heartbeat: dict) -> dict[str, object]:
     """The registry columns a heartbeat sets (only those it carries, well typed)."""
     out: dict[str, object] = {"outbox_backlog": int(heartbeat.get("outbox_backlog") or 0)}
-    for name in _HEARTBEAT_INTS[1:]:
+    for name in _HEARTBEAT_COUNTS:
         if isinstance(heartbeat.get(name), int):
             out[name] = int(heartbeat[name])
     if isinstance(heartbeat.get("takeovers"), int):  # another device with this id (agent/takeover.py)
