@@ -132,6 +132,10 @@ def main() -> None:
         sidx = [rng.randrange(m) for _ in range(5000)]
         rate("inclusion proof generation", 5000, lambda k: slog.inclusion_proof(sidx[k]))
         rate("consistency proof generation", 5000, lambda k: slog.consistency_proof(sidx[k] + 1))
+        # a receipt's witness part: 64 recent readings of one agent among three (every third leaf)
+        recent = [[max(0, m - 3000) + (3 * j + k % 3) % min(m, 3000) for j in range(64)] for k in range(200)]
+        rate("64 receipt proofs, one by one (per 64)", 200, lambda k: [slog.inclusion_proof(i) for i in recent[k]])
+        rate("64 receipt proofs, inclusion_proofs (per 64)", 200, lambda k: slog.inclusion_proofs(recent[k]))
         start = time.perf_counter()
         reopened = MerkleLog(SQLiteNodeStore(conn))
         print(f"  reopen (load frontier): {(time.perf_counter() - start) * 1e3:.2f} ms, size {reopened.size:,}")
