@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .backoff import Backoff
-from .errors import MqttConnectionError, PublishRejectedError, SubscribeRejectedError
+from .errors import MqttConnectionError, PublishNotSentError, PublishRejectedError, SubscribeRejectedError
 from .takeover import TakeoverWatch, watch_for
 
 logger = logging.getLogger(__name__)
@@ -489,7 +489,7 @@ class MqttSession:
             client = self._require()
             info = client.publish(topic, payload, qos=qos)
             if info.rc not in (paho.MQTT_ERR_SUCCESS,):
-                raise MqttConnectionError(f"MQTT publish to {topic!r} failed: {paho.error_string(info.rc)}")
+                raise PublishNotSentError(f"MQTT publish to {topic!r} failed: {paho.error_string(info.rc)}")
             if client.want_write():
                 self._flush_blocking(client, timeout)
             if qos == 0:

@@ -13,6 +13,10 @@ class MqttConnectionError(MqttTransportError, ConnectionError):
     """The broker is unreachable or closed the connection (kombu retries these)."""
 
 
+class PublishNotSentError(MqttConnectionError):
+    """The connection was found dead while writing a publish: nothing reached the broker."""
+
+
 class NoSubscribersError(MqttTransportError):
     """The broker answered PUBACK 0x10: nobody is subscribed, the message is gone."""
 

@@ -48,7 +48,13 @@ from . import topics
 from .backoff import Backoff
 from .client import NO_MATCHING_SUBSCRIBERS, Endpoint, MqttSession, build_tls_context, tls_buffered
 from .deadletter import NOT_KOMBU_MESSAGE, STALE_SUBSCRIPTION, DeadLetterBox, resolve_handler
-from .errors import MqttConnectionError, NoSubscribersError, PublishRejectedError, SubscribeRejectedError
+from .errors import (
+    MqttConnectionError,
+    NoSubscribersError,
+    PublishNotSentError,
+    PublishRejectedError,
+    SubscribeRejectedError,
+)
 from .hub import HubBinding
 from .options import TransportOptions
 from .takeover import PAUSE_MIN
@@ -828,7 +834,14 @@ class Transport(virtual.Transport):
         reply_to = message.get("properties", {}).get("reply_to")
         if reply_to and isinstance(reply_to, str):
             self._ensure_reply_route(reply_to)
-        code = session.publish(topic, dumps(message).encode(), qos=1, wait=wait, timeout=self.options.publish_timeout)
+        payload = dumps(message).encode()
+        try:
+            code = session.publish(topic, payload, qos=1, wait=wait, timeout=self.options.publish_timeout)
+        except PublishNotSentError:
+            # The socket died after the last probe (a broker restart within probe_interval):
+            # nothing reached the broker, so reconnect now and send it once more.
+            session.ensure_connected()
+            code = session.publish(topic, payload, qos=1, wait=wait, timeout=self.options.publish_timeout)
         if (
             code == NO_MATCHING_SUBSCRIBERS
             and persistent

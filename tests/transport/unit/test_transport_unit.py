@@ -346,3 +346,25 @@ def test_acking_on_a_closed_channel_is_a_no_op_and_the_broker_redelivers(broker:
         drain_until(again, lambda: len(second.messages) == 2)
         drain_idle(again)
         assert sorted(second.bodies) == ["a", "b"]
+
+
+def test_a_publish_the_dead_socket_refused_goes_out_again_on_a_new_connection(broker: FakeBroker, connect) -> None:
+    """The broker restarted within `probe_interval` of the last probe, so the next publish
+    found the socket dead only while writing it (paho: connection lost). Nothing reached
+    the broker: the transport reconnects and sends it once more instead of failing."""
+    from types import SimpleNamespace
+
+    from .fakes import CONN_LOST
+
+    conn = connect()
+    producer = Producer(conn)
+    producer.publish("first", exchange=QUEUE.exchange, routing_key="jobs", delivery_mode=1)
+    session = conn.transport._ephemeral.session
+    broker.drop(session.client_id)
+    session._last_probe = time.monotonic()  # within probe_interval: no probe before the next publish
+    dead = session._client
+    dead.publish = lambda *args, **kwargs: SimpleNamespace(rc=CONN_LOST, mid=0)  # the write hit the dead socket
+    producer.publish("second", exchange=QUEUE.exchange, routing_key="jobs", delivery_mode=1)
+    assert session._client is not dead
+    assert sum(1 for e in broker.events if e[:2] == ("connect", session.client_id)) == 2
+    assert [kombu_body(e[3]) for e in broker.events if e[0] == "publish"] == ["first", "second"]
